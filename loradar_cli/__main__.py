@@ -1,0 +1,3 @@
+from loradar_cli.cli.app import main
+
+main()

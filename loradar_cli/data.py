@@ -1,0 +1,279 @@
+"""Image datasets from disk (or scikit-learn's bundled digits) as in-memory tensors in [0, 1].
+
+Specs: `digits`, `mnist:DIR`, `fashion-mnist:DIR`, `cifar10:DIR`, `cifar100:DIR`, `imagefolder:DIR`,
+`npz:FILE`. Splits are deterministic given a seed: official test sets stay as they are, validation is a
+seeded slice of the training set.
+"""
+
+import gzip
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from loradar_cli.errors import CorruptError, InvalidValueError, NotFoundError
+
+SPLITS = ("train", "val", "test")
+VAL_FRACTION = 0.1
+DATASET_KINDS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "npz")
+
+
+@dataclass
+class ImageData:
+    """Images [N, C, H, W] float32 in [0, 1] and labels [N] int64."""
+
+    x: Tensor
+    y: Tensor
+    num_classes: int
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, n: int | None) -> "ImageData":
+        return self if n is None else ImageData(self.x[:n], self.y[:n], self.num_classes, self.name)
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    kind, _, arg = spec.partition(":")
+    if kind not in DATASET_KINDS:
+        raise InvalidValueError(f"unknown dataset {kind!r} in --data {spec!r}; valid: {', '.join(DATASET_KINDS)}")
+    if kind != "digits" and not arg:
+        raise InvalidValueError(f"--data {kind} needs a path: {kind}:DIR" + (" (FILE)" if kind == "npz" else ""))
+    return kind, arg or None
+
+
+def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | None = None,
+              channels: int | None = None, size: int | tuple[int, int] | None = None,
+              download: bool = False) -> ImageData:
+    """Load one split of a dataset spec, converted to `channels` and resized to `size` when given."""
+    if split not in SPLITS:
+        raise InvalidValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if limit is not None and limit < 1:
+        raise InvalidValueError(f"--limit must be >= 1, got {limit}")
+    kind, arg = parse_spec(spec)
+    if download and arg:
+        download_dataset(kind, Path(arg))
+    train_x, train_y, test_x, test_y = _READERS[kind](Path(arg) if arg else None)
+    x, y = _split(train_x, train_y, test_x, test_y, split, seed)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    num_classes = int(max(int(train_y.max()), int(test_y.max() if len(test_y) else 0)) + 1)
+    images = to_tensor_images(x)
+    images = convert_images(images, channels=channels, size=size)
+    return ImageData(images, torch.as_tensor(y, dtype=torch.long), num_classes, spec)
+
+
+def _split(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, split: str,
+           seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/val split of the training data; the test split is the official one, in order."""
+    if split == "test":
+        return test_x, test_y
+    order = np.random.default_rng(seed).permutation(len(train_y))
+    n_val = max(1, int(round(VAL_FRACTION * len(order))))
+    idx = order[:n_val] if split == "val" else order[n_val:]
+    return train_x[idx], train_y[idx]
+
+
+def to_tensor_images(x: np.ndarray) -> Tensor:
+    """uint8 (or float in [0,1]) NHW / NHWC / NCHW arrays -> float32 NCHW in [0, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    if t.dim() == 3:
+        t = t.unsqueeze(1)
+    elif t.dim() == 4 and t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3):
+        t = t.permute(0, 3, 1, 2)
+    if t.dim() != 4:
+        raise CorruptError(f"images must be 3-D or 4-D arrays, got shape {tuple(x.shape)}")
+    return t.clamp_(0, 1).contiguous()
+
+
+def convert_images(x: Tensor, *, channels: int | None = None, size: int | tuple[int, int] | None = None) -> Tensor:
+    """Grayscale<->RGB conversion (repeat / ITU-R 601 luma) and bilinear resizing with antialiasing."""
+    if channels is not None and x.shape[1] != channels:
+        if x.shape[1] == 1:
+            x = x.expand(-1, channels, -1, -1).contiguous()
+        elif x.shape[1] == 3 and channels == 1:
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        else:
+            raise InvalidValueError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
+    if size is not None:
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        if tuple(x.shape[-2:]) != hw:
+            x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+    return x
+
+
+def channel_stats(x: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of images [N, C, H, W] (the normalisation a fitted base uses)."""
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return mean.tolist(), std.tolist()
+
+
+# ---------------------------------------------------------------- readers: each returns train x/y, test x/y
+
+
+def _read_digits(_: Path | None) -> tuple[np.ndarray, ...]:
+    """scikit-learn's bundled 8×8 digits (values 0..16): 20 % seeded-fixed test split, the rest train."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)
+    order = np.random.default_rng(1797).permutation(len(images))
+    n_test = len(images) // 5
+    test, train = order[:n_test], order[n_test:]
+    return images[train], digits.target[train], images[test], digits.target[test]
+
+
+def _find(root: Path, names: tuple[str, ...], subdirs: tuple[str, ...]) -> Path:
+    for sub in subdirs:
+        for name in names:
+            for candidate in (root / sub / name, root / sub / f"{name}.gz"):
+                if candidate.is_file():
+                    return candidate
+    raise NotFoundError(f"{names[0]} not found under {root}", hint=f"looked in {', '.join(s or '.' for s in subdirs)}")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (gzip or plain): big-endian header, magic 0x0803 images / 0x0801 labels."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype != 0x08:
+            raise ValueError("bad magic")
+        dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+        array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        return array[: int(np.prod(dims))].reshape(dims)
+    except (OSError, ValueError, struct.error) as err:
+        raise CorruptError(f"cannot read idx file {path}: {err}") from None
+
+
+def _read_mnist_like(folder: str) -> "callable":
+    def reader(root: Path | None) -> tuple[np.ndarray, ...]:
+        assert root is not None
+        subdirs = ("", "raw", f"{folder}/raw", "mnist/raw", f"{folder.lower()}/raw")
+        parts = [read_idx(_find(root, (name,), subdirs)) for name in (
+            "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+        return parts[0], parts[1].astype(np.int64), parts[2], parts[3].astype(np.int64)
+
+    return reader
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        raise CorruptError(f"cannot read CIFAR batch {path}: {err}") from None
+
+
+def _cifar_rows(batches: list[dict], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
+    y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+    return x, y
+
+
+def _cifar_dir(root: Path, name: str) -> Path:
+    for candidate in (root, root / name):
+        if candidate.is_dir() and any(candidate.glob("*test*")):
+            return candidate
+    raise NotFoundError(f"no CIFAR batches under {root}", hint=f"expected {root}/{name}/")
+
+
+def _read_cifar10(root: Path | None) -> tuple[np.ndarray, ...]:
+    assert root is not None
+    folder = _cifar_dir(root, "cifar-10-batches-py")
+    train_files = sorted(folder.glob("data_batch_*"))
+    if not train_files:
+        raise NotFoundError(f"no data_batch_* files in {folder}")
+    train_x, train_y = _cifar_rows([_unpickle(p) for p in train_files], "labels")
+    test_x, test_y = _cifar_rows([_unpickle(folder / "test_batch")], "labels")
+    return train_x, train_y, test_x, test_y
+
+
+def _read_cifar100(root: Path | None) -> tuple[np.ndarray, ...]:
+    assert root is not None
+    folder = _cifar_dir(root, "cifar-100-python")
+    train_x, train_y = _cifar_rows([_unpickle(folder / "train")], "fine_labels")
+    test_x, test_y = _cifar_rows([_unpickle(folder / "test")], "fine_labels")
+    return train_x, train_y, test_x, test_y
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _read_image_dir(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for path in sorted((folder / cls).glob("*")):
+            if path.suffix.lower() in _IMAGE_SUFFIXES:
+                with Image.open(path) as img:
+                    images.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+                labels.append(label)
+    if not images:
+        raise NotFoundError(f"no images in {folder}")
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        size = min(s[0] for s in shapes), min(s[1] for s in shapes)
+        images = [np.asarray(Image.fromarray(im).resize(size[::-1])) for im in images]
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def _read_imagefolder(root: Path | None) -> tuple[np.ndarray, ...]:
+    assert root is not None
+    train = root / "train"
+    test = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not train.is_dir() or test is None:
+        raise NotFoundError(f"imagefolder {root} needs train/ and val/ or test/ subfolders")
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    return (*_read_image_dir(train, classes), *_read_image_dir(test, classes))
+
+
+def _read_npz(path: Path | None) -> tuple[np.ndarray, ...]:
+    assert path is not None
+    if not path.is_file():
+        raise NotFoundError(f"npz file {path} does not exist")
+    try:
+        with np.load(path) as z:
+            if {"x_train", "y_train", "x_test", "y_test"} <= set(z.files):
+                return z["x_train"], z["y_train"].astype(np.int64), z["x_test"], z["y_test"].astype(np.int64)
+            if {"x", "y"} <= set(z.files):
+                x, y = z["x"], z["y"].astype(np.int64)
+                n_test = len(y) // 5
+                return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+    except (OSError, ValueError) as err:
+        raise CorruptError(f"cannot read {path}: {err}") from None
+    raise CorruptError(f"{path} needs arrays x_train/y_train/x_test/y_test (or x/y)")
+
+
+_READERS = {
+    "digits": _read_digits,
+    "mnist": _read_mnist_like("MNIST"),
+    "fashion-mnist": _read_mnist_like("FashionMNIST"),
+    "cifar10": _read_cifar10,
+    "cifar100": _read_cifar100,
+    "imagefolder": _read_imagefolder,
+    "npz": _read_npz,
+}
+
+
+def download_dataset(kind: str, root: Path) -> None:
+    """Fetch a dataset with torchvision's downloaders (needs network); the readers then find the usual layout."""
+    from torchvision import datasets
+
+    classes = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
+               "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+    if kind not in classes:
+        raise InvalidValueError(f"--download supports {', '.join(classes)}; {kind} is read from disk only")
+    for train in (True, False):
+        classes[kind](str(root), train=train, download=True)

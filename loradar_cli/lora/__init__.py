@@ -1,0 +1,1 @@
+"""LoRA layers, target selection and injection, and PEFT-compatible state dicts."""

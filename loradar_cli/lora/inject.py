@@ -1,0 +1,201 @@
+"""Target selection (presets, regex, suffixes), LoRA injection, and PEFT-compatible state dicts.
+
+Module names are relative to the timm model, so saved keys read `base_model.model.<module>.lora_A.weight`
+exactly as PEFT writes them for `get_peft_model(timm_model, LoraConfig(...))`.
+"""
+
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from loradar_cli.errors import IncompatibleError, NotFoundError
+from loradar_cli.lora.layers import LORA_CLASSES, LoraConv2d, LoraLayer, conv_delta
+from loradar_cli.lora.spec import LoraSpec
+
+PEFT_PREFIX = "base_model.model."
+
+_BLOCK_CONV1 = re.compile(r"(.*\.)?(layer\d+|stages\.\d+(\.blocks)?)\.\d+\.conv1")
+_ATTN_MLP = re.compile(r"(.*\.)?(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)")
+
+PRESETS: dict[str, str] = {
+    "block-conv1": "first conv of every residual block (the LoRADAR placement on ResNets)",
+    "convs": "every non-grouped Conv2d",
+    "attn-mlp": "attention qkv/proj and MLP fc1/fc2 linears (ViTs)",
+    "all": "every non-grouped Conv2d and every Linear except the classifier head",
+}
+
+
+def classifier_name(model: nn.Module) -> str | None:
+    """The timm classifier module name (pretrained_cfg['classifier']), if the model has one."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    name = cfg.get("classifier")
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    if name is None:
+        return None
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return name if isinstance(module, nn.Linear) else None
+
+
+def _is_supported(module: nn.Module) -> bool:
+    return type(module) in LORA_CLASSES
+
+
+def _preset_match(preset: str, name: str, module: nn.Module) -> bool:
+    grouped = isinstance(module, nn.Conv2d) and module.groups > 1
+    if preset == "block-conv1":
+        return isinstance(module, nn.Conv2d) and not grouped and bool(_BLOCK_CONV1.fullmatch(name))
+    if preset == "convs":
+        return isinstance(module, nn.Conv2d) and not grouped
+    if preset == "attn-mlp":
+        return isinstance(module, nn.Linear) and bool(_ATTN_MLP.fullmatch(name))
+    if preset == "all":
+        return not grouped
+    raise AssertionError(preset)
+
+
+def _pattern_match(pattern: str, name: str) -> bool:
+    """PEFT semantics: a pattern with regex characters is a full match; a comma list holds exact names or suffixes."""
+    if any(ch in pattern for ch in "*+?[]()|\\^$"):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == part or name.endswith("." + part) for part in (p.strip() for p in pattern.split(",")) if part)
+
+
+def select_targets(model: nn.Module, targets: str, *, exclude: Iterable[str] = ()) -> list[str]:
+    """Resolve a preset name, regex or suffix list to the exact names of supported layers (head excluded)."""
+    head = classifier_name(model)
+    excluded = set(exclude) | ({head} if head else set())
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if not name or name in excluded or not _is_supported(module):
+            continue
+        hit = _preset_match(targets, name, module) if targets in PRESETS else _pattern_match(targets, name)
+        if hit:
+            if isinstance(module, nn.Conv2d) and module.groups > 1 and targets not in PRESETS:
+                _check_grouped(name, module)
+            chosen.append(name)
+    if not chosen:
+        raise NotFoundError(
+            f"no layer of this model matches targets {targets!r}",
+            hint=f"presets: {', '.join(PRESETS)}; or a regex / comma list of module-name suffixes",
+        )
+    return chosen
+
+
+def _check_grouped(name: str, module: nn.Conv2d) -> None:
+    if module.groups == module.in_channels:
+        raise IncompatibleError(f"{name} is a depthwise conv (groups={module.groups}); depthwise convs are excluded")
+
+
+def inject_lora(model: nn.Module, spec: LoraSpec) -> dict[str, LoraLayer]:
+    """Wrap every target of `spec` in a LoRA layer (in place); freeze everything but LoRA factors and head."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers: dict[str, LoraLayer] = {}
+    for name in spec.targets:
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            raise IncompatibleError(f"adapter targets layer {name!r}, which this model does not have") from None
+        cls = LORA_CLASSES.get(type(base))
+        if cls is None:
+            raise IncompatibleError(f"layer {name!r} is a {type(base).__name__}; LoRA supports Linear and Conv2d")
+        layer = cls(base, spec.rank_of(name), spec.alpha_of(name), spec.dropout)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        layers[name] = layer
+    if spec.head:
+        for p in model.get_submodule(spec.head).parameters():
+            p.requires_grad_(True)
+    return layers
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """The LoRA wrappers inside `model`, keyed by the name of the layer they wrap."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def lora_state_dict(model: nn.Module, spec: LoraSpec) -> dict[str, Tensor]:
+    """LoRA factors (and head) under PEFT's key names, detached, contiguous, on the CPU."""
+    tensors: dict[str, Tensor] = {}
+    for name, layer in lora_layers(model).items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+    if spec.head:
+        for pname, p in model.get_submodule(spec.head).named_parameters():
+            tensors[f"{PEFT_PREFIX}{spec.head}.{pname}"] = p
+    return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+
+
+def load_lora_state_dict(model: nn.Module, spec: LoraSpec, tensors: Mapping[str, Tensor]) -> None:
+    """Copy stored factors (and head) into an injected model; missing, extra or misshaped keys are errors."""
+    expected = dict(lora_state_dict_shapes(model, spec))
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise IncompatibleError(f"adapter tensors do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for key, param in _named_adapter_params(model, spec):
+            value = tensors[key]
+            if value.shape != param.shape:
+                raise IncompatibleError(f"{key}: stored shape {tuple(value.shape)} != model shape {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
+
+
+def _named_adapter_params(model: nn.Module, spec: LoraSpec) -> Iterable[tuple[str, Tensor]]:
+    for name, layer in lora_layers(model).items():
+        yield f"{PEFT_PREFIX}{name}.lora_A.weight", layer.lora_A.weight
+        yield f"{PEFT_PREFIX}{name}.lora_B.weight", layer.lora_B.weight
+    if spec.head:
+        for pname, p in model.get_submodule(spec.head).named_parameters():
+            yield f"{PEFT_PREFIX}{spec.head}.{pname}", p
+
+
+def lora_state_dict_shapes(model: nn.Module, spec: LoraSpec) -> Iterable[tuple[str, torch.Size]]:
+    return ((k, p.shape) for k, p in _named_adapter_params(model, spec))
+
+
+def delta_weights(tensors: Mapping[str, Tensor], spec: LoraSpec, groups: Mapping[str, int] | None = None
+                  ) -> dict[str, Tensor]:
+    """ΔW = s·B·A per target module from stored tensors (conv kernels keep their 4-D shape)."""
+    groups = groups or {}
+    deltas: dict[str, Tensor] = {}
+    for name in spec.targets:
+        a = tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"].float()
+        b = tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"].float()
+        scale = spec.alpha_of(name) / spec.rank_of(name)
+        deltas[name] = (conv_delta(a, b, groups.get(name, 1)) if a.dim() == 4 else b @ a) * scale
+    return deltas
+
+
+def head_tensors(tensors: Mapping[str, Tensor], spec: LoraSpec) -> dict[str, Tensor]:
+    """The classifier parameters stored with an adapter, keyed by parameter name ('weight', 'bias')."""
+    if not spec.head:
+        return {}
+    prefix = f"{PEFT_PREFIX}{spec.head}."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def conv_groups(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
+    """groups of each named conv (1 for linears), read from the base model."""
+    out: dict[str, int] = {}
+    for name in names:
+        module = model.get_submodule(name)
+        module = module.base_layer if isinstance(module, LoraLayer) else module
+        out[name] = module.groups if isinstance(module, nn.Conv2d) else 1
+    return out
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+__all__ = [
+    "PEFT_PREFIX", "PRESETS", "LoraConv2d", "classifier_name", "conv_groups", "delta_weights", "head_tensors",
+    "inject_lora", "load_lora_state_dict", "lora_layers", "lora_state_dict", "select_targets", "trainable_parameters",
+]

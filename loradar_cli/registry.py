@@ -1,0 +1,37 @@
+"""A tiny name -> object registry used for attacks and recipes (unknown names list the valid ones)."""
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from loradar_cli.errors import NotFoundError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps stable lower-case keys to factories."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._items[name] = obj
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise NotFoundError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items

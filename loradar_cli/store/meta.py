@@ -1,0 +1,86 @@
+"""Pydantic metadata written beside every stored base and adapter (the provenance contract)."""
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from loradar_cli import __version__
+from loradar_cli.lora.spec import LoraSpec
+
+SCHEMA_VERSION = 1
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+RESERVED_NAMES = frozenset({"bases", "identifiers"})
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+class _Meta(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: Name
+    created_at: datetime = Field(default_factory=now)
+    loradar_version: str = __version__
+
+
+class BaseMeta(_Meta):
+    """A fitted timm model: everything needed to rebuild it bit-exactly, and its weights' fingerprint."""
+
+    timm_model: str
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    num_classes: int = Field(ge=2)
+    input_size: tuple[int, int, int]
+    mean: list[float]
+    std: list[float]
+    dataset: str
+    pretrained: bool = False
+    head_only: bool = False
+    metrics: dict[str, float] = Field(default_factory=dict)
+    seed: int | None = None
+    fingerprint: str
+
+
+class AdapterMeta(_Meta):
+    """An adapter bound to one base (by fingerprint), with its LoRA spec, recipe, attack and metrics."""
+
+    base: Name
+    base_fingerprint: str
+    timm_model: str
+    num_classes: int
+    lora: LoraSpec
+    recipe: str | None = None
+    recipe_config: dict[str, Any] = Field(default_factory=dict)
+    attack: str | None = None
+    attack_config: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    parents: list[Name] = Field(default_factory=list)
+    combination: dict[str, Any] = Field(default_factory=dict)
+    dense_deltas: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    tensors_sha256: str = ""
+
+
+def peft_config(meta: AdapterMeta) -> dict[str, Any]:
+    """adapter_config.json as PEFT's LoraConfig reads it (PeftModel.from_pretrained on the same timm model)."""
+    spec = meta.lora
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": spec.r,
+        "lora_alpha": spec.lora_alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": list(spec.targets),
+        "modules_to_save": [spec.head] if spec.head else None,
+        "rank_pattern": dict(spec.rank_pattern),
+        "alpha_pattern": dict(spec.alpha_pattern),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+    }

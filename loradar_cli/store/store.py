@@ -1,0 +1,201 @@
+"""Store: `<root>/<adapter>/` in PEFT's layout plus loradar.json, bases in `<root>/bases/<name>/`.
+
+Every write goes to a hidden temporary folder first and is renamed into place, so an interrupted or failed
+write never leaves a half-written entry. Reads verify the metadata schema and the tensors' sha256.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+from torch import Tensor
+
+from loradar_cli.errors import CorruptError, ExistsError, InvalidValueError, NotFoundError
+from loradar_cli.models import weights_fingerprint
+from loradar_cli.store.meta import RESERVED_NAMES, AdapterMeta, BaseMeta, Name, peft_config
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_META = "loradar.json"
+BASE_WEIGHTS = "model.safetensors"
+BASE_META = "base.json"
+DEFAULT_STORE = Path("adapters")
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    meta: AdapterMeta
+    tensors: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Base:
+    meta: BaseMeta
+    state: dict[str, Tensor]
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("LORADAR_STORE", DEFAULT_STORE))
+
+
+def check_name(name: str, what: str = "adapter") -> str:
+    from pydantic import TypeAdapter
+
+    try:
+        TypeAdapter(Name).validate_python(name)
+    except ValidationError:
+        raise InvalidValueError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' and '-' (max 64)") from None
+    if what == "adapter" and name in RESERVED_NAMES:
+        raise InvalidValueError(f"{name!r} is reserved in the store; pick another adapter name")
+    return name
+
+
+class Store:
+    """Bases and adapters under one root folder."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root) if root is not None else default_root()
+
+    # ------------------------------------------------------------------ paths and listing
+    def adapter_dir(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def base_dir(self, name: str) -> Path:
+        return self.root / "bases" / check_name(name, "base")
+
+    def adapter_names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / ADAPTER_META).is_file())
+
+    def base_names(self) -> list[str]:
+        bases = self.root / "bases"
+        return sorted(p.name for p in bases.iterdir() if (p / BASE_META).is_file()) if bases.is_dir() else []
+
+    def has_adapter(self, name: str) -> bool:
+        return (self.adapter_dir(name) / ADAPTER_META).is_file()
+
+    def has_base(self, name: str) -> bool:
+        return (self.base_dir(name) / BASE_META).is_file()
+
+    # ------------------------------------------------------------------ bases
+    def save_base(self, meta: BaseMeta, state: Mapping[str, Tensor], *, overwrite: bool = False) -> Path:
+        meta = meta.model_copy(update={"fingerprint": weights_fingerprint(state)})
+        files = {BASE_META: _json_bytes(meta.model_dump(mode="json"))}
+        return self._write(self.base_dir(meta.name), files, {BASE_WEIGHTS: state}, overwrite, "base")
+
+    def base_meta(self, name: str) -> BaseMeta:
+        folder = self.base_dir(name)
+        if not (folder / BASE_META).is_file():
+            raise NotFoundError(f"no base {name!r} in {self.root}", hint=_suggest(name, self.base_names()))
+        return _read_meta(folder / BASE_META, BaseMeta)
+
+    def load_base(self, name: str) -> Base:
+        meta = self.base_meta(name)
+        state = _read_tensors(self.base_dir(name) / BASE_WEIGHTS)
+        if weights_fingerprint(state) != meta.fingerprint:
+            raise CorruptError(f"base {name!r}: weights do not match their recorded sha256 fingerprint")
+        return Base(meta, state)
+
+    # ------------------------------------------------------------------ adapters
+    def save_adapter(self, meta: AdapterMeta, tensors: Mapping[str, Tensor], *, overwrite: bool = False) -> Path:
+        meta = meta.model_copy(update={"tensors_sha256": weights_fingerprint(tensors)})
+        files = {
+            ADAPTER_META: _json_bytes(meta.model_dump(mode="json")),
+            ADAPTER_CONFIG: _json_bytes(peft_config(meta)),
+        }
+        return self._write(self.adapter_dir(meta.name), files, {ADAPTER_WEIGHTS: tensors}, overwrite, "adapter")
+
+    def adapter_meta(self, name: str) -> AdapterMeta:
+        folder = self.adapter_dir(name)
+        if not (folder / ADAPTER_META).is_file():
+            raise NotFoundError(f"no adapter {name!r} in {self.root}", hint=_suggest(name, self.adapter_names()))
+        return _read_meta(folder / ADAPTER_META, AdapterMeta)
+
+    def load_adapter(self, name: str) -> Adapter:
+        meta = self.adapter_meta(name)
+        tensors = _read_tensors(self.adapter_dir(name) / ADAPTER_WEIGHTS)
+        if weights_fingerprint(tensors) != meta.tensors_sha256:
+            raise CorruptError(f"adapter {name!r}: tensors do not match their recorded sha256")
+        return Adapter(meta, tensors)
+
+    def delete_adapter(self, name: str) -> None:
+        folder = self.adapter_dir(name)
+        if not folder.is_dir():
+            raise NotFoundError(f"no adapter {name!r} in {self.root}")
+        shutil.rmtree(folder)
+
+    # ------------------------------------------------------------------ atomic write
+    def _write(self, target: Path, files: Mapping[str, bytes], tensor_files: Mapping[str, Mapping[str, Tensor]],
+               overwrite: bool, what: str) -> Path:
+        if target.exists() and not overwrite:
+            raise ExistsError(f"{what} {target.name!r} already exists in {self.root}", hint="pass --overwrite")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+        try:
+            write_safetensors_files(tmp, tensor_files)
+            for filename, data in files.items():
+                (tmp / filename).write_bytes(data)
+            if target.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
+                os.replace(target, trash / target.name)
+                os.replace(tmp, target)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+
+def write_safetensors_files(folder: Path, tensor_files: Mapping[str, Mapping[str, Tensor]]) -> None:
+    from safetensors.torch import save_file
+
+    for filename, tensors in tensor_files.items():
+        clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(clean, str(folder / filename), metadata={"format": "pt", "loradar.schema_version": "1"})
+
+
+def _json_bytes(data: object) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CorruptError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise CorruptError(f"{path} is not a readable safetensors file ({type(err).__name__})") from None
+
+
+def _read_meta(path: Path, model: type[M]) -> M:
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        if where == "schema_version":
+            raise CorruptError(f"{path} has a newer schema version", hint="upgrade loradar") from None
+        raise CorruptError(f"{path} is invalid: {where}: {first['msg']}") from None
+    except OSError as err:
+        raise CorruptError(f"cannot read {path}: {err}") from None
+
+
+def _suggest(name: str, names: list[str]) -> str | None:
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=3)
+    if close:
+        return f"did you mean {', '.join(close)}?"
+    return f"available: {', '.join(names[:8])}" if names else "the store is empty"
