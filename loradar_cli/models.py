@@ -73,7 +73,7 @@ def weights_fingerprint(state: Mapping[str, Tensor]) -> str:
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

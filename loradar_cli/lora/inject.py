@@ -87,6 +87,14 @@ def select_targets(model: nn.Module, targets: str, *, exclude: Iterable[str] = (
     return chosen
 
 
+def default_targets(model: nn.Module) -> str:
+    """The preset that fits the family: block-conv1 on ResNets, attn-mlp on ViTs, else every plain conv."""
+    for preset in ("block-conv1", "attn-mlp", "convs"):
+        if any(_preset_match(preset, n, m) for n, m in model.named_modules() if n and _is_supported(m)):
+            return preset
+    return "all"
+
+
 def _check_grouped(name: str, module: nn.Conv2d) -> None:
     if module.groups == module.in_channels:
         raise IncompatibleError(f"{name} is a depthwise conv (groups={module.groups}); depthwise convs are excluded")
@@ -196,6 +204,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 __all__ = [
-    "PEFT_PREFIX", "PRESETS", "LoraConv2d", "classifier_name", "conv_groups", "delta_weights", "head_tensors",
+    "PEFT_PREFIX", "PRESETS", "LoraConv2d", "classifier_name", "conv_groups", "default_targets", "delta_weights", "head_tensors",
     "inject_lora", "load_lora_state_dict", "lora_layers", "lora_state_dict", "select_targets", "trainable_parameters",
 ]

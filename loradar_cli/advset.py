@@ -1,0 +1,64 @@
+"""Saved adversarial sets: images, labels and the attack's provenance in one safetensors file."""
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from loradar_cli.errors import CorruptError, NotFoundError
+
+FORMAT = "loradar.advset.v1"
+
+
+@dataclass
+class AdvSet:
+    """x_adv [N, C, H, W] in [0, 1], labels [N]; `attack` names its family (None = clean inputs)."""
+
+    x: Tensor
+    y: Tensor
+    attack: str | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.attack or "clean"
+
+
+def save_adv_set(path: Path, adv: AdvSet) -> Path:
+    """Write atomically (temp file + rename), so a failed run leaves no partial file behind."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", "loradar.format": FORMAT, "attack": adv.attack or "clean",
+                "info": json.dumps(adv.info, default=str)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"x_adv": adv.x.detach().cpu().contiguous(), "y": adv.y.detach().cpu().contiguous()}, tmp,
+                  metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_adv_set(path: Path) -> AdvSet:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise NotFoundError(f"adversarial set {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            x, y = f.get_tensor("x_adv"), f.get_tensor("y")
+    except Exception as err:
+        raise CorruptError(f"{path} is not a loradar adversarial set ({type(err).__name__})") from None
+    if metadata.get("loradar.format") != FORMAT or x.dim() != 4 or len(x) != len(y):
+        raise CorruptError(f"{path} is not a loradar adversarial set")
+    attack = metadata.get("attack")
+    return AdvSet(x.float(), y.long(), None if attack == "clean" else attack, json.loads(metadata.get("info", "{}")))

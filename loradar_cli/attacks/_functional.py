@@ -1,0 +1,123 @@
+"""Shared attack maths: model-mode handling, input gradients, projections and random starts.
+
+Every helper works on batches `[B, C, H, W]` in [0, 1] with per-sample norms, and takes gradients w.r.t. the
+input only (`torch.autograd.grad`), so parameter `.grad` is never touched.
+"""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+_TINY = 1e-12  # guards divisions by per-sample norms that can be exactly zero
+
+
+@contextmanager
+def model_mode(model: nn.Module, mode: Literal["eval", "train"]) -> Iterator[nn.Module]:
+    """Put every module in `mode` and restore each module's own `training` flag afterwards."""
+    saved = [(module, module.training) for module in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield model
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+def ce_sum(logits: Tensor, y: Tensor) -> Tensor:
+    """Summed cross-entropy: per-sample input gradients do not shrink with the batch size."""
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def grad_wrt(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Gradient of the scalar `fn(x)` w.r.t. `x` alone (a fresh leaf, so no parameter gradient is stored)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(fn(x), x)
+    return grad.detach()
+
+
+def input_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = ce_sum) -> Tensor:
+    """d loss_fn(model(x), y) / dx, `[B, C, H, W]`; the default loss is CE summed over the batch."""
+    return grad_wrt(x, lambda inp: loss_fn(model(inp), y))
+
+
+def per_sample(t: Tensor) -> Tensor:
+    """Reshape a per-sample statistic `[B]` to broadcast against `[B, ...]` of the same rank as images."""
+    return t.view(-1, 1, 1, 1)
+
+
+def l2_norm(t: Tensor) -> Tensor:
+    """Per-sample L2 norm over all non-batch dimensions, `[B]`."""
+    return t.flatten(1).norm(p=2, dim=1)
+
+
+def normalize_l2(t: Tensor) -> Tensor:
+    """Scale each sample to unit L2 norm (all-zero samples stay zero)."""
+    return t / l2_norm(t).clamp_min(_TINY).view(-1, *([1] * (t.dim() - 1)))
+
+
+def clamp01(x: Tensor) -> Tensor:
+    """Clip to the valid pixel range."""
+    return x.clamp(0.0, 1.0)
+
+
+def project_linf(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """Project onto the L-inf ball of radius `eps` around `x`, intersected with [0, 1]."""
+    return clamp01(torch.min(torch.max(x_adv, x - eps), x + eps))
+
+
+def project_l2(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """Project onto the per-sample L2 ball of radius `eps` around `x`, then clip to [0, 1] (clipping only shrinks)."""
+    delta = x_adv - x
+    factor = (eps / l2_norm(delta).clamp_min(_TINY)).clamp(max=1.0)
+    return clamp01(x + delta * per_sample(factor))
+
+
+def uniform(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """U[0, 1) noise shaped like `x`, drawn from `generator` (global RNG when None)."""
+    return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def gaussian(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, 1) noise shaped like `x`, drawn from `generator` (global RNG when None)."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def random_init_linf(x: Tensor, eps: float, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform start in the L-inf ball (Madry et al.), clipped to [0, 1]."""
+    return clamp01(x + (uniform(x, generator) * 2 - 1) * eps)
+
+
+def random_init_l2(x: Tensor, eps: float, generator: torch.Generator | None = None) -> Tensor:
+    """Start at a uniformly random direction with radius U[0, eps] (torchattacks' PGDL2 convention), clipped."""
+    direction = normalize_l2(gaussian(x, generator))
+    radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) * eps
+    return clamp01(x + direction * per_sample(radius))
+
+
+@torch.no_grad()
+def attack_strength(model: nn.Module, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample (misclassified, CE loss) used to rank candidate adversarial examples."""
+    logits = model(x_adv)
+    return logits.argmax(1) != y, F.cross_entropy(logits, y, reduction="none")
+
+
+def best_of_restarts(model: nn.Module, y: Tensor, run: Callable[[], Tensor], restarts: int) -> Tensor:
+    """Run `run()` `restarts` times and keep, per sample, a misclassified result, else the highest-loss one."""
+    best = run()
+    if restarts == 1:
+        return best
+    best_wrong, best_loss = attack_strength(model, best, y)
+    for _ in range(restarts - 1):
+        cand = run()
+        wrong, loss = attack_strength(model, cand, y)
+        better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
+        best = torch.where(per_sample(better), cand, best)
+        best_wrong, best_loss = torch.where(better, wrong, best_wrong), torch.where(better, loss, best_loss)
+    return best

@@ -1,0 +1,115 @@
+"""The attack contract: a frozen object holding a pydantic config, called as `attack(model, x, y) -> x_adv`."""
+
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from loradar_cli.attacks._functional import model_mode
+from loradar_cli.errors import InvalidValueError
+from loradar_cli.registry import Registry
+
+ThreatModel = Literal["linf", "l2", "patch"]
+
+
+class AttackConfig(BaseModel):
+    """Options shared by every attack; stored verbatim as adapter metadata."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    eps: float = Field(8 / 255, ge=0)  # pixel units: inputs are in [0, 1]
+    seed: int | None = None  # seeds the attack's own generator; None draws from the global RNG
+
+
+C = TypeVar("C", bound=AttackConfig)
+
+
+class Attack(Generic[C]):
+    """Craft adversarial inputs against a model passed per call.
+
+    Contract: `x` is `[B, C, H, W]` in [0, 1], `y` is `[B]` (long). The result is detached, has the shape,
+    dtype and device of `x`, lies in [0, 1] and within the threat model of `config`; `eps == 0` returns `x`
+    unchanged. The model runs in eval mode and every module's `training` flag is restored afterwards;
+    gradients are taken w.r.t. the input only, so parameter `.grad` is untouched.
+
+    With `config.seed` set, the attack draws from its own generator, seeded once per device and advancing
+    across calls: a sequence of calls is reproducible and successive batches still get fresh noise.
+    """
+
+    name: ClassVar[str]
+    threat_model: ClassVar[ThreatModel]
+    config_cls: ClassVar[type[AttackConfig]] = AttackConfig
+
+    __slots__ = ("_generators", "config")
+    config: C
+
+    def __init__(self, config: C | None = None) -> None:
+        config = self.config_cls() if config is None else config  # type: ignore[assignment]
+        if not isinstance(config, self.config_cls):
+            raise InvalidValueError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "_generators", {})
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen; build a new one with a new config")
+
+    def __reduce__(self) -> tuple[type, tuple[C]]:
+        return type(self), (self.config,)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.config == self.config  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.config))
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """`x_adv` `[B, C, H, W]` for `model` at labels `y`; see the class docstring for the contract."""
+        check_inputs(x, y)
+        x, y = x.detach(), y.detach()
+        if self.config.eps == 0:
+            return x.clone()
+        with model_mode(model, "eval"), torch.enable_grad():
+            x_adv = self._generate(model, x, y, self._generator(x.device))
+        return x_adv.detach().to(x.dtype)
+
+    def _generate(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The attack proper: runs with the model in eval mode and gradients enabled."""
+        raise NotImplementedError
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        """This attack's generator on `device` (created and seeded on first use), or None without a seed."""
+        if self.config.seed is None:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.config.seed)
+        return self._generators[key]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready metadata: registry name, threat model and the full config."""
+        return {"name": self.name, "threat_model": self.threat_model, "config": self.config.model_dump(mode="json")}
+
+
+A = TypeVar("A", bound=type[Attack[Any]])
+
+ATTACKS: Registry[type[Attack[Any]]] = Registry("attack")
+
+
+def register_attack(cls: A) -> A:
+    """Class decorator: register an attack under its `name` (so key and class can never disagree)."""
+    ATTACKS.register(cls.name)(cls)
+    return cls
+
+
+def check_inputs(x: Tensor, y: Tensor) -> None:
+    """Reject inputs outside the contract with a one-line message instead of a shape error deep in a model."""
+    if x.dim() != 4 or not x.is_floating_point():
+        raise InvalidValueError(f"x must be a float tensor [B, C, H, W], got {x.dtype} of shape {tuple(x.shape)}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+        raise InvalidValueError(f"y must be integer labels [B] with B = {x.shape[0]}, got shape {tuple(y.shape)}")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise InvalidValueError("x must lie in [0, 1] (normalisation belongs inside the model)")

@@ -1,0 +1,45 @@
+"""The `loradar` command: a Typer app whose commands import torch only when they run."""
+
+import typer
+
+from loradar_cli import __version__
+from loradar_cli.cli.attack import attack_cli
+from loradar_cli.cli.browse import list_cli, show_cli
+from loradar_cli.cli.evaluate import eval_cli
+from loradar_cli.cli.finetune import finetune_cli
+from loradar_cli.cli.quickstart import quickstart_cli
+from loradar_cli.cli.train import train_cli
+
+app = typer.Typer(
+    name="loradar",
+    help="Robust, attack-specialised LoRA adapters for timm vision models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"loradar {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Train, attack, evaluate and combine robust LoRA adapters."""
+
+
+app.command("quickstart")(quickstart_cli)
+app.command("finetune")(finetune_cli)
+app.command("train")(train_cli)
+app.command("attack")(attack_cli)
+app.command("eval")(eval_cli)
+app.command("list")(list_cli)
+app.command("show")(show_cli)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,52 @@
+"""`loradar eval`: clean, white-box robust and saved-set accuracy, with the per-point worst case."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from loradar_cli.cli._common import (AlphaOpt, AttackOptOpt, BatchOpt, DataOpt, EpsOpt, JsonOpt, LimitOpt, QuietOpt,
+                                     SeedOpt, StepsOpt, StoreOpt, attack_options, console, emit_json, open_store,
+                                     progress_bar, read_names, run_command)
+from loradar_cli.cli._tables import eval_table
+
+
+@run_command
+def eval_cli(
+    base: Annotated[str | None, typer.Option("--base", help="Base model (default: the adapters' base).")] = None,
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", help="Adapter to evaluate ('-' reads stdin); repeatable.")] = None,
+    attack: Annotated[list[str] | None, typer.Option("--attack", help="White-box attack; repeatable.")] = None,
+    adv_set: Annotated[list[Path] | None, typer.Option("--adv-set", help="Saved adversarial set; repeatable.")] = None,
+    no_base: Annotated[bool, typer.Option("--no-base", help="Skip the base row when adapters are given.")] = False,
+    data: DataOpt = "digits",
+    split: Annotated[str, typer.Option("--split")] = "test",
+    eps: EpsOpt = None,
+    alpha: AlphaOpt = None,
+    steps: StepsOpt = None,
+    attack_opt: AttackOptOpt = None,
+    limit: LimitOpt = None,
+    batch_size: BatchOpt = 128,
+    seed: SeedOpt = 0,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Evaluate the base and adapters on clean data, under attacks, and on saved adversarial sets."""
+    from loradar_cli.loading import resolve_base_for
+    from loradar_cli.workflows import evaluate_models
+
+    the_store = open_store(store)
+    adapters = read_names(adapter) if adapter else []
+    base_name = resolve_base_for(the_store, adapters, base)
+    names = list(dict.fromkeys(attack or []))
+    options = attack_options(names, eps, alpha, steps, attack_opt)
+    rows_for = ([] if no_base and adapters else [None]) + adapters
+    with progress_bar(not quiet) as progress:
+        rows = evaluate_models(the_store, base=base_name, adapters=rows_for, data=data, attacks=options,
+                               adv_sets=adv_set or [], split=split, limit=limit, seed=seed, batch_size=batch_size,
+                               progress=progress)
+    if not quiet:
+        console.print(eval_table(rows, title=f"accuracy (%) on {data} {split}, n={rows[0].n}"))
+    if json_out:
+        emit_json({"base": base_name, "data": data, "split": split, "limit": limit, "seed": seed,
+                   "attacks": options, "rows": [r.model_dump() for r in rows]})

@@ -1,0 +1,86 @@
+"""Rebuild stored bases as models and put adapters on them, refusing adapters of another base."""
+
+from collections.abc import Sequence
+
+import torch
+
+from loradar_cli.errors import IncompatibleError
+from loradar_cli.lora.inject import PEFT_PREFIX, inject_lora, load_lora_state_dict
+from loradar_cli.lora.layers import LoraLayer
+from loradar_cli.models import ImageClassifier, create_timm_model, freeze, load_weights
+from loradar_cli.store.meta import BaseMeta
+from loradar_cli.store.store import Adapter, Base, Store
+
+DENSE_SUFFIX = "weight_delta"
+
+
+def build_model(base: Base) -> ImageClassifier:
+    """The stored base as an eval-mode, frozen ImageClassifier (inputs in [0, 1])."""
+    meta = base.meta
+    timm_model = create_timm_model(meta.timm_model, num_classes=meta.num_classes, in_chans=meta.input_size[0],
+                                   kwargs=meta.model_kwargs)
+    load_weights(timm_model, base.state, f"base {meta.name!r}")
+    return freeze(ImageClassifier(timm_model, meta.mean, meta.std)).eval()
+
+
+def check_adapter_fits(adapter: Adapter, base: BaseMeta) -> None:
+    """An adapter is only valid on the exact base weights it was trained on."""
+    meta = adapter.meta
+    if meta.base_fingerprint != base.fingerprint:
+        raise IncompatibleError(
+            f"adapter {meta.name!r} was trained on base {meta.base!r} (sha256 {meta.base_fingerprint[:12]}), "
+            f"not on base {base.name!r} (sha256 {base.fingerprint[:12]})"
+        )
+
+
+def apply_adapter(model: ImageClassifier, adapter: Adapter, base: BaseMeta) -> ImageClassifier:
+    """Inject the adapter's LoRA layers into `model` and load its factors (and head), in place."""
+    check_adapter_fits(adapter, base)
+    dense = {f"{PEFT_PREFIX}{name}.{DENSE_SUFFIX}": name for name in adapter.meta.dense_deltas}
+    factors = {k: v for k, v in adapter.tensors.items() if k not in dense}
+    inject_lora(model.model, adapter.meta.lora)
+    load_lora_state_dict(model.model, adapter.meta.lora, factors)
+    with torch.no_grad():
+        for key, name in dense.items():
+            weight = _base_weight(model.model, name)
+            if adapter.tensors[key].shape != weight.shape:
+                raise IncompatibleError(f"dense delta for {name!r} does not match the layer's weight shape")
+            weight.add_(adapter.tensors[key].to(weight.dtype))
+    return freeze(model).eval()
+
+
+def _base_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    module = model.get_submodule(name)
+    return module.base_layer.weight if isinstance(module, LoraLayer) else module.weight
+
+
+def load_model(store: Store, base_name: str, adapter_name: str | None = None) -> ImageClassifier:
+    """Base (+ adapter) from the store, ready for inference or attack."""
+    base = store.load_base(base_name)
+    model = build_model(base)
+    if adapter_name is None:
+        return model
+    return apply_adapter(model, store.load_adapter(adapter_name), base.meta)
+
+
+def resolve_base_for(store: Store, adapters: Sequence[str], base_name: str | None) -> str:
+    """The base to use: the one given, else the one the adapters were trained on (all must agree)."""
+    if base_name:
+        return base_name
+    bases = {store.adapter_meta(a).base for a in adapters}
+    if len(bases) != 1:
+        raise IncompatibleError(
+            "pass --base: " + ("no adapter given" if not bases else f"adapters come from bases {sorted(bases)}")
+        )
+    return bases.pop()
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Logits [N, C] in eval mode, batched; the model's previous mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros(0)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,1 @@
+"""Pure tensor combination methods: merging, trimming, ensemble voting and attack identification."""

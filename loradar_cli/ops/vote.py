@@ -1,0 +1,107 @@
+"""Ensemble votes over K attack-specific adapters (LoRADAR, methods.md §5.1); probs are [K, B, C] softmax outputs."""
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from loradar_cli.errors import InvalidValueError
+
+__all__ = [
+    "DEFAULT_RELIABILITY_KEYS",
+    "VOTE_METHODS",
+    "Reliability",
+    "majority_vote",
+    "normalise_weights",
+    "reliability_weights",
+    "soft_vote",
+    "vote",
+    "weighted_vote",
+]
+
+VOTE_METHODS = ("majority", "weighted", "soft")
+DEFAULT_RELIABILITY_KEYS = ("val_robust_acc", "robust_acc", "val_acc")
+
+
+def _check_probs(probs: Tensor) -> None:
+    """Probabilities must be [K, B, C] with K, C >= 1."""
+    if probs.dim() != 3 or probs.shape[0] < 1 or probs.shape[2] < 1:
+        raise InvalidValueError(f"expected probabilities [K, B, C], got shape {tuple(probs.shape)}")
+
+
+def majority_vote(probs: Tensor) -> Tensor:
+    """ŷ [B] = the class most adapters predict; ties go to the tied class with the largest summed probability."""
+    _check_probs(probs)
+    counts = torch.nn.functional.one_hot(probs.argmax(dim=-1), probs.shape[-1]).sum(dim=0)  # [B, C]
+    tied = counts == counts.max(dim=-1, keepdim=True).values
+    summed = probs.to(torch.float64).sum(dim=0)
+    return torch.where(tied, summed, torch.full_like(summed, -math.inf)).argmax(dim=-1)
+
+
+def normalise_weights(weights: Sequence[float] | Tensor, k: int) -> Tensor:
+    """K non-negative, finite, not-all-zero weights scaled to sum 1 (float64)."""
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if w.numel() != k:
+        raise InvalidValueError(f"got {w.numel()} weights for {k} adapters")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) == 0.0:
+        raise InvalidValueError(f"vote weights must be finite, >= 0 and not all zero, got {w.tolist()}")
+    return w / w.sum()
+
+
+def weighted_vote(probs: Tensor, weights: Sequence[float] | Tensor) -> Tensor:
+    """ŷ [B] = argmax_c Σᵢ wᵢ·P[i, b, c] with weights normalised to sum 1."""
+    _check_probs(probs)
+    w = normalise_weights(weights, probs.shape[0]).to(probs.device)
+    return torch.einsum("k,kbc->bc", w, probs.to(torch.float64)).argmax(dim=-1)
+
+
+def soft_vote(probs: Tensor) -> Tensor:
+    """ŷ [B] = argmax of the mean probability over adapters."""
+    _check_probs(probs)
+    return probs.to(torch.float64).mean(dim=0).argmax(dim=-1)
+
+
+def vote(probs: Tensor, method: str, weights: Sequence[float] | Tensor | None = None) -> Tensor:
+    """Dispatch to one of VOTE_METHODS; "weighted" needs weights (e.g. from `reliability_weights`)."""
+    dispatch: Mapping[str, Callable[[Tensor], Tensor]] = {"majority": majority_vote, "soft": soft_vote}
+    if method == "weighted":
+        if weights is None:
+            raise InvalidValueError("the weighted vote needs one weight per adapter")
+        return weighted_vote(probs, weights)
+    if method not in dispatch:
+        raise InvalidValueError(f"unknown vote method {method!r} (valid: {', '.join(VOTE_METHODS)})")
+    return dispatch[method](probs)
+
+
+class Reliability(BaseModel):
+    """Per-adapter reliability weights (sum 1), the metric used, and whether uniform weights were a fallback."""
+
+    model_config = ConfigDict(frozen=True)
+
+    weights: list[float]
+    key: str | None
+    uniform_fallback: bool
+
+
+def reliability_weights(
+    metrics: Sequence[Mapping[str, float]], key_preference: Sequence[str] = DEFAULT_RELIABILITY_KEYS
+) -> Reliability:
+    """Weights from stored validation metrics: the first key present for every adapter, normalised to sum 1.
+
+    One key is used for all adapters so the numbers are comparable. Without such a key, or when the values are
+    not finite and >= 0 or sum to 0, the weights are uniform and `uniform_fallback` is set.
+    """
+    k = len(metrics)
+    if k == 0:
+        raise InvalidValueError("no adapters to weight")
+    uniform = Reliability(weights=[1.0 / k] * k, key=None, uniform_fallback=True)
+    key = next((name for name in key_preference if all(name in m for m in metrics)), None)
+    if key is None:
+        return uniform
+    values = [float(m[key]) for m in metrics]
+    if not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) == 0.0:
+        return uniform.model_copy(update={"key": key})
+    total = sum(values)
+    return Reliability(weights=[v / total for v in values], key=key, uniform_fallback=False)
