@@ -12,9 +12,9 @@ from loradar_cli.recipes.loop import Progress, TrainConfig
 from loradar_cli.store.store import Store
 
 QUICKSTART_ATTACKS: dict[str, dict[str, float | int]] = {
-    "pgd": {"eps": 0.1, "alpha": 0.025, "steps": 10},
-    "roa": {"height": 4, "width": 4, "stride": 2, "candidates": 10, "steps": 10, "alpha": 0.1},
-    "fia": {"eps": 0.1, "steps": 10, "ensemble": 8},
+    "pgd": {"eps": 0.05, "alpha": 0.0125, "steps": 10},
+    "roa": {"height": 3, "width": 3, "stride": 1, "candidates": 10, "steps": 10, "alpha": 0.1},
+    "fia": {"eps": 0.05, "steps": 10, "ensemble": 8},
 }
 
 
@@ -39,7 +39,8 @@ def run_quickstart(store: Store, *, prefix: str = "quickstart", model: str = "te
         name = f"{prefix}-{attack}"
         train_and_store_adapter(store, name, base=base, attack=attack, data="digits",
                                 attack_options=QUICKSTART_ATTACKS[attack],
-                                config=TrainConfig(epochs=epochs, batch_size=64, seed=seed), val_limit=128,
+                                config=TrainConfig(epochs=epochs, batch_size=64, lr=3e-3, seed=seed),
+                                r=8, targets="convs", val_limit=128,
                                 overwrite=True, progress=progress)
         names.append(name)
     options = {a: QUICKSTART_ATTACKS[a] for a in attacks}

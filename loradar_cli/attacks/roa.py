@@ -98,8 +98,12 @@ class ROA(Attack[ROAConfig]):
     threat_model: ClassVar[ThreatModel] = "patch"
     config_cls: ClassVar[type[AttackConfig]] = ROAConfig
 
+    def patch_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the sticker this attack places on `height x width` images."""
+        return rectangle_size(self.config, height, width)
+
     def _generate(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
-        size = rectangle_size(self.config, x.shape[2], x.shape[3])
+        size = self.patch_size(x.shape[2], x.shape[3])
         if self.config.search == "exhaustive":
             index = self._exhaustive_search(model, x, y, size, generator)
         else:

@@ -77,8 +77,11 @@ def identity_feature_names(k: int) -> list[str]:
 
 
 def identity_features(probs: Tensor) -> Tensor:
-    """Features [B, 3K + K(K−1)/2] from probs [K, B, C]: per adapter max prob, entropy (nats), top1 − top2;
-    then for each pair i < j whether their predicted classes agree (1.0/0.0). Order: `identity_feature_names`."""
+    """Small, class-count-independent features [B, 3K + K(K−1)/2] of probs [K, B, C] for the identifier.
+
+    Per adapter: max probability, entropy (nats), margin top1 − top2; then, for each pair i < j, whether the two
+    adapters predict the same class (1.0 / 0.0). Column order and names: `identity_feature_names(K)`.
+    """
     _check_probs(probs)
     p = probs.to(torch.float32)
     top2 = p.topk(2, dim=-1).values  # [K, B, 2]
@@ -168,18 +171,31 @@ def fit_identifier(
     std = torch.where(std > 1e-8, std, torch.ones_like(std))
     z = (x - mean) / std
     index = {c: i for i, c in enumerate(classes)}
-    y = torch.tensor([index[label] for label in labels])
+    onehot = F.one_hot(torch.tensor([index[label] for label in labels]), len(classes)).float()
+    z1 = torch.cat([z, torch.ones(len(z), 1)], dim=1)  # bias as a last, constant feature
     gen = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(len(classes), x.shape[1], generator=gen) * 0.01).requires_grad_()
-    bias = torch.zeros(len(classes), requires_grad=True)
-    opt = torch.optim.Adam([weight, bias], lr=lr)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            opt.zero_grad()
-            loss = F.cross_entropy(z @ weight.T + bias, y) + 0.5 * weight_decay * weight.pow(2).sum()
-            loss.backward()
-            opt.step()
-    return IdentifierModel(weight.detach(), bias.detach(), mean, std, classes)
+    params = torch.cat([torch.randn(len(classes), x.shape[1], generator=gen) * 0.01, torch.zeros(len(classes), 1)], 1)
+    _adam(params, z1, onehot, epochs, lr, weight_decay)
+    return IdentifierModel(params[:, :-1].clone(), params[:, -1].clone(), mean, std, classes)
+
+
+def _adam(params: Tensor, z1: Tensor, onehot: Tensor, steps: int, lr: float, weight_decay: float) -> None:
+    """Full-batch Adam (β = 0.9, 0.999) in place on [W | b] with the analytic softmax-regression gradient.
+
+    Written out instead of torch.optim.Adam, whose per-step overhead dominates on problems this small.
+    """
+    decay = torch.ones_like(params) * weight_decay
+    decay[:, -1] = 0.0  # no decay on the bias column
+    m, v = torch.zeros_like(params), torch.zeros_like(params)
+    for t in range(1, steps + 1):
+        logits = z1 @ params.T
+        p = (logits - logits.amax(dim=1, keepdim=True)).exp_()  # softmax by hand: Tensor.softmax is
+        p.div_(p.sum(dim=1, keepdim=True))  # multi-threaded and crawls on a busy CPU
+        grad = (p - onehot).T @ z1 / len(z1) + decay * params
+        m.mul_(0.9).add_(grad, alpha=0.1)
+        v.mul_(0.999).addcmul_(grad, grad, value=0.001)
+        step = lr / (1 - 0.9**t)
+        params.addcdiv_(m, (v / (1 - 0.999**t)).sqrt_().add_(1e-8), value=-step)
 
 
 def _check_pairs(true: Sequence[str], pred: Sequence[str]) -> None:

@@ -81,8 +81,15 @@ def tts_scores(
     weight = torch.zeros_like(raw)
     weight[selected] = raw[selected] / raw[selected].sum()
     return TTSResult(
-        compactness=compact.tolist(), divergence=diverge.tolist(), score=score.tolist(), raw_weight=raw.tolist(),
-        weight=weight.tolist(), selected=sorted(selected.tolist()), lam=lam, beta=beta, top_k=k,
+        compactness=compact.tolist(),
+        divergence=diverge.tolist(),
+        score=score.tolist(),
+        raw_weight=raw.tolist(),
+        weight=weight.tolist(),
+        selected=sorted(selected.tolist()),
+        lam=lam,
+        beta=beta,
+        top_k=k,
     )
 
 

@@ -26,11 +26,13 @@ def _probs(confidences: list[list[float]]) -> torch.Tensor:
 
 
 def test_identify_rule_known_answers():
-    probs = _probs([
-        [0.55, 0.90, 0.60, 0.70],  # adapter 0: clean
-        [0.60, 0.70, 0.62, 0.50],  # adapter 1: pgd
-        [0.95, 0.50, 0.65, 0.72],  # adapter 2: fia
-    ])
+    probs = _probs(
+        [
+            [0.55, 0.90, 0.60, 0.70],  # adapter 0: clean
+            [0.60, 0.70, 0.62, 0.50],  # adapter 1: pgd
+            [0.95, 0.50, 0.65, 0.72],  # adapter 2: fia
+        ]
+    )
     # input 0: fia leads by 0.35; input 1: clean adapter leads by 0.2; input 2: lead 0.03 <= 0.1; input 3: lead 0.02.
     assert identify_rule(probs, LABELS, clean_index=0) == ["fia", "clean", "unknown", "unknown"]
     assert identify_rule(probs, LABELS, margin=0.01, clean_index=0)[2:] == ["fia", "fia"]

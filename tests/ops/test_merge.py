@@ -31,7 +31,9 @@ def _adapter(seed: int) -> dict[str, torch.Tensor]:
 
 def _low_rank(out: int, inn: int, r: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     g = _gen(seed)
-    return (torch.randn(out, r, generator=g, dtype=torch.float64) @ torch.randn(r, inn, generator=g, dtype=torch.float64)).to(dtype)
+    return (
+        torch.randn(out, r, generator=g, dtype=torch.float64) @ torch.randn(r, inn, generator=g, dtype=torch.float64)
+    ).to(dtype)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,13 +140,21 @@ def test_cat_merge_is_exact_for_linear_and_grouped_conv(groups):
     ranks, scales, weights = [2, 4], [0.5, 2.0], [0.7, -1.3]
     factors = []
     for r, s in zip(ranks, scales, strict=True):
-        factors.append({
-            "fc": (torch.randn(r, 5, generator=g), torch.randn(6, r, generator=g), s),
-            "conv": (torch.randn(r, 4 // groups, 3, 3, generator=g), torch.randn(4, r // groups, 1, 1, generator=g), s),
-        })
+        factors.append(
+            {
+                "fc": (torch.randn(r, 5, generator=g), torch.randn(6, r, generator=g), s),
+                "conv": (
+                    torch.randn(r, 4 // groups, 3, 3, generator=g),
+                    torch.randn(4, r // groups, 1, 1, generator=g),
+                    s,
+                ),
+            }
+        )
     merged = cat_merge(factors, weights)
     assert merged["fc"].a.shape[0] == sum(ranks) and merged["conv"].a.shape[0] == sum(ranks)
-    fc_expected = sum(w * s * (f["fc"][1].numpy() @ f["fc"][0].numpy()) for f, w, s in zip(factors, weights, scales, strict=True))
+    fc_expected = sum(
+        w * s * (f["fc"][1].numpy() @ f["fc"][0].numpy()) for f, w, s in zip(factors, weights, scales, strict=True)
+    )
     conv_expected = sum(
         w * s * _grouped_delta_numpy(f["conv"][0].numpy(), f["conv"][1].numpy(), groups)
         for f, w, s in zip(factors, weights, scales, strict=True)

@@ -7,15 +7,17 @@ from loradar_cli.errors import InvalidValueError
 from loradar_cli.ops.vote import majority_vote, reliability_weights, soft_vote, vote, weighted_vote
 
 # K = 4 adapters, B = 3 inputs, C = 3 classes.
-PROBS = torch.tensor([
-    # input 0: predictions 0, 0, 1, 2 -> class 0 wins the count
-    # input 1: predictions 0, 1, 0, 1 -> tie 0/1; summed P(0) = 1.8 < P(1) = 1.9 -> 1
-    # input 2: predictions 2, 2, 1, 1 -> tie 1/2; summed P(1) = 2.2 > P(2) = 1.4 -> 1
-    [[0.5, 0.3, 0.2], [0.5, 0.4, 0.1], [0.40, 0.0, 0.60]],
-    [[0.6, 0.2, 0.2], [0.3, 0.6, 0.1], [0.35, 0.1, 0.55]],
-    [[0.1, 0.8, 0.1], [0.5, 0.3, 0.2], [0.0, 1.0, 0.0]],
-    [[0.1, 0.1, 0.8], [0.5, 0.6, -0.1], [0.05, 1.1, -0.15]],
-])
+PROBS = torch.tensor(
+    [
+        # input 0: predictions 0, 0, 1, 2 -> class 0 wins the count
+        # input 1: predictions 0, 1, 0, 1 -> tie 0/1; summed P(0) = 1.8 < P(1) = 1.9 -> 1
+        # input 2: predictions 2, 2, 1, 1 -> tie 1/2; summed P(1) = 2.2 > P(2) = 1.4 -> 1
+        [[0.5, 0.3, 0.2], [0.5, 0.4, 0.1], [0.40, 0.0, 0.60]],
+        [[0.6, 0.2, 0.2], [0.3, 0.6, 0.1], [0.35, 0.1, 0.55]],
+        [[0.1, 0.8, 0.1], [0.5, 0.3, 0.2], [0.0, 1.0, 0.0]],
+        [[0.1, 0.1, 0.8], [0.5, 0.6, -0.1], [0.05, 1.1, -0.15]],
+    ]
+)
 
 
 def test_majority_vote_hand_table_with_ties():

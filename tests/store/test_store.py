@@ -89,8 +89,9 @@ def test_existing_name_needs_overwrite_and_failed_write_leaves_nothing(tiny):
 
 
 def test_missing_and_invalid_names(store):
-    with pytest.raises(NotFoundError, match="store is empty"):
+    with pytest.raises(NotFoundError, match="no adapter 'nope'") as err:
         store.adapter_meta("nope")
+    assert "store is empty" in err.value.one_line()
     with pytest.raises(InvalidValueError):
         store.adapter_dir("../escape")
     with pytest.raises(InvalidValueError, match="reserved"):
