@@ -42,6 +42,9 @@ def make_base(store, name: str = "tiny", model: str = "test_resnet", seed: int =
 
     torch.manual_seed(seed)
     net = timm.create_model(model, num_classes=10, in_chans=1, **kwargs)
+    for module in net.modules():  # timm zero-inits each block's last BN gamma: revive the residual branches
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
     meta = BaseMeta(name=name, timm_model=model, model_kwargs=kwargs, num_classes=10, input_size=(1, 16, 16),
                     mean=[0.3], std=[0.4], dataset="digits", fingerprint=weights_fingerprint(net.state_dict()))
     store.save_base(meta, net.state_dict())

@@ -69,7 +69,7 @@ class Attack(Generic[C]):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """`x_adv` `[B, C, H, W]` for `model` at labels `y`; see the class docstring for the contract."""
         check_inputs(x, y)
-        x, y = x.detach(), y.detach()
+        x, y = x.detach(), y.detach().long()
         if self.config.eps == 0:
             return x.clone()
         with model_mode(model, "eval"), torch.enable_grad():

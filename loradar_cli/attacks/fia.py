@@ -13,7 +13,8 @@ Choices:
 * The loss sum(delta * f_k(x')) is not divided by the feature size (the code does; sign updates are equal).
 * `layer=None` picks `default_feature_layer(model)`, the middle of the feature hierarchy (ResNet `layer2`,
   as in the PyTorch ports for ResNet-18). unverified for other families.
-* A module that runs several times per forward pass is tapped at its first call.
+* A module that runs several times per forward pass is tapped at its first call. The objective's forward
+  pass stops at the layer (a private exception raised by the hook), so later layers cost nothing.
 """
 
 import difflib
@@ -160,5 +161,5 @@ class FIA(Attack[FIAConfig]):
                 if not captured:
                     raise InvalidValueError("FIA layer did not run in the model's forward pass")
                 (grad,) = torch.autograd.grad(true_logit, captured[0])
-                parts.append(grad.view(n, batch, *grad.shape[1:]).sum(dim=0))
+                parts.append(grad.reshape(n, batch, *grad.shape[1:]).sum(dim=0))
         return normalize_l2(torch.stack(parts).sum(dim=0))

@@ -58,9 +58,11 @@ class _PGDBase(Attack[P]):
         return x_adv
 
     def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """A random point of the threat model around `x`."""
         raise NotImplementedError
 
     def _step(self, x_adv: Tensor, x: Tensor, grad: Tensor) -> Tensor:
+        """One ascent step along `grad`, projected back into the threat model."""
         raise NotImplementedError
 
 

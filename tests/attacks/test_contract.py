@@ -1,5 +1,7 @@
 """Invariants every registered attack must satisfy (new attacks are picked up from the registry)."""
 
+import pickle
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -112,6 +114,7 @@ def test_describe_round_trips_and_object_is_frozen(name: str) -> None:
     meta = attack.describe()
     assert meta["name"] == name and meta["threat_model"] in ("linf", "l2", "patch")
     assert build_attack(meta["name"], **meta["config"]) == attack
+    assert pickle.loads(pickle.dumps(attack)) == attack
     with pytest.raises(AttributeError):
         attack.config = attack.config  # type: ignore[misc]
 
@@ -135,3 +138,12 @@ def test_rejects_inputs_outside_contract(resnet: nn.Module, images: tuple[Tensor
         attack(resnet, x * 2, y)
     with pytest.raises(InvalidValueError, match="labels"):
         attack(resnet, x, y[:2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_cuda_device_and_seeded_generator(name: str, resnet: nn.Module, images: tuple[Tensor, Tensor]) -> None:
+    model, (x, y) = resnet.cuda(), (t.cuda() for t in images)
+    x_adv = fast_attack(name, seed=0)(model, x, y)
+    assert x_adv.device == x.device and torch.equal(fast_attack(name, seed=0)(model, x, y), x_adv)
+    assert_within_threat_model(fast_attack(name, seed=0), x_adv, x)
