@@ -75,14 +75,14 @@ def _split(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y:
     if split == "test":
         return test_x, test_y
     order = np.random.default_rng(seed).permutation(len(train_y))
-    n_val = max(1, int(round(VAL_FRACTION * len(order))))
+    n_val = max(1, round(VAL_FRACTION * len(order)))
     idx = order[:n_val] if split == "val" else order[n_val:]
     return train_x[idx], train_y[idx]
 
 
 def to_tensor_images(x: np.ndarray) -> Tensor:
     """uint8 (or float in [0,1]) NHW / NHWC / NCHW arrays -> float32 NCHW in [0, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
+    t = torch.from_numpy(np.array(x, copy=True, order="C"))
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
     if t.dim() == 3:
         t = t.unsqueeze(1)

@@ -5,9 +5,25 @@ from typing import Annotated
 
 import typer
 
-from loradar_cli.cli._common import (AlphaOpt, AttackOptOpt, BatchOpt, DataOpt, EpsOpt, JsonOpt, LimitOpt, QuietOpt,
-                                     SeedOpt, StepsOpt, StoreOpt, attack_options, console, emit_json, open_store,
-                                     progress_bar, run_command)
+from loradar_cli.cli._common import (
+    AlphaOpt,
+    AttackOptOpt,
+    BatchOpt,
+    DataOpt,
+    EpsOpt,
+    JsonOpt,
+    LimitOpt,
+    QuietOpt,
+    SeedOpt,
+    StepsOpt,
+    StoreOpt,
+    attack_options,
+    console,
+    emit_json,
+    open_store,
+    progress_bar,
+    run_command,
+)
 from loradar_cli.cli._tables import kv_table
 
 

@@ -5,8 +5,22 @@ from typing import Annotated
 
 import typer
 
-from loradar_cli.cli._common import (BatchOpt, DataOpt, JsonOpt, LimitOpt, OverwriteOpt, QuietOpt, SeedOpt, StoreOpt,
-                                     console, emit_json, open_store, parse_key_values, progress_bar, run_command)
+from loradar_cli.cli._common import (
+    BatchOpt,
+    DataOpt,
+    JsonOpt,
+    LimitOpt,
+    OverwriteOpt,
+    QuietOpt,
+    SeedOpt,
+    StoreOpt,
+    console,
+    emit_json,
+    open_store,
+    parse_key_values,
+    progress_bar,
+    run_command,
+)
 from loradar_cli.cli._tables import kv_table
 
 

@@ -5,7 +5,17 @@ from typing import Annotated
 
 import typer
 
-from loradar_cli.cli._common import JsonOpt, QuietOpt, SeedOpt, StoreOpt, console, emit_json, open_store, progress_bar, run_command
+from loradar_cli.cli._common import (
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    StoreOpt,
+    console,
+    emit_json,
+    open_store,
+    progress_bar,
+    run_command,
+)
 from loradar_cli.cli._tables import eval_table
 
 

@@ -4,7 +4,13 @@ import torch
 
 from loradar_cli.errors import IncompatibleError, NotFoundError
 from loradar_cli.lora.inject import (
-    PEFT_PREFIX, default_targets, delta_weights, inject_lora, load_lora_state_dict, lora_layers, lora_state_dict,
+    PEFT_PREFIX,
+    default_targets,
+    delta_weights,
+    inject_lora,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
     select_targets,
 )
 from loradar_cli.lora.spec import LoraSpec

@@ -61,7 +61,7 @@ def test_corrupt_files_are_reported(tiny, victim):
 def test_tampered_tensors_fail_checksum(tiny):
     from safetensors.torch import load_file, save_file
 
-    store, base, adapter, _ = tiny
+    store, _base, adapter, _ = tiny
     path = store.adapter_dir(adapter.name) / ADAPTER_WEIGHTS
     tensors = load_file(str(path))
     key = next(iter(tensors))

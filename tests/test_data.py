@@ -1,0 +1,100 @@
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from loradar_cli.data import channel_stats, convert_images, load_data, read_idx
+from loradar_cli.errors import CorruptError, InvalidValueError, NotFoundError
+
+
+def test_digits_splits_are_deterministic_disjoint_and_in_range():
+    train = load_data("digits", "train", seed=0)
+    val = load_data("digits", "val", seed=0)
+    test = load_data("digits", "test", seed=0)
+    assert len(train) + len(val) + len(test) == 1797
+    assert train.x.shape[1:] == (1, 8, 8) and train.x.min() >= 0 and train.x.max() <= 1
+    assert torch.equal(load_data("digits", "val", seed=0).x, val.x)
+    assert not torch.equal(load_data("digits", "val", seed=1).x, val.x)
+    assert train.num_classes == 10
+    assert len(load_data("digits", "test", limit=7)) == 7
+
+
+def test_convert_channels_and_size():
+    x = torch.rand(2, 1, 8, 8)
+    rgb = convert_images(x, channels=3, size=16)
+    assert rgb.shape == (2, 3, 16, 16) and torch.equal(rgb[:, 0], rgb[:, 2])
+    gray = convert_images(torch.ones(1, 3, 4, 4) * torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1), channels=1)
+    torch.testing.assert_close(gray, torch.full((1, 1, 4, 4), 0.299))
+    mean, std = channel_stats(rgb)
+    assert len(mean) == 3 and all(s > 0 for s in std)
+
+
+def _write_idx(path, array, gz=True):
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def test_mnist_idx_reader_on_a_written_file(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 28, 28))
+    labels = rng.integers(0, 10, 30)
+    _write_idx(raw / "train-images-idx3-ubyte.gz", images)
+    _write_idx(raw / "train-labels-idx1-ubyte.gz", labels)
+    _write_idx(raw / "t10k-images-idx3-ubyte", images[:5], gz=False)
+    _write_idx(raw / "t10k-labels-idx1-ubyte", labels[:5], gz=False)
+    test = load_data(f"mnist:{tmp_path}", "test")
+    assert torch.equal(test.y, torch.as_tensor(labels[:5]))
+    torch.testing.assert_close(test.x[:, 0] * 255, torch.as_tensor(images[:5], dtype=torch.float32))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"\x01\x02")
+    with pytest.raises(CorruptError):
+        read_idx(raw / "t10k-labels-idx1-ubyte")
+
+
+def test_cifar_reader_on_written_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [("data_batch_1", 12), ("test_batch", 4)]:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, n))}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    test = load_data(f"cifar10:{tmp_path}", "test")
+    ref = pickle.loads((folder / "test_batch").read_bytes())
+    assert test.x.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(test.x[1, 2] * 255, torch.as_tensor(ref["data"][1, 2048:].reshape(32, 32)).float())
+
+
+def test_npz_and_imagefolder(tmp_path):
+    from PIL import Image
+
+    np.savez(tmp_path / "d.npz", x_train=np.zeros((6, 5, 5, 3), np.uint8), y_train=np.arange(6) % 2,
+             x_test=np.full((2, 5, 5, 3), 255, np.uint8), y_test=np.array([0, 1]))
+    assert load_data(f"npz:{tmp_path / 'd.npz'}", "test").x.min() == 1.0
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            Image.new("RGB", (6, 6), (255, 0, 0) if cls == "cat" else (0, 0, 255)).save(
+                tmp_path / "imgs" / split / cls / "a.png")
+    test = load_data(f"imagefolder:{tmp_path / 'imgs'}", "test")
+    assert test.y.tolist() == [0, 1] and test.x[0, 0].mean() == 1.0
+
+
+def test_bad_specs():
+    with pytest.raises(InvalidValueError, match="unknown dataset"):
+        load_data("imagenet:/x")
+    with pytest.raises(InvalidValueError, match="needs a path"):
+        load_data("mnist")
+    with pytest.raises(NotFoundError):
+        load_data("cifar10:/does/not/exist")
+
+
+def test_real_mnist_and_cifar_layouts(real_data):
+    mnist = load_data(f"mnist:{real_data / 'mnist'}", "test", limit=10)
+    assert mnist.x.shape == (10, 1, 28, 28) and mnist.num_classes == 10
+    cifar = load_data(f"cifar10:{real_data}", "test", limit=10)
+    assert cifar.x.shape == (10, 3, 32, 32)
