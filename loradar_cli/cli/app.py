@@ -5,10 +5,14 @@ import typer
 from loradar_cli import __version__
 from loradar_cli.cli.attack import attack_cli
 from loradar_cli.cli.browse import list_cli, show_cli
+from loradar_cli.cli.ensemble_vote import ensemble_vote_cli
 from loradar_cli.cli.evaluate import eval_cli
 from loradar_cli.cli.finetune import finetune_cli
+from loradar_cli.cli.identify_attack import identify_app
+from loradar_cli.cli.merge import merge_cli
 from loradar_cli.cli.quickstart import quickstart_cli
 from loradar_cli.cli.train import train_cli
+from loradar_cli.cli.trim import trim_cli
 
 app = typer.Typer(
     name="loradar",
@@ -39,6 +43,10 @@ app.command("attack")(attack_cli)
 app.command("eval")(eval_cli)
 app.command("list")(list_cli)
 app.command("show")(show_cli)
+app.command("merge")(merge_cli)
+app.command("trim")(trim_cli)
+app.command("ensemble-vote")(ensemble_vote_cli)
+app.add_typer(identify_app, name="identify-attack")
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from torch import Tensor
@@ -25,6 +25,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_META = "loradar.json"
 BASE_WEIGHTS = "model.safetensors"
 BASE_META = "base.json"
+IDENTIFIER_WEIGHTS = "identifier.safetensors"
+IDENTIFIER_META = "identifier.json"
 DEFAULT_STORE = Path("adapters")
 M = TypeVar("M", bound=BaseModel)
 
@@ -131,6 +133,31 @@ class Store:
         if not folder.is_dir():
             raise NotFoundError(f"no adapter {name!r} in {self.root}")
         shutil.rmtree(folder)
+
+    # ------------------------------------------------------------------ attack identifiers
+    def identifier_dir(self, name: str) -> Path:
+        return self.root / "identifiers" / check_name(name, "identifier")
+
+    def identifier_names(self) -> list[str]:
+        folder = self.root / "identifiers"
+        return sorted(p.name for p in folder.iterdir() if (p / IDENTIFIER_META).is_file()) if folder.is_dir() else []
+
+    def save_identifier(self, name: str, meta: Mapping[str, Any], tensors: Mapping[str, Tensor], *,
+                        overwrite: bool = False) -> Path:
+        """Write `<root>/identifiers/<name>/` (JSON metadata + safetensors weights) atomically."""
+        files = {IDENTIFIER_META: _json_bytes(dict(meta))}
+        return self._write(self.identifier_dir(name), files, {IDENTIFIER_WEIGHTS: tensors}, overwrite, "identifier")
+
+    def load_identifier(self, name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The raw JSON metadata and tensors of a stored identifier (the caller validates them)."""
+        folder = self.identifier_dir(name)
+        if not (folder / IDENTIFIER_META).is_file():
+            raise NotFoundError(f"no identifier {name!r} in {self.root}", hint=_suggest(name, self.identifier_names()))
+        try:
+            meta = json.loads((folder / IDENTIFIER_META).read_bytes())
+        except (OSError, ValueError) as err:
+            raise CorruptError(f"cannot read {folder / IDENTIFIER_META}: {type(err).__name__}") from None
+        return meta, _read_tensors(folder / IDENTIFIER_WEIGHTS)
 
     # ------------------------------------------------------------------ atomic write
     def _write(self, target: Path, files: Mapping[str, bytes], tensor_files: Mapping[str, Mapping[str, Tensor]],

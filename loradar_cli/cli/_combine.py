@@ -1,0 +1,127 @@
+"""Shared pieces of the combination commands: weight parsing, result tables, the confusion-matrix plot."""
+
+import importlib.util
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from loradar_cli.cli._tables import pct
+from loradar_cli.errors import InvalidValueError
+
+BaseOpt = Annotated[str | None, typer.Option("--base", help="Base model (default: the adapters' base).")]
+AdvSetsOpt = Annotated[list[Path] | None, typer.Option("--adv-set", help="Saved adversarial set; repeatable.")]
+OptDataOpt = Annotated[str | None, typer.Option("--data", help="Clean inputs: digits | mnist:DIR | cifar10:DIR | ... "
+                                                             "(labelled 'clean').")]
+SplitOpt = Annotated[str, typer.Option("--split", help="Split of --data: train, val or test.")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Write per-sample predictions to this JSON file.")]
+
+
+def parse_weights(text: str | None, what: str = "--weights") -> list[float] | None:
+    """'0.5,0.5' or '1/3,2/3,-1' -> floats (negative weights subtract an adapter)."""
+    if text is None:
+        return None
+    try:
+        return [float(Fraction(part.strip())) for part in text.split(",")]
+    except (ValueError, ZeroDivisionError):
+        raise InvalidValueError(f"{what} expects comma-separated numbers such as 0.5,0.5, got {text!r}") from None
+
+
+def check_plot_available(plot: Path | None) -> None:
+    """--plot needs matplotlib, which loradar does not depend on."""
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise InvalidValueError("--plot needs matplotlib, which is not installed", hint="pip install matplotlib")
+
+
+def weights_table(report: Mapping[str, Any]) -> Table:
+    """Per-adapter merge weights (with AMT's C, V and score for tts)."""
+    scores = {row["adapter"]: row for row in report.get("scores") or []}
+    table = Table(title=f"{report['method']} merge → {report['name']}")
+    table.add_column("adapter", style="bold")
+    columns = ("compactness", "divergence", "score") if scores else ()
+    for col in (*columns, "weight"):
+        table.add_column(col, justify="right")
+    for name, weight in zip(report["parents"], report["weights"], strict=True):
+        row = scores.get(name, {})
+        table.add_row(name, *(f"{row[c]:.4f}" for c in columns), f"{weight:.4f}")
+    return table
+
+
+def layers_table(title: str, layers: Mapping[str, Mapping[str, Any]]) -> Table:
+    """Per-layer rank and energy kept (merge re-factoring, trim)."""
+    table = Table(title=title)
+    table.add_column("layer", style="bold")
+    for col in ("rank", "of", "energy kept (%)", "storage"):
+        table.add_column(col, justify="right")
+    for name, info in layers.items():
+        rank = info.get("rank", info.get("stored_rank"))
+        total = info.get("original_rank", info.get("min_dim"))
+        kept = f"q={info['q']}" if "q" in info else str(rank)
+        table.add_row(name, kept, str(total), pct(info["energy"]), info.get("storage", "lora"))
+    return table
+
+
+def vote_table(report: Mapping[str, Any]) -> Table:
+    """Rows: each ensemble method, then each adapter alone; columns: the input sets."""
+    sets = report["sets"]
+    table = Table(title="accuracy (%)")
+    table.add_column("model", style="bold")
+    for label, row in sets.items():
+        table.add_column(f"{label} (n={row['n']})", justify="right")
+    for method in report["methods"]:
+        table.add_row(f"{method} vote" if method != "route" else "route", *(pct(r["accuracy"][method])
+                                                                           for r in sets.values()))
+    for name in dict.fromkeys([*report["members"], *report["compare"]]):
+        table.add_row(name, *(pct(r["adapters"][name]) for r in sets.values()))
+    return table
+
+
+def identify_table(report: Mapping[str, Any]) -> Table:
+    """Per input set: the true attack, identification accuracy and what was predicted."""
+    table = Table(title=f"attack identification ({report['mode']})")
+    for col in ("set", "attack", "n", "accuracy (%)", "predicted"):
+        table.add_column(col)
+    for label, row in report["sets"].items():
+        predicted = ", ".join(f"{k}: {v}" for k, v in row["predicted"].items())
+        table.add_row(label, row["attack"], str(row["n"]), pct(row["accuracy"]), predicted)
+    return table
+
+
+def confusion_table(labels: Sequence[str], matrix: Sequence[Sequence[int]], accuracy: float | None) -> Table:
+    """Confusion matrix: rows true attack, columns predicted."""
+    table = Table(title=f"confusion matrix (rows: true, columns: predicted), accuracy {pct(accuracy)} %")
+    table.add_column("true \\ predicted", style="bold")
+    for label in labels:
+        table.add_column(label, justify="right")
+    for label, row in zip(labels, matrix, strict=True):
+        table.add_row(label, *(str(v) for v in row))
+    return table
+
+
+def plot_confusion(path: Path, labels: Sequence[str], matrix: Sequence[Sequence[int]], title: str) -> Path:
+    """Draw the confusion matrix with counts to a PNG (matplotlib, headless backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(labels), 1.0 + 0.8 * len(labels)))
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    peak = max((v for row in matrix for v in row), default=0)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,58 @@
+"""`loradar ensemble-vote`: majority / weighted / soft votes and identify-then-route over adapters of one base."""
+
+from typing import Annotated
+
+import typer
+
+from loradar_cli.cli._combine import AdvSetsOpt, BaseOpt, OptDataOpt, OutOpt, SplitOpt, parse_weights, vote_table
+from loradar_cli.cli._common import (
+    BatchOpt,
+    JsonOpt,
+    LimitOpt,
+    QuietOpt,
+    SeedOpt,
+    StoreOpt,
+    console,
+    emit_json,
+    open_store,
+    read_names,
+    run_command,
+)
+
+
+@run_command
+def ensemble_vote_cli(
+    adapters: Annotated[list[str], typer.Argument(help="Voting adapters ('-' reads names from stdin).")],
+    method: Annotated[list[str] | None, typer.Option(
+        "--method", help="majority (ties by summed probability), weighted, soft or route; repeatable "
+                         "[default: majority].")] = None,
+    weights: Annotated[str | None, typer.Option(
+        "--weights", help="weighted: one weight per adapter (default: reliability from stored validation "
+                          "metrics).")] = None,
+    identifier: Annotated[str | None, typer.Option(
+        "--identifier", help="route: a fitted identifier (identify-attack fit); default: the most confident "
+                             "adapter classifies.")] = None,
+    compare: Annotated[list[str] | None, typer.Option(
+        "--compare", help="Adapter (e.g. a merge) evaluated alone in the same table; repeatable.")] = None,
+    base: BaseOpt = None,
+    data: OptDataOpt = None,
+    split: SplitOpt = "test",
+    adv_set: AdvSetsOpt = None,
+    limit: LimitOpt = None,
+    out: OutOpt = None,
+    batch_size: BatchOpt = 256,
+    seed: SeedOpt = 0,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Classify inputs by an ensemble of adapters (each adapter's ΔW folded in once) and report accuracy per set."""
+    from loradar_cli.combine import vote_sets
+
+    report = vote_sets(open_store(store), read_names(adapters), base=base, methods=method or ["majority"],
+                       weights=parse_weights(weights), data=data, split=split, adv_sets=adv_set or [], limit=limit,
+                       identifier=identifier, compare=compare or [], seed=seed, batch_size=batch_size, out=out)
+    if json_out:
+        emit_json(report)
+    elif not quiet:
+        console.print(vote_table(report))
