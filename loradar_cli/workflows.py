@@ -3,7 +3,7 @@
 Each job takes plain values, talks to the store, and returns pydantic metadata or reports; none prints.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,5 +181,3 @@ def route_attack_options(names: Sequence[str], shared: Mapping[str, Any],
         routed[name].update(specific.get(name, {}))
     return routed
 
-
-ProgressFactory = Callable[[], Progress]
