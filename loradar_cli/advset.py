@@ -3,13 +3,14 @@
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from loradar_cli.errors import CorruptError, NotFoundError
+from loradar_cli.errors import CorruptError, IncompatibleError, NotFoundError
 
 FORMAT = "loradar.advset.v1"
 
@@ -48,6 +49,7 @@ def save_adv_set(path: Path, adv: AdvSet) -> Path:
 
 
 def load_adv_set(path: Path) -> AdvSet:
+    """Read a set written by `save_adv_set`; anything else is a one-line CorruptError."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -62,3 +64,21 @@ def load_adv_set(path: Path) -> AdvSet:
         raise CorruptError(f"{path} is not a loradar adversarial set")
     attack = metadata.get("attack")
     return AdvSet(x.float(), y.long(), None if attack == "clean" else attack, json.loads(metadata.get("info", "{}")))
+
+
+def labelled_adv_sets(paths: Sequence[Path], input_size: Sequence[int] | None = None,
+                      taken: Iterable[str] = ()) -> dict[str, AdvSet]:
+    """Load sets keyed by file name (`name#2`, ... on repeats or names in `taken`); check the image size if given."""
+    sets: dict[str, AdvSet] = {}
+    used = set(taken)
+    for path in map(Path, paths):
+        adv = load_adv_set(path)
+        if input_size is not None and tuple(adv.x.shape[1:]) != tuple(input_size):
+            raise IncompatibleError(f"{path} holds images {tuple(adv.x.shape[1:])}, the model takes "
+                                    f"{tuple(input_size)}")
+        label, i = path.name, 2
+        while label in used:
+            label, i = f"{path.name}#{i}", i + 1
+        used.add(label)
+        sets[label] = adv
+    return sets

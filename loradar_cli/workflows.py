@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from loradar_cli.advset import AdvSet, load_adv_set, save_adv_set
+from loradar_cli.advset import AdvSet, labelled_adv_sets, save_adv_set
 from loradar_cli.attacks import build_attack
 from loradar_cli.data import ImageData, channel_stats, load_data
 from loradar_cli.errors import ExistsError, InvalidValueError
@@ -141,7 +141,7 @@ def evaluate_models(store: Store, *, base: str, adapters: Sequence[str | None], 
     """Evaluate the base (None) and each adapter: clean, white-box attacks, saved sets and worst case."""
     stored = store.load_base(base)
     clean = model_data(data, split, stored.meta, seed=seed, limit=limit)
-    sets = _labelled_sets(adv_sets)
+    sets = labelled_adv_sets(adv_sets, stored.meta.input_size)
     built = {name: build_attack(name, **dict(options)) for name, options in attacks.items()}
     rows = []
     for adapter in adapters:
@@ -156,14 +156,6 @@ def _model_for(store: Store, base: Base, adapter: str | None) -> ImageClassifier
 
     model = build_model(base)
     return model if adapter is None else apply_adapter(model, store.load_adapter(adapter), base.meta)
-
-
-def _labelled_sets(paths: Sequence[Path]) -> dict[str, AdvSet]:
-    sets: dict[str, AdvSet] = {}
-    for path in paths:
-        adv = load_adv_set(Path(path))
-        sets[f"{path.name}"] = adv
-    return sets
 
 
 def attack_fields(name: str) -> set[str]:

@@ -1,0 +1,247 @@
+"""`merge`: ΔW-space merges (linear, ties, cat) and AMT's test-time scored merge (tts) into a new adapter."""
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loradar_cli.advset import labelled_adv_sets
+from loradar_cli.combine.factors import (
+    Layer,
+    adapter_deltas,
+    adapter_layers,
+    factors_of,
+    layer_groups,
+    pack,
+    save_derived,
+)
+from loradar_cli.combine.members import Members, check_new, load_members, merged_model
+from loradar_cli.errors import IncompatibleError, InvalidValueError
+from loradar_cli.loading import build_model
+from loradar_cli.lora.inject import head_tensors
+from loradar_cli.models import ImageClassifier
+from loradar_cli.ops.merge import (
+    DEFAULT_TIES_DENSITY,
+    TTSResult,
+    augment_support,
+    cat_merge,
+    check_compatible,
+    linear_merge,
+    merge_heads,
+    refactor,
+    ties_merge,
+    tts_scores,
+)
+from loradar_cli.store.meta import AdapterMeta, BaseMeta
+from loradar_cli.store.store import Adapter, Store
+from loradar_cli.workflows import model_data
+
+MERGE_METHODS = ("tts", "linear", "ties", "cat")
+
+
+@dataclass(frozen=True)
+class TTSOptions:
+    """AMT test-time scoring: the support set (data spec or adversarial-set file) and the score's parameters."""
+
+    support: str
+    split: str = "val"
+    shots: int | None = 5
+    lam: float = 0.6
+    beta: float = 1.0
+    top_k: int = 2
+    augment: bool = True
+    seed: int = 0
+    batch_size: int = 256
+
+
+def merge_adapters(store: Store, names: Sequence[str], *, name: str, base: str | None = None,
+                   method: str = "linear", weights: Sequence[float] | None = None, rank: int | None = None,
+                   density: float = DEFAULT_TIES_DENSITY, tts: TTSOptions | None = None,
+                   overwrite: bool = False) -> tuple[AdapterMeta, dict[str, Any]]:
+    """Merge adapters in ΔW space (tts, linear, ties, cat) into a new adapter; returns its metadata and a report."""
+    if method not in MERGE_METHODS:
+        raise InvalidValueError(f"unknown merge method {method!r} (valid: {', '.join(MERGE_METHODS)})")
+    if rank is not None and rank < 1:
+        raise InvalidValueError(f"--rank must be >= 1, got {rank}")
+    check_new(store, name, overwrite)
+    members = load_members(store, names, base)
+    deltas = [adapter_deltas(a) for a in members.adapters]
+    check_compatible(deltas, members.names)
+    report: dict[str, Any] = {"name": name, "method": method, "parents": members.names}
+    w = _merge_weights(members, method, weights, tts, report)
+    report["weights"] = w
+    if method == "cat":
+        layers = _cat_layers(members, w)
+        report["layers"] = {n: {"rank": layer.rank, "energy": 1.0, "rel_error": 0.0} for n, layer in layers.items()}
+    else:
+        merged = ties_merge(deltas, w, density) if method == "ties" else linear_merge(deltas, w)
+        layers, report["layers"] = _refactor_all(merged, members, rank)
+        if method == "ties":
+            report["density"] = density
+    report["rank"] = rank
+    head_w = _ties_head_weights(w) if method == "ties" else w
+    head_name, head = _merged_head(members, head_w)
+    report["head"] = None if head_name is None else {"module": head_name, "rule": "h0 + sum_i w_i (h_i - h0)",
+                                                     "weights": head_w}
+    spec, tensors = pack(layers, {}, head_name, head)
+    combination = {k: v for k, v in report.items() if k not in ("name", "parents")}
+    meta = save_derived(store, members, name, spec, tensors, parents=members.names, combination=combination,
+                 overwrite=overwrite)
+    return meta, report
+
+
+def _merge_weights(members: Members, method: str, weights: Sequence[float] | None, tts: TTSOptions | None,
+                   report: dict[str, Any]) -> list[float]:
+    """The merge weights: AMT scores for tts, else the given ones or the method's default."""
+    k = len(members.adapters)
+    if method == "tts":
+        if tts is None:
+            raise InvalidValueError("--method tts needs a support set (--support SPEC or an adversarial-set file)")
+        if weights is not None:
+            raise InvalidValueError("--weights cannot be combined with --method tts (the scores set the weights)")
+        result, support = tts_merge_weights(members, tts)
+        report["scores"] = _score_rows(members.names, result)
+        report["tts"] = {"lam": result.lam, "beta": result.beta, "top_k": result.top_k}
+        report["support"] = support
+        return list(result.weight)
+    if weights is None:
+        return [1.0] * k if method == "ties" else [1.0 / k] * k
+    values = [float(v) for v in weights]
+    if len(values) != k or not all(math.isfinite(v) for v in values):
+        raise InvalidValueError(f"need {k} finite weights (one per adapter), got {values}")
+    return values
+
+
+def _ties_head_weights(weights: Sequence[float]) -> list[float]:
+    """TIES averages agreeing entries, so its heads are averaged too: weights scaled to sum 1 (if they can be)."""
+    total = sum(weights)
+    return [w / total for w in weights] if total != 0.0 else list(weights)
+
+
+def _score_rows(names: Sequence[str], result: TTSResult) -> list[dict[str, Any]]:
+    """Per-adapter C, V, score and weight as JSON rows."""
+    return [{"adapter": n, "compactness": c, "divergence": v, "score": s, "raw_weight": r, "weight": w,
+             "selected": i in result.selected}
+            for i, (n, c, v, s, r, w) in enumerate(zip(names, result.compactness, result.divergence, result.score,
+                                                       result.raw_weight, result.weight, strict=True))]
+
+
+def _refactor_all(merged: Mapping[str, Tensor], members: Members, rank: int | None
+                  ) -> tuple[dict[str, Layer], dict[str, dict[str, Any]]]:
+    """SVD re-factoring of each merged ΔW: exact (at most Σ ranks) unless `rank` caps it."""
+    groups = layer_groups(members.adapters[0])
+    layers: dict[str, Layer] = {}
+    report: dict[str, dict[str, Any]] = {}
+    for name, delta in merged.items():
+        cap = rank if rank is not None else sum(_member_rank(a, name, delta) for a in members.adapters)
+        a, b, info = _refactor_layer(name, delta, groups.get(name, 1), cap)
+        layers[name] = Layer(a, b, info.rank)
+        report[name] = info.model_dump()
+    return layers, report
+
+
+def _member_rank(adapter: Adapter, layer: str, delta: Tensor) -> int:
+    """Rank an adapter spends on a layer (a dense delta counts as full rank)."""
+    if layer in adapter.meta.dense_deltas:
+        return min(delta.shape[0], delta[0].numel())
+    return adapter.meta.lora.rank_of(layer)
+
+
+def _refactor_layer(name: str, delta: Tensor, groups: int, cap: int) -> tuple[Tensor, Tensor, Any]:
+    """Exact numerical-rank factors, truncated to `cap` triplets when the numerical rank exceeds it."""
+    try:
+        a, b, info = refactor(delta, groups=groups)
+        if info.rank > cap:
+            a, b, info = refactor(delta, rank=cap, groups=groups)
+    except IncompatibleError as err:
+        raise IncompatibleError(f"layer {name!r}: {err.message}", hint=err.hint) from None
+    return a, b, info
+
+
+def _cat_layers(members: Members, weights: Sequence[float]) -> dict[str, Layer]:
+    """Exact concatenation of the members' factors (rank Σ rᵢ, scale 1)."""
+    for adapter in members.adapters:
+        if adapter.meta.dense_deltas:
+            raise IncompatibleError(f"--method cat needs LoRA factors; {adapter.meta.name!r} has dense deltas",
+                                    hint="use --method linear")
+    merged = cat_merge([{n: factors_of(layer) for n, layer in adapter_layers(a).items()} for a in members.adapters],
+                       weights)
+    return {n: Layer(f.a, f.b, f.a.shape[0]) for n, f in merged.items()}
+
+
+def _merged_head(members: Members, weights: Sequence[float]) -> tuple[str | None, dict[str, Tensor]]:
+    """Heads combined with the merge weights as task arithmetic, h0 + Σ wᵢ(hᵢ − h0) (= Σ wᵢhᵢ when Σ w = 1)."""
+    names = {a.meta.lora.head for a in members.adapters if a.meta.lora.head}
+    if not names:
+        return None, {}
+    if len(names) > 1:
+        raise IncompatibleError(f"adapters carry different classifier heads: {sorted(names)}")
+    head = names.pop()
+    prefix = f"{head}."
+    base_head = {k[len(prefix):]: v.float() for k, v in members.base.state.items() if k.startswith(prefix)}
+    heads = [{k: v.float() for k, v in head_tensors(a.tensors, a.meta.lora).items()} or base_head
+             for a in members.adapters]
+    rest = 1.0 - sum(weights)
+    if abs(rest) <= 1e-12:
+        return head, merge_heads(heads, weights)
+    return head, merge_heads([*heads, base_head], [*weights, rest])
+
+
+
+
+def support_set(spec: str, base: BaseMeta, *, split: str = "val", shots: int | None = 5, seed: int = 0
+                ) -> tuple[Tensor, Tensor]:
+    """Support images and labels: an adversarial-set file or a data split, the first `shots` of each class."""
+    path = Path(spec)
+    if path.suffix == ".safetensors" or path.is_file():
+        (adv,) = labelled_adv_sets([path], base.input_size).values()
+        x, y = adv.x, adv.y
+    else:
+        data = model_data(spec, split, base, seed=seed)
+        x, y = data.x, data.y
+    keep = per_class(y, shots)
+    return x[keep], y[keep]
+
+
+def per_class(y: Tensor, shots: int | None) -> Tensor:
+    """Indices (in order) of the first `shots` examples of every class; all indices when shots is None."""
+    if shots is None:
+        return torch.arange(len(y))
+    if shots < 1:
+        raise InvalidValueError(f"--shots must be >= 1, got {shots}")
+    seen: dict[int, int] = {}
+    keep = []
+    for i, label in enumerate(y.tolist()):
+        if seen.get(label, 0) < shots:
+            seen[label] = seen.get(label, 0) + 1
+            keep.append(i)
+    return torch.tensor(keep, dtype=torch.long)
+
+
+@torch.no_grad()
+def penultimate_features(model: ImageClassifier, x: Tensor, batch_size: int = 256) -> Tensor:
+    """Pre-logit features [N, D] of a timm model on inputs in [0, 1] (forward_features + pre-logits head)."""
+    net = model.eval().model
+    parts = [net.forward_head(net.forward_features(model.normalize(x[i:i + batch_size])), pre_logits=True)
+             for i in range(0, len(x), batch_size)]
+    return torch.cat(parts).flatten(1)
+
+
+def tts_merge_weights(members: Members, opts: TTSOptions) -> tuple[TTSResult, dict[str, Any]]:
+    """AMT scores of each member on the support set (clean + one shared augmented copy)."""
+    x, y = support_set(opts.support, members.base.meta, split=opts.split, shots=opts.shots, seed=opts.seed)
+    x_aug = augment_support(x, torch.Generator().manual_seed(opts.seed)) if opts.augment else x
+    template = build_model(members.base)
+    clean, aug = [], []
+    for adapter in members.adapters:
+        model = merged_model(template, adapter, members.base.meta)
+        clean.append(penultimate_features(model, x, opts.batch_size))
+        aug.append(penultimate_features(model, x_aug, opts.batch_size))
+    result = tts_scores(torch.stack(clean), y, torch.stack(aug), lam=opts.lam, beta=opts.beta, top_k=opts.top_k)
+    support = {"spec": opts.support, "split": opts.split, "shots": opts.shots, "n": len(y),
+               "classes": len(set(y.tolist())), "augment": opts.augment, "seed": opts.seed}
+    return result, support

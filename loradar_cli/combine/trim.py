@@ -1,0 +1,116 @@
+"""`trim`: singular-value trimming of an adapter's ΔW (by rank or energy) or of W0 + ΔW (AMT's full-weight trim)."""
+
+import re
+from typing import Any
+
+from torch import Tensor
+
+from loradar_cli.combine.factors import (
+    Layer,
+    adapter_deltas,
+    adapter_layers,
+    dense_key,
+    layer_groups,
+    pack,
+    save_derived,
+)
+from loradar_cli.combine.members import Members, check_new, load_members
+from loradar_cli.errors import IncompatibleError, InvalidValueError, NotFoundError
+from loradar_cli.lora.inject import head_tensors
+from loradar_cli.ops.trim import full_weight_trim, lowrank_or_dense, trim_delta
+from loradar_cli.store.meta import AdapterMeta
+from loradar_cli.store.store import Adapter, Store
+
+PEFT_NOTE = ("dense deltas are stored under '<layer>.weight_delta' and are not part of target_modules: "
+             "PEFT ignores them, load this adapter with loradar")
+
+
+def trim_adapter(store: Store, name: str, *, out_name: str, base: str | None = None, rank: int | None = None,
+                 energy: float | None = None, full_weight: bool = False, keep: float = 0.7,
+                 layers_regex: str | None = None, overwrite: bool = False) -> tuple[AdapterMeta, dict[str, Any]]:
+    """Singular-value trimming of ΔW (--rank/--energy) or of W0 + ΔW (--full-weight); returns metadata and report."""
+    if full_weight and (rank is not None or energy is not None):
+        raise InvalidValueError("--full-weight trims W0 + ΔW by --keep; it cannot be combined with --rank/--energy")
+    if not full_weight and rank is None and energy is None:
+        raise InvalidValueError("give --rank or --energy (or --full-weight with --keep)")
+    check_new(store, out_name, overwrite)
+    members = load_members(store, [name], base)
+    adapter = members.adapters[0]
+    report: dict[str, Any] = {"name": out_name, "parent": name}
+    if full_weight:
+        layers, dense, report["layers"] = _full_weight_layers(members, keep, layers_regex)
+        report.update(mode="full-weight", keep=keep, layers_regex=layers_regex)
+        if dense:
+            report["dense_deltas"] = PEFT_NOTE
+    else:
+        layers, report["layers"] = _svd_trim_layers(adapter, rank, energy)
+        dense = {}
+        report.update(mode="svd", rank=rank, energy=energy)
+    spec, tensors = pack(layers, dense, adapter.meta.lora.head, head_tensors(adapter.tensors, adapter.meta.lora))
+    combination = {"method": "trim", **{k: v for k, v in report.items() if k not in ("name", "parent")}}
+    meta = save_derived(store, members, out_name, spec, tensors, parents=[name], combination=combination, dense=list(dense),
+                 attack=adapter.meta.attack, attack_config=adapter.meta.attack_config, overwrite=overwrite)
+    return meta, report
+
+
+def _svd_trim_layers(adapter: Adapter, rank: int | None, energy: float | None
+                     ) -> tuple[dict[str, Layer], dict[str, dict[str, Any]]]:
+    """Keep the top triplets of each layer's ΔW by rank and/or energy."""
+    groups = layer_groups(adapter)
+    layers: dict[str, Layer] = {}
+    report: dict[str, dict[str, Any]] = {}
+    for layer, delta in adapter_deltas(adapter).items():
+        try:
+            factors, info = trim_delta(delta, rank, energy, groups=groups.get(layer, 1))
+        except IncompatibleError as err:
+            raise IncompatibleError(f"layer {layer!r}: {err.message}", hint=err.hint) from None
+        layers[layer] = Layer(factors.a, factors.b, info.rank)
+        report[layer] = info.model_dump()
+    return layers, report
+
+
+def _full_weight_layers(members: Members, keep: float, regex: str | None
+                        ) -> tuple[dict[str, Layer], dict[str, Tensor], dict[str, dict[str, Any]]]:
+    """AMT trim of W0 + ΔW on the selected layers; the rest are copied unchanged."""
+    adapter = members.adapters[0]
+    chosen = _select_layers(adapter, regex)
+    groups = layer_groups(adapter)
+    layers = {n: layer for n, layer in adapter_layers(adapter).items() if n not in chosen}
+    dense = {n: adapter.tensors[dense_key(n)] for n in adapter.meta.dense_deltas if n not in chosen}
+    report: dict[str, dict[str, Any]] = {}
+    deltas = adapter_deltas(adapter)
+    for name in chosen:
+        if groups.get(name, 1) != 1:
+            raise IncompatibleError(f"layer {name!r} is a grouped conv; --full-weight supports groups == 1 only")
+        w0 = members.base.state[f"{name}.weight"].float()
+        new_delta, info = full_weight_trim(w0, deltas[name], keep)
+        packed = lowrank_or_dense(new_delta, storage_rank(new_delta))
+        if packed is None:
+            dense[name] = new_delta
+        else:
+            layers[name] = Layer(packed[0].a, packed[0].b, packed[1].rank)
+        report[name] = {**info.model_dump(), "storage": "dense" if packed is None else "lora",
+                        "stored_rank": None if packed is None else packed[1].rank}
+    return layers, dense, report
+
+
+def _select_layers(adapter: Adapter, regex: str | None) -> list[str]:
+    """Adapter layers whose name matches `regex` (re.search), all of them by default."""
+    names = [*adapter.meta.lora.targets, *(n for n in adapter.meta.dense_deltas if n not in adapter.meta.lora.targets)]
+    if regex is None:
+        return names
+    try:
+        pattern = re.compile(regex)
+    except re.error as err:
+        raise InvalidValueError(f"--layers {regex!r} is not a valid regex: {err}") from None
+    chosen = [n for n in names if pattern.search(n)]
+    if not chosen:
+        raise NotFoundError(f"no layer of adapter {adapter.meta.name!r} matches --layers {regex!r}",
+                            hint=f"layers: {', '.join(names[:6])}")
+    return chosen
+
+
+def storage_rank(delta: Tensor) -> int:
+    """Largest rank r for which factors (r·(m + n) numbers) are no bigger than the dense ΔW (m·n)."""
+    m, n = delta.shape[0], delta[0].numel()
+    return max(1, (m * n) // (m + n))
