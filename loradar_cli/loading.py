@@ -4,7 +4,8 @@ from collections.abc import Sequence
 
 import torch
 
-from loradar_cli.errors import IncompatibleError
+from loradar_cli.data import ImageData, load_data
+from loradar_cli.errors import IncompatibleError, InvalidValueError
 from loradar_cli.lora.inject import PEFT_PREFIX, inject_lora, load_lora_state_dict
 from loradar_cli.lora.layers import LoraLayer
 from loradar_cli.models import ImageClassifier, create_timm_model, freeze, load_weights
@@ -84,3 +85,13 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 25
         return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros(0)
     finally:
         model.train(was_training)
+
+
+def model_data(spec: str, split: str, base: BaseMeta, *, seed: int = 0, limit: int | None = None,
+               download: bool = False) -> ImageData:
+    """A split converted to the base's channels and input size."""
+    c, h, w = base.input_size
+    data = load_data(spec, split, seed=seed, limit=limit, channels=c, size=(h, w), download=download)
+    if data.num_classes > base.num_classes:
+        raise InvalidValueError(f"{spec} has {data.num_classes} classes but base {base.name!r} has {base.num_classes}")
+    return data

@@ -4,6 +4,7 @@ Each job takes plain values, talks to the store, and returns pydantic metadata o
 """
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,25 +13,15 @@ import torch
 from loradar_cli.advset import AdvSet, labelled_adv_sets, save_adv_set
 from loradar_cli.attacks import build_attack
 from loradar_cli.data import ImageData, channel_stats, load_data
-from loradar_cli.errors import ExistsError, InvalidValueError
+from loradar_cli.errors import ExistsError
 from loradar_cli.evaluation import EvalRow, evaluate
-from loradar_cli.loading import build_model, load_model
+from loradar_cli.loading import build_model, load_model, model_data
 from loradar_cli.lora.inject import classifier_name, default_targets, inject_lora, lora_state_dict, select_targets
 from loradar_cli.lora.spec import LoraSpec
 from loradar_cli.models import ImageClassifier, create_timm_model, load_checkpoint, load_weights, pretrained_stats
 from loradar_cli.recipes.loop import Progress, TrainConfig, accuracy, fit_classifier, train_adapter
 from loradar_cli.store.meta import AdapterMeta, BaseMeta
 from loradar_cli.store.store import Base, Store, check_name
-
-
-def model_data(spec: str, split: str, base: BaseMeta, *, seed: int = 0, limit: int | None = None,
-               download: bool = False) -> ImageData:
-    """A split converted to the base's channels and input size."""
-    c, h, w = base.input_size
-    data = load_data(spec, split, seed=seed, limit=limit, channels=c, size=(h, w), download=download)
-    if data.num_classes > base.num_classes:
-        raise InvalidValueError(f"{spec} has {data.num_classes} classes but base {base.name!r} has {base.num_classes}")
-    return data
 
 
 def finetune_base(store: Store, name: str, *, model: str, data: str, epochs: int = 5, lr: float = 2e-3,
@@ -134,11 +125,25 @@ def craft_adv_set(store: Store, out: Path, *, base: str, attack: str, data: str,
     return adv, acc
 
 
+@dataclass(frozen=True)
+class EnsembleRows:
+    """Ensemble rows for `evaluate_models`: voters, methods (majority/weighted/soft/route) and their options."""
+
+    members: Sequence[str]
+    methods: Sequence[str]
+    weights: Sequence[float] | None = None
+    identifier: str | None = None
+
+
 def evaluate_models(store: Store, *, base: str, adapters: Sequence[str | None], data: str,
                     attacks: Mapping[str, Mapping[str, Any]], adv_sets: Sequence[Path] = (), split: str = "test",
                     limit: int | None = None, seed: int = 0, batch_size: int = 128,
-                    progress: Progress | None = None) -> list[EvalRow]:
-    """Evaluate the base (None) and each adapter: clean, white-box attacks, saved sets and worst case."""
+                    ensemble: EnsembleRows | None = None, progress: Progress | None = None) -> list[EvalRow]:
+    """Evaluate the base (None), each adapter and each ensemble method: clean, attacks, saved sets, worst case.
+
+    Attacks are white-box against each row's model; ensemble rows are attacked through the mean of their
+    members' logits (the decision of a vote has no gradient), never transferred from the base.
+    """
     stored = store.load_base(base)
     clean = model_data(data, split, stored.meta, seed=seed, limit=limit)
     sets = labelled_adv_sets(adv_sets, stored.meta.input_size)
@@ -148,6 +153,27 @@ def evaluate_models(store: Store, *, base: str, adapters: Sequence[str | None], 
         model = _model_for(store, stored, adapter)
         torch.manual_seed(seed)
         rows.append(evaluate(model, adapter or "base", clean, built, sets, batch_size=batch_size, progress=progress))
+    if ensemble is not None:
+        rows += _evaluate_ensemble(store, base, ensemble, clean, built, sets, seed, batch_size, progress)
+    return rows
+
+
+def _evaluate_ensemble(store: Store, base: str, spec: EnsembleRows, clean: ImageData, attacks: Mapping[str, Any],
+                       sets: Mapping[str, AdvSet], seed: int, batch_size: int,
+                       progress: Progress | None) -> list[EvalRow]:
+    """One row per ensemble method, each attacked through the mean logits of its voters."""
+    from loradar_cli.combine.ensemble import load_ensemble
+
+    loaded = load_ensemble(store, spec.members, methods=spec.methods, base=base, weights=spec.weights,
+                           identifier=spec.identifier)
+    rows = []
+    for method in loaded.decisions:
+        classifier = loaded.classifier(method)
+        label = method if method == "route" else f"vote:{method}"
+        torch.manual_seed(seed)
+        rows.append(evaluate(classifier, label, clean, attacks, sets, batch_size=batch_size, progress=progress,
+                             surrogate=classifier.surrogate(),
+                             attacked=f"mean logits of {len(loaded.decisions[method].voters)} members"))
     return rows
 
 

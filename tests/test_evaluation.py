@@ -38,3 +38,21 @@ def test_worst_case_is_per_point_and_attacks_see_the_model():
     assert row.attacks == pytest.approx({"a": 4 / 6, "b": 5 / 6})
     assert abs(row.worst_case - 3 / 6) < 1e-6  # points 0, 1 and 5 fall; a mean of the two would give 0.75
     assert seen == [model]  # the attack is crafted against the evaluated model itself
+
+
+def test_a_surrogate_is_attacked_and_the_model_judged():
+    """With a surrogate, attacks see the surrogate only, and correctness is the evaluated model's."""
+    x = torch.zeros(4, 1, 2, 2)
+    y = torch.zeros(4, dtype=torch.long)
+    data = ImageData(x, y, 2, "toy")
+    seen = []
+
+    def flip_first(model, xb, yb):
+        seen.append(model)
+        out = xb.clone()
+        out[0, 0, 0, 0] = 1.0
+        return out
+
+    model, surrogate = Lookup(), nn.Identity()
+    row = evaluate(model, "vote", data, {"a": flip_first}, surrogate=surrogate, attacked="mean logits")
+    assert seen == [surrogate] and row.attacks["a"] == pytest.approx(3 / 4) and row.attacked == "mean logits"

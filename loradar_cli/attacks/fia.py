@@ -13,20 +13,23 @@ Choices:
 * The loss sum(delta * f_k(x')) is not divided by the feature size (the code does; sign updates are equal).
 * `layer=None` picks `default_feature_layer(model)`, the middle of the feature hierarchy (ResNet `layer2`,
   as in the PyTorch ports for ResNet-18). unverified for other families.
+* An ensemble (a model with a `members` ModuleList, whose logits are the members' mean) is attacked as one
+  model whose feature is the concatenation of every member's feature layer: the masked images go through
+  all members, and the importance is normalised over all layers together.
 * A module that runs several times per forward pass is tapped at its first call. The objective's forward
   pass stops at the layer (a private exception raised by the hook), so later layers cost nothing.
 """
 
 import difflib
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from typing import ClassVar
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from loradar_cli.attacks._functional import grad_wrt, normalize_l2, per_sample, project_linf, uniform
+from loradar_cli.attacks._functional import grad_wrt, l2_norm, per_sample, project_linf, uniform
 from loradar_cli.attacks.base import Attack, AttackConfig, ThreatModel, register_attack
 from loradar_cli.errors import InvalidValueError, NotFoundError
 
@@ -88,11 +91,12 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def _tap(module: nn.Module, *, leaf: bool) -> Iterator[list[Tensor]]:
+def _tap(module: nn.Module, *, leaf: bool, stop: bool = True) -> Iterator[list[Tensor]]:
     """Capture `module`'s output at its first call; the hook is always removed on exit.
 
     leaf=True: the output is replaced by a fresh leaf (so d logits / d feature needs no graph upstream) and
-    the forward pass continues on a copy. leaf=False: the output keeps its graph and the forward pass stops.
+    the forward pass continues on a copy. leaf=False: the output keeps its graph and the forward pass stops
+    (unless stop=False, when several layers are tapped in one pass).
     """
     captured: list[Tensor] = []
 
@@ -103,7 +107,9 @@ def _tap(module: nn.Module, *, leaf: bool) -> Iterator[list[Tensor]]:
             raise InvalidValueError(f"FIA layer must output a tensor, {type(mod).__name__} gives {type(output).__name__}")
         if not leaf:
             captured.append(output)
-            raise _StopForward
+            if stop:
+                raise _StopForward
+            return None
         feature = output.detach().requires_grad_(True)
         captured.append(feature)
         return feature.clone()  # downstream in-place ops must not touch the captured leaf
@@ -115,13 +121,26 @@ def _tap(module: nn.Module, *, leaf: bool) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
-def _features(model: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
-    """f_k(x) with its graph back to `x`; the forward pass stops at the layer."""
-    with _tap(layer, leaf=False) as captured, suppress(_StopForward):
-        model(x)
-    if not captured:
+def _features(model: nn.Module, layers: list[nn.Module], x: Tensor) -> list[Tensor]:
+    """f_k(x) at each layer with its graph back to `x`; with one layer the forward pass stops there."""
+    if len(layers) == 1:
+        with _tap(layers[0], leaf=False) as captured, suppress(_StopForward):
+            model(x)
+        taps = [captured]
+    else:
+        with ExitStack() as stack:
+            taps = [stack.enter_context(_tap(layer, leaf=False, stop=False)) for layer in layers]
+            model(x)
+    if not all(taps):
         raise InvalidValueError("FIA layer did not run in the model's forward pass")
-    return captured[0]
+    return [captured[0] for captured in taps]
+
+
+def feature_layers(model: nn.Module, name: str | None) -> list[nn.Module]:
+    """The layer(s) FIA taps: one per member of an ensemble (a model whose `members` is a ModuleList), else one."""
+    members = getattr(model, "members", None)
+    nets = list(members) if isinstance(members, nn.ModuleList) and len(members) else [model]
+    return [resolve_layer(net, name or default_feature_layer(net)) for net in nets]
 
 
 @register_attack
@@ -134,32 +153,37 @@ class FIA(Attack[FIAConfig]):
 
     def _generate(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
-        layer = resolve_layer(model, cfg.layer or default_feature_layer(model))
-        importance = self._aggregate_gradient(model, layer, x, y, generator)
+        layers = feature_layers(model, cfg.layer)
+        importance = self._aggregate_gradient(model, layers, x, y, generator)
         alpha = cfg.alpha if cfg.alpha is not None else cfg.eps / cfg.steps
         x_adv, momentum = x.clone(), torch.zeros_like(x)
         for _ in range(cfg.steps):
-            grad = grad_wrt(x_adv, lambda inp: (importance * _features(model, layer, inp)).sum())
+            grad = grad_wrt(x_adv, lambda inp: sum((d * f).sum() for d, f in
+                                                    zip(importance, _features(model, layers, inp), strict=True)))
             grad_scale = per_sample(grad.abs().flatten(1).mean(dim=1).clamp_min(1e-12))
             momentum = cfg.momentum * momentum + grad / grad_scale
             x_adv = project_linf(x_adv - alpha * momentum.sign(), x, cfg.eps)
         return x_adv
 
-    def _aggregate_gradient(self, model: nn.Module, layer: nn.Module, x: Tensor, y: Tensor,
-                            generator: torch.Generator | None) -> Tensor:
-        """Delta = sum_n d z_y(x * M_n) / d f_k, L2-normalised per sample; masks batched in chunks."""
+    def _aggregate_gradient(self, model: nn.Module, layers: list[nn.Module], x: Tensor, y: Tensor,
+                            generator: torch.Generator | None) -> list[Tensor]:
+        """Delta = sum_n d z_y(x * M_n) / d f_k, L2-normalised per sample over all tapped layers together."""
         keep, batch = 1.0 - self.config.drop_prob, x.shape[0]
         chunk = max(1, self.config.max_batch // batch)
-        parts = []
-        with _tap(layer, leaf=True) as captured:
+        sums: list[Tensor] | None = None
+        with ExitStack() as stack:
+            taps = [stack.enter_context(_tap(layer, leaf=True)) for layer in layers]
             for start in range(0, self.config.ensemble, chunk):
                 n = min(chunk, self.config.ensemble - start)
                 copies = x.expand(n, *x.shape)
                 masked = (copies * (uniform(copies, generator) < keep).to(x.dtype)).flatten(0, 1)
-                captured.clear()
+                for captured in taps:
+                    captured.clear()
                 true_logit = model(masked).gather(1, y.repeat(n)[:, None]).sum()
-                if not captured:
+                if not all(taps):
                     raise InvalidValueError("FIA layer did not run in the model's forward pass")
-                (grad,) = torch.autograd.grad(true_logit, captured[0])
-                parts.append(grad.reshape(n, batch, *grad.shape[1:]).sum(dim=0))
-        return normalize_l2(torch.stack(parts).sum(dim=0))
+                grads = torch.autograd.grad(true_logit, [captured[0] for captured in taps])
+                parts = [g.reshape(n, batch, *g.shape[1:]).sum(dim=0) for g in grads]
+                sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
+        norm = torch.stack([l2_norm(s) ** 2 for s in sums or []]).sum(dim=0).sqrt().clamp_min(1e-12)
+        return [s / norm.view(-1, *([1] * (s.dim() - 1))) for s in sums or []]

@@ -18,6 +18,11 @@ OptDataOpt = Annotated[str | None, typer.Option("--data", help="Clean inputs: di
                                                              "(labelled 'clean').")]
 SplitOpt = Annotated[str, typer.Option("--split", help="Split of --data: train, val or test.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Write per-sample predictions to this JSON file.")]
+WeightsOpt = Annotated[str | None, typer.Option(
+    "--weights", help="weighted: one weight per adapter (default: reliability from stored validation metrics).")]
+IdentifierOpt = Annotated[str | None, typer.Option(
+    "--identifier", help="route: a fitted identifier (identify-attack fit); default: the most confident adapter "
+                         "classifies.")]
 
 
 def parse_weights(text: str | None, what: str = "--weights") -> list[float] | None:

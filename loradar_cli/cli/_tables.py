@@ -14,7 +14,9 @@ def eval_table(rows: Sequence[Any], title: str = "accuracy (%)") -> Table:
     """Rows of EvalRow: model × {clean, each attack, each saved set, worst case}."""
     attacks = list(dict.fromkeys(k for r in rows for k in r.attacks))
     sets = list(dict.fromkeys(k for r in rows for k in r.adv_sets))
-    table = Table(title=title)
+    surrogate = any(r.attacked != "white-box" for r in rows) and attacks
+    table = Table(title=title, caption="vote and route rows: attacks target the mean of their members' logits"
+                  if surrogate else None)
     table.add_column("model", style="bold")
     for col in ["clean", *attacks, *sets, "worst case"]:
         table.add_column(col, justify="right")

@@ -4,7 +4,17 @@ from typing import Annotated
 
 import typer
 
-from loradar_cli.cli._combine import AdvSetsOpt, BaseOpt, OptDataOpt, OutOpt, SplitOpt, parse_weights, vote_table
+from loradar_cli.cli._combine import (
+    AdvSetsOpt,
+    BaseOpt,
+    IdentifierOpt,
+    OptDataOpt,
+    OutOpt,
+    SplitOpt,
+    WeightsOpt,
+    parse_weights,
+    vote_table,
+)
 from loradar_cli.cli._common import (
     BatchOpt,
     JsonOpt,
@@ -26,12 +36,8 @@ def ensemble_vote_cli(
     method: Annotated[list[str] | None, typer.Option(
         "--method", help="majority (ties by summed probability), weighted, soft or route; repeatable "
                          "[default: majority].")] = None,
-    weights: Annotated[str | None, typer.Option(
-        "--weights", help="weighted: one weight per adapter (default: reliability from stored validation "
-                          "metrics).")] = None,
-    identifier: Annotated[str | None, typer.Option(
-        "--identifier", help="route: a fitted identifier (identify-attack fit); default: the most confident "
-                             "adapter classifies.")] = None,
+    weights: WeightsOpt = None,
+    identifier: IdentifierOpt = None,
     compare: Annotated[list[str] | None, typer.Option(
         "--compare", help="Adapter (e.g. a merge) evaluated alone in the same table; repeatable.")] = None,
     base: BaseOpt = None,

@@ -5,6 +5,7 @@ from typing import Annotated
 
 import typer
 
+from loradar_cli.cli._combine import IdentifierOpt, WeightsOpt, parse_weights
 from loradar_cli.cli._common import (
     AlphaOpt,
     AttackOptOpt,
@@ -26,6 +27,7 @@ from loradar_cli.cli._common import (
     run_command,
 )
 from loradar_cli.cli._tables import eval_table
+from loradar_cli.errors import InvalidValueError
 
 
 @run_command
@@ -35,6 +37,15 @@ def eval_cli(
     attack: Annotated[list[str] | None, typer.Option("--attack", help="White-box attack; repeatable.")] = None,
     adv_set: Annotated[list[Path] | None, typer.Option("--adv-set", help="Saved adversarial set; repeatable.")] = None,
     no_base: Annotated[bool, typer.Option("--no-base", help="Skip the base row when adapters are given.")] = False,
+    vote: Annotated[list[str] | None, typer.Option(
+        "--vote", help="Add an ensemble row: majority, weighted or soft vote of --members; repeatable.")] = None,
+    route: Annotated[bool, typer.Option(
+        "--route", help="Add an identify-then-route row over --members.")] = False,
+    members: Annotated[list[str] | None, typer.Option(
+        "--members", help="Ensemble members, comma-separated or repeated (default: the --adapter list). "
+                          "Ensemble rows are attacked through the mean of their logits.")] = None,
+    weights: WeightsOpt = None,
+    identifier: IdentifierOpt = None,
     data: DataOpt = "digits",
     split: Annotated[str, typer.Option("--split")] = "test",
     eps: EpsOpt = None,
@@ -48,22 +59,29 @@ def eval_cli(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate the base and adapters on clean data, under attacks, and on saved adversarial sets."""
+    """Evaluate the base, adapters and ensembles on clean data, under attacks, and on saved adversarial sets."""
     from loradar_cli.loading import resolve_base_for
-    from loradar_cli.workflows import evaluate_models
+    from loradar_cli.workflows import EnsembleRows, evaluate_models
 
     the_store = open_store(store)
     adapters = read_names(adapter) if adapter else []
-    base_name = resolve_base_for(the_store, adapters, base)
+    voters = [n.strip() for item in members or [] for n in item.split(",") if n.strip()] or adapters
+    methods = [*dict.fromkeys(vote or []), *(["route"] if route else [])]
+    if members and not methods:
+        raise InvalidValueError("--members needs --vote METHOD or --route")
+    ensemble = EnsembleRows(voters, methods, parse_weights(weights), identifier) if methods else None
+    if ensemble is not None and not voters:
+        raise InvalidValueError("ensemble rows need --members (or --adapter) names")
+    base_name = resolve_base_for(the_store, adapters or voters, base)
     names = list(dict.fromkeys(attack or []))
     options = attack_options(names, eps, alpha, steps, attack_opt)
-    rows_for = ([] if no_base and adapters else [None]) + adapters
+    rows_for = ([] if no_base and (adapters or ensemble) else [None]) + adapters
     with progress_bar(not quiet) as progress:
         rows = evaluate_models(the_store, base=base_name, adapters=rows_for, data=data, attacks=options,
                                adv_sets=adv_set or [], split=split, limit=limit, seed=seed, batch_size=batch_size,
-                               progress=progress)
+                               ensemble=ensemble, progress=progress)
     if not quiet:
         console.print(eval_table(rows, title=f"accuracy (%) on {data} {split}, n={rows[0].n}"))
     if json_out:
         emit_json({"base": base_name, "data": data, "split": split, "limit": limit, "seed": seed,
-                   "attacks": options, "rows": [r.model_dump() for r in rows]})
+                   "attacks": options, "members": voters if ensemble else None, "rows": [r.model_dump() for r in rows]})

@@ -1,11 +1,12 @@
-"""Ensembles of adapters: majority, weighted and soft votes, identify-then-route, per input set."""
+"""Ensembles of adapters: majority, weighted and soft votes, identify-then-route, and their attack surrogate."""
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from loradar_cli.combine.identify import Identifier, load_identifier
 from loradar_cli.combine.members import (
@@ -24,6 +25,106 @@ from loradar_cli.store.store import Store
 ENSEMBLE_METHODS = (*VOTE_METHODS, "route")
 
 
+class MeanLogits(nn.Module):
+    """An ensemble's white-box surrogate: the mean of its members' logits, differentiable so attacks can adapt.
+
+    Attacks that read internal features (FIA) recognise the `members` ModuleList and tap every member.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise InvalidValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How an ensemble decides from its members' probabilities: a vote, or identify-then-route."""
+
+    method: str
+    voters: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+    router: Identifier | None = None
+
+    def predict(self, probs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """Class per input, and for `route` the index of the voter that classified it (else None)."""
+        stack = torch.stack([probs[n] for n in self.voters])
+        if self.method != "route":
+            return vote(stack, self.method, list(self.weights) if self.weights else None), None
+        routed = route_choice(stack, self.voters, self.router, probs)
+        return stack[routed, torch.arange(stack.shape[1])].argmax(dim=-1), routed
+
+
+class EnsembleClassifier(nn.Module):
+    """An ensemble as one classifier: forward gives one-hot scores of its decision (not differentiable).
+
+    Attacks must target `surrogate()`, the mean of the voters' logits; the decision itself has no useful gradient.
+    """
+
+    def __init__(self, models: Mapping[str, nn.Module], decision: Decision) -> None:
+        super().__init__()
+        self.names = list(models)
+        self.nets = nn.ModuleList(models.values())
+        self.decision = decision
+
+    def member_probs(self, x: Tensor) -> dict[str, Tensor]:
+        return {n: m(x).softmax(dim=-1) for n, m in zip(self.names, self.nets, strict=True)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = self.member_probs(x)
+        pred, _ = self.decision.predict(probs)
+        return nn.functional.one_hot(pred, probs[self.names[0]].shape[-1]).to(x.dtype)
+
+    def surrogate(self) -> MeanLogits:
+        """Mean logits of the voting members (shared modules, no copies)."""
+        return MeanLogits([self.nets[self.names.index(n)] for n in self.decision.voters])
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """Merged member models (each ΔW folded once) and one decision per method, ready to vote or be attacked."""
+
+    members: Members
+    models: dict[str, nn.Module]
+    decisions: dict[str, Decision]
+    weighting: dict[str, Any] | None
+    router: Identifier | None
+
+    def classifier(self, method: str) -> EnsembleClassifier:
+        """The classifier of one method, sharing this ensemble's member models."""
+        return EnsembleClassifier(self.models, self.decisions[method])
+
+    def report(self) -> dict[str, Any]:
+        methods = list(self.decisions)
+        return {"methods": methods, "weighting": self.weighting,
+                "route": _route_info(self.router) if "route" in methods else None}
+
+
+def load_ensemble(store: Store, names: Sequence[str], *, methods: Sequence[str], base: str | None = None,
+                  weights: Sequence[float] | None = None, identifier: str | None = None,
+                  compare: Sequence[str] = ()) -> Ensemble:
+    """Load voters (and `compare` adapters) once and set up each method's decision."""
+    methods = list(dict.fromkeys(methods))
+    unknown = [m for m in methods if m not in ENSEMBLE_METHODS]
+    if unknown or not methods:
+        raise InvalidValueError(f"unknown ensemble method {(unknown or [''])[0]!r} (valid: {', '.join(ENSEMBLE_METHODS)})")
+    if identifier and "route" not in methods:
+        raise InvalidValueError("--identifier is used by route only")
+    if weights is not None and "weighted" not in methods:
+        raise InvalidValueError("--weights is used by the weighted vote only")
+    voters = tuple(dict.fromkeys(names))
+    members = load_members(store, list(dict.fromkeys([*voters, *compare])), base)
+    router = _router(store, identifier, voters, members) if "route" in methods else None
+    weighting = _vote_weights(members, voters, weights) if "weighted" in methods else None
+    decisions = {m: Decision(m, voters, tuple(weighting["weights"]) if m == "weighted" and weighting else None,
+                             router if m == "route" else None) for m in methods}
+    return Ensemble(members, member_models(members, router.members if router else ()), decisions, weighting, router)
+
+
 def vote_sets(store: Store, names: Sequence[str], *, base: str | None = None, methods: Sequence[str] = ("majority",),
               weights: Sequence[float] | None = None, data: str | None = None, split: str = "test",
               adv_sets: Sequence[Path] = (), limit: int | None = None, identifier: str | None = None,
@@ -33,25 +134,19 @@ def vote_sets(store: Store, names: Sequence[str], *, base: str | None = None, me
 
     `compare` adapters (e.g. merged ones) are evaluated alone on the same sets, for one table.
     """
-    methods = list(dict.fromkeys(methods))
-    unknown = [m for m in methods if m not in ENSEMBLE_METHODS]
-    if unknown or not methods:
-        raise InvalidValueError(f"unknown ensemble method {(unknown or [''])[0]!r} (valid: {', '.join(ENSEMBLE_METHODS)})")
-    if identifier and "route" not in methods:
-        raise InvalidValueError("--identifier is used by --method route only")
-    names = list(names)
-    members = load_members(store, list(dict.fromkeys([*names, *compare])), base)
-    router = _router(store, identifier, names, members) if "route" in methods else None
-    weighting = _vote_weights(members, names, weights) if "weighted" in methods else None
-    models = member_models(members, router.members if router else ())
-    sets = input_sets(members.base.meta, data=data, split=split, adv_sets=adv_sets, limit=limit, seed=seed)
-    report: dict[str, Any] = {"base": members.base.meta.name, "members": names, "compare": list(compare),
-                              "methods": methods, "weighting": weighting,
-                              "route": _route_info(router) if "route" in methods else None, "sets": {}}
+    ensemble = load_ensemble(store, names, methods=methods, base=base, weights=weights, identifier=identifier,
+                             compare=compare)
+    names = list(dict.fromkeys(names))
+    sets = input_sets(ensemble.members.base.meta, data=data, split=split, adv_sets=adv_sets, limit=limit, seed=seed)
+    report: dict[str, Any] = {"base": ensemble.members.base.meta.name, "members": names, "compare": list(compare),
+                              **ensemble.report(), "sets": {}}
     samples: dict[str, Any] = {}
+    models = ensemble.models
     for s in sets:
         probs = dict(zip(models, ensemble_probs(list(models.values()), s.x, batch_size), strict=True))
-        preds, routed = _ensemble_predictions(probs, names, methods, weighting, router)
+        decided = {m: d.predict(probs) for m, d in ensemble.decisions.items()}
+        preds = {m: pred for m, (pred, _) in decided.items()}
+        routed = decided["route"][1] if "route" in decided else None
         singles = {n: probs[n].argmax(dim=-1) for n in dict.fromkeys([*names, *compare])}
         report["sets"][s.label] = _vote_row(s, preds, singles, routed, names)
         samples[s.label] = {"y": s.y.tolist(), "attack": s.attack, "methods": {m: p.tolist() for m, p in preds.items()},
@@ -92,22 +187,6 @@ def _route_info(router: "Identifier | None") -> dict[str, Any]:
         return {"mode": "rule", "rule": "the most confident adapter classifies"}
     return {"mode": "calibrated", "identifier": router.meta.name,
             "fallback": "the most confident adapter when no voting adapter was trained on the identified attack"}
-
-
-def _ensemble_predictions(probs: Mapping[str, Tensor], names: Sequence[str], methods: Sequence[str],
-                          weighting: Mapping[str, Any] | None, router: "Identifier | None"
-                          ) -> tuple[dict[str, Tensor], Tensor | None]:
-    """Predicted class per input for each method, and the adapter index `route` picked (None without route)."""
-    stack = torch.stack([probs[n] for n in names])
-    preds: dict[str, Tensor] = {}
-    routed = None
-    for method in methods:
-        if method == "route":
-            routed = route_choice(stack, names, router, probs)
-            preds[method] = stack[routed, torch.arange(stack.shape[1])].argmax(dim=-1)
-        else:
-            preds[method] = vote(stack, method, weighting["weights"] if weighting and method == "weighted" else None)
-    return preds, routed
 
 
 def _vote_row(s: "InputSet", preds: Mapping[str, Tensor], singles: Mapping[str, Tensor], routed: Tensor | None,

@@ -14,12 +14,18 @@ from torch import Tensor
 
 from loradar_cli.advset import labelled_adv_sets
 from loradar_cli.errors import ExistsError, IncompatibleError, InvalidValueError
-from loradar_cli.loading import apply_adapter, build_model, check_adapter_fits, predict_logits, resolve_base_for
+from loradar_cli.loading import (
+    apply_adapter,
+    build_model,
+    check_adapter_fits,
+    model_data,
+    predict_logits,
+    resolve_base_for,
+)
 from loradar_cli.lora.inject import lora_layers
 from loradar_cli.models import ImageClassifier
 from loradar_cli.store.meta import BaseMeta
 from loradar_cli.store.store import Adapter, Base, Store, check_name
-from loradar_cli.workflows import model_data
 
 BASE_MEMBER = ":base"
 """Stands for the base model among identifier members (no adapter name can start with ':')."""

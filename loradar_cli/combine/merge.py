@@ -21,7 +21,7 @@ from loradar_cli.combine.factors import (
 )
 from loradar_cli.combine.members import Members, check_new, load_members, merged_model
 from loradar_cli.errors import IncompatibleError, InvalidValueError
-from loradar_cli.loading import build_model
+from loradar_cli.loading import build_model, model_data
 from loradar_cli.lora.inject import head_tensors
 from loradar_cli.models import ImageClassifier
 from loradar_cli.ops.merge import (
@@ -38,7 +38,6 @@ from loradar_cli.ops.merge import (
 )
 from loradar_cli.store.meta import AdapterMeta, BaseMeta
 from loradar_cli.store.store import Adapter, Store
-from loradar_cli.workflows import model_data
 
 MERGE_METHODS = ("tts", "linear", "ties", "cat")
 

@@ -1,12 +1,14 @@
 """FIA: feature-layer choice, hook hygiene, the aggregate gradient, and that it hurts a fitted model."""
 
+import copy
+
 import pytest
 import timm
 import torch
 from torch import Tensor, nn
 
 from loradar_cli.attacks import FIA, FIAConfig, build_attack, default_feature_layer
-from loradar_cli.attacks.fia import resolve_layer
+from loradar_cli.attacks.fia import feature_layers, resolve_layer
 from loradar_cli.errors import InvalidValueError, NotFoundError
 from loradar_cli.models import ImageClassifier
 
@@ -73,8 +75,21 @@ def test_aggregate_gradient_is_normalised_logit_gradient_without_dropout(digits:
     expected = expected / expected.norm(dim=1, keepdim=True)
     for max_batch in (5, 1000):  # one mask per forward pass, then all masks in one pass
         attack = FIA(FIAConfig(drop_prob=0.0, ensemble=4, max_batch=max_batch))
-        importance = attack._aggregate_gradient(model, layer, x, y, None)
+        (importance,) = attack._aggregate_gradient(model, [layer], x, y, None)
         torch.testing.assert_close(importance, expected)
+
+
+def test_fia_on_an_ensemble_of_copies_equals_fia_on_the_model(digits: Digits) -> None:
+    """Mean logits of two identical members: every tapped layer gets the same share, so the attack is unchanged."""
+    from loradar_cli.combine.ensemble import MeanLogits
+
+    ensemble = MeanLogits([digits.model, copy.deepcopy(digits.model)])
+    assert len(feature_layers(ensemble, "3")) == 2
+    single = build_attack("fia", eps=0.15, ensemble=6, steps=4, layer="3", seed=0)(digits.model, digits.x[:8],
+                                                                                  digits.y[:8])
+    joint = build_attack("fia", eps=0.15, ensemble=6, steps=4, layer="3", seed=0)(ensemble, digits.x[:8],
+                                                                                 digits.y[:8])
+    torch.testing.assert_close(joint, single, atol=1e-5, rtol=0)
 
 
 def test_fia_lowers_accuracy_of_fitted_model(digits: Digits) -> None:

@@ -76,7 +76,9 @@ def test_merge_json_pipes_and_tts_prints_scores(root):
         (["trim", "a", "--full-weight", "--layers", "nomatch", "--name", "bad"], "matches --layers"),
         (["ensemble-vote", "a", "b"], "--data SPEC and/or --adv-set"),
         (["ensemble-vote", "a", "b", "--data", "digits", "--method", "best"], "unknown ensemble method"),
-        (["ensemble-vote", "a", "b", "--data", "digits", "--identifier", "idn"], "--method route only"),
+        (["ensemble-vote", "a", "b", "--data", "digits", "--identifier", "idn"], "route only"),
+        (["eval", "--members", "a,b"], "needs --vote METHOD or --route"),
+        (["eval", "--vote", "best", "--members", "a,b"], "unknown ensemble method"),
         (["identify-attack", "a", "b", "--mode", "calibrated", "--data", "digits"], "needs --identifier"),
         (["identify-attack", "a", "b", "--mode", "calibrated", "--identifier", "nope"], "no identifier 'nope'"),
     ],
@@ -87,6 +89,18 @@ def test_bad_input_is_one_line_and_non_zero(root, args, message):
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
+
+
+def test_eval_adds_vote_and_route_rows_attacked_through_mean_logits(root):
+    result = invoke(root, "eval", "--adapter", "a", "--members", "a,b", "--vote", "majority", "--route",
+                    "--attack", "fgsm", "--eps", "0.1", "--limit", "12", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [r["model"] for r in report["rows"]] == ["base", "a", "vote:majority", "route"]
+    assert [r["attacked"] for r in report["rows"]] == ["white-box"] * 2 + ["mean logits of 2 members"] * 2
+    assert report["members"] == ["a", "b"]
+    for row in report["rows"]:
+        assert 0 <= row["worst_case"] <= min(row["clean"], row["attacks"]["fgsm"])
 
 
 def test_trim_reads_exactly_one_name(root):

@@ -13,6 +13,7 @@ from loradar_cli.combine import (
 )
 from loradar_cli.data import load_data
 from loradar_cli.errors import InvalidValueError
+from loradar_cli.loading import load_model
 from loradar_cli.lora.layers import LoraLayer
 from tests.combine.conftest import NAMES, naive_probs
 
@@ -63,3 +64,59 @@ def test_weighted_vote_defaults_to_stored_reliability(pool):
     assert report["weighting"] == {"weights": [0.5, 0.5], "source": "metrics.val_robust_acc"}
     with pytest.raises(InvalidValueError, match="--data SPEC and/or --adv-set"):
         vote_sets(pool, ["a", "b"])
+
+
+def test_ensemble_classifier_decides_like_the_vote_on_naive_probs(pool, x):
+    from loradar_cli.combine.ensemble import load_ensemble
+
+    weights = [0.2, 0.5, 0.3]
+    ensemble = load_ensemble(pool, list(NAMES), methods=["majority", "weighted", "soft", "route"], weights=weights)
+    hand = _hand_votes(naive_probs(pool, NAMES, x).double().numpy(), weights)
+    for method, expected in hand.items():
+        scores = ensemble.classifier(method)(x)
+        assert scores.sum(-1).eq(1).all()  # one-hot decisions
+        assert scores.argmax(-1).tolist() == expected.tolist(), method
+
+
+def test_surrogate_is_the_mean_of_member_logits_and_has_gradients(pool, x):
+    from loradar_cli.combine.ensemble import load_ensemble
+
+    classifier = load_ensemble(pool, ["a", "c"], methods=["majority"]).classifier("majority")
+    surrogate = classifier.surrogate()
+    expected = torch.stack([load_model(pool, "tiny", n)(x) for n in ("a", "c")]).mean(0)
+    inp = x.clone().requires_grad_(True)
+    logits = surrogate(inp)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(logits.logsumexp(-1).sum(), inp)
+    assert grad.abs().sum() > 0
+    assert all(any(m is n for n in classifier.nets) for m in surrogate.members)  # shared, not copied
+
+
+def test_ensemble_rows_are_attacked_through_the_mean_logits(pool):
+    """eval's vote row equals FGSM crafted against an independently built mean-of-logits, judged by the vote."""
+    from loradar_cli.attacks import build_attack
+    from loradar_cli.workflows import EnsembleRows, evaluate_models
+
+    rows = evaluate_models(pool, base="tiny", adapters=[], data="digits", attacks={"fgsm": {"eps": 0.1}},
+                           limit=30, ensemble=EnsembleRows(["a", "b"], ["soft", "route"]))
+    assert [r.model for r in rows] == ["vote:soft", "route"]
+    assert all(r.attacked == "mean logits of 2 members" for r in rows)
+    data = load_data("digits", "test", limit=30, channels=1, size=16)
+    models = [load_model(pool, "tiny", n) for n in ("a", "b")]
+
+    class Mean(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.nets = torch.nn.ModuleList(models)
+
+        def forward(self, inp):
+            return torch.stack([m(inp) for m in self.nets]).mean(0)
+
+    x_adv = build_attack("fgsm", eps=0.1)(Mean(), data.x, data.y)
+    with torch.no_grad():
+        probs = torch.stack([m(x_adv).softmax(-1) for m in models]).double().numpy()
+    hand = _hand_votes(probs, [1.0, 1.0])
+    y = data.y.numpy()
+    assert rows[0].attacks["fgsm"] == pytest.approx(float((hand["soft"] == y).mean()), abs=1 / 30 + 1e-9)
+    assert rows[1].attacks["fgsm"] == pytest.approx(float((hand["route"] == y).mean()), abs=1 / 30 + 1e-9)
+    assert rows[0].worst_case <= rows[0].clean
