@@ -38,7 +38,7 @@ def parse_weights(text: str | None, what: str = "--weights") -> list[float] | No
 def check_plot_available(plot: Path | None) -> None:
     """--plot needs matplotlib, which loradar does not depend on."""
     if plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise InvalidValueError("--plot needs matplotlib, which is not installed", hint="pip install matplotlib")
+        raise InvalidValueError("--plot needs matplotlib, which is not installed", hint="pip install matplotlib (or the package's [plot] extra)")
 
 
 def weights_table(report: Mapping[str, Any]) -> Table:

@@ -149,8 +149,25 @@ def test_identify_attack_help_lists_fit_and_predict(root):
     assert result.exit_code == 0 and "fit" in result.stdout and "predict" in result.stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
-def test_plot_without_matplotlib_is_a_one_line_error(root, tmp_path):
+def test_plot_without_matplotlib_is_a_one_line_error(root, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     result = invoke(root, "identify-attack", "a", "b", "--data", "digits", "--plot", str(tmp_path / "cm.png"))
     assert result.exit_code == 1 and "needs matplotlib" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "cm.png").exists()
+
+
+def test_plot_draws_the_confusion_matrix(root, tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    path = tmp_path / "cm.png"
+    result = invoke(root, "identify-attack", "a", "b", "--data", "digits", "--limit", "8", "--adv-set",
+                    str(root / "fgsm.safetensors"), "--plot", str(path), "--json")
+    assert result.exit_code == 0, result.stderr
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = imread(path)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].std() > 0.05  # drawn cells and labels, not a blank canvas
+    assert json.loads(result.stdout)["confusion"]["labels"]  # the plot does not replace the JSON on stdout
