@@ -49,6 +49,9 @@ def train_cli(
                                                  "regex or comma list of module suffixes.")] = None,
     train_head: Annotated[bool, typer.Option("--train-head/--frozen-head")] = True,
     select: Annotated[str, typer.Option("--select", help="Keep the best epoch by robust, clean, or last.")] = "robust",
+    min_clean: Annotated[float, typer.Option(
+        "--min-clean", min=0.0, max=1.0, help="With --select robust, prefer epochs whose val clean accuracy is at least this "
+                            "(e.g. 0.8): a near-constant predictor can look robust.")] = 0.0,
     limit: LimitOpt = None,
     val_limit: Annotated[int, typer.Option("--val-limit", min=1)] = 512,
     seed: SeedOpt = 0,
@@ -66,7 +69,8 @@ def train_cli(
 
     try:
         config = TrainConfig(recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr, step_size=step_size,
-                             static_attack=static_attack, select=select, seed=seed)
+                             static_attack=static_attack, select=select,
+                             min_clean=min_clean, seed=seed)
     except ValidationError as err:
         raise InvalidValueError(f"invalid training option: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}") from None
     options = attack_options([attack], eps, alpha, steps, attack_opt)[attack]

@@ -31,6 +31,7 @@ class TrainConfig(BaseModel):
     gamma: float = Field(0.1, gt=0, le=1)
     static_attack: bool = False
     select: str = Field("robust", pattern="^(robust|clean|last)$")
+    min_clean: float = Field(0.0, ge=0, le=1)  # select=robust: epochs below this val clean accuracy rank last
     seed: int = 0
 
 
@@ -97,7 +98,7 @@ def train_adapter(model: nn.Module, attack: Callable, train: ImageData, val: Ima
         stats = EpochStats(epoch, loss, accuracy(model, val.x, val.y),
                            accuracy(model, adversarial(attack, model, val.x, val.y, config.batch_size), val.y))
         result.history.append(stats)
-        if _is_better(stats, result, config.select):
+        if _is_better(stats, result, config.select, config.min_clean):
             result.best_epoch = epoch
             best_state = [p.detach().clone() for p in params]
     with torch.no_grad():
@@ -107,11 +108,12 @@ def train_adapter(model: nn.Module, attack: Callable, train: ImageData, val: Ima
     return result
 
 
-def _is_better(stats: EpochStats, result: TrainResult, select: str) -> bool:
+def _is_better(stats: EpochStats, result: TrainResult, select: str, min_clean: float = 0.0) -> bool:
+    """Whether this epoch beats the best so far; `robust` prefers epochs that keep at least `min_clean` clean accuracy."""
     if result.best_epoch == 0 or select == "last":
         return True
     best = result.best
-    key = (lambda s: (s.val_robust_acc, s.val_clean_acc)) if select == "robust" else (
+    key = (lambda s: (s.val_clean_acc >= min_clean, s.val_robust_acc, s.val_clean_acc)) if select == "robust" else (
         lambda s: (s.val_clean_acc, s.val_robust_acc))
     return key(stats) > key(best)
 

@@ -57,3 +57,23 @@ def test_train_workflow_records_provenance_and_static_mode(store):
     assert meta.recipe_config["static_attack"] is True
     assert 0.0 <= meta.metrics["val_robust_acc"] <= 1.0
     assert meta.lora.targets == [f"layer{i}.0.conv1" for i in range(1, 5)]
+
+
+def _pick(history: list[tuple[float, float]], select: str, min_clean: float = 0.0) -> int:
+    """Epoch (1-based) the selection keeps for a history of (val clean, val robust)."""
+    from loradar_cli.recipes.loop import EpochStats, TrainResult, _is_better
+
+    result = TrainResult(best_epoch=0)
+    for epoch, (clean, robust) in enumerate(history, start=1):
+        result.history.append(EpochStats(epoch, 0.0, clean, robust))
+        if _is_better(result.history[-1], result, select, min_clean):
+            result.best_epoch = epoch
+    return result.best_epoch
+
+
+def test_best_epoch_selection_and_the_clean_floor():
+    history = [(0.95, 0.40), (0.90, 0.55), (0.15, 0.14 + 0.5)]  # the last epoch is near-constant yet "robust"
+    assert _pick(history, "robust") == 3
+    assert _pick(history, "robust", min_clean=0.8) == 2
+    assert _pick(history, "clean") == 1 and _pick(history, "last") == 3
+    assert _pick([(0.5, 0.3), (0.6, 0.2)], "robust", min_clean=0.9) == 1  # nothing clears the floor: plain robust
