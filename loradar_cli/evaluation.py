@@ -30,41 +30,51 @@ def correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> Te
     return predict_logits(model, x, batch_size).argmax(1) == y
 
 
-def attacked_correct(model: nn.Module, attack: Callable, x: Tensor, y: Tensor, batch_size: int,
-                     on_batch: Callable[[int], None] | None = None, target: nn.Module | None = None) -> Tensor:
-    """Per-point correctness of `model` under an attack crafted against `target` (default: `model` itself)."""
-    flags = []
+def attacked_correct(models: Mapping[str, nn.Module], attack: Callable, x: Tensor, y: Tensor, batch_size: int,
+                     target: nn.Module, on_batch: Callable[[int], None] | None = None) -> dict[str, Tensor]:
+    """Per-point correctness of each model under one attack crafted once per batch against `target`."""
+    flags: dict[str, list[Tensor]] = {name: [] for name in models}
     for i in range(0, len(x), batch_size):
-        x_adv = attack(target if target is not None else model, x[i:i + batch_size], y[i:i + batch_size])
-        flags.append(correct(model, x_adv, y[i:i + batch_size], batch_size))
+        x_adv = attack(target, x[i:i + batch_size], y[i:i + batch_size])
+        for name, model in models.items():
+            flags[name].append(correct(model, x_adv, y[i:i + batch_size], batch_size))
         if on_batch:
             on_batch(min(i + batch_size, len(x)))
-    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+    return {name: torch.cat(f) if f else torch.zeros(0, dtype=torch.bool) for name, f in flags.items()}
 
 
 def evaluate(model: nn.Module, name: str, data: ImageData, attacks: Mapping[str, Callable],
              adv_sets: Mapping[str, AdvSet] | None = None, *, batch_size: int = 128,
-             progress: Progress | None = None, surrogate: nn.Module | None = None,
-             attacked: str = "white-box") -> EvalRow:
-    """Evaluate one model; the worst case counts a point robust only if every attack fails on it.
+             progress: Progress | None = None) -> EvalRow:
+    """Evaluate one model against white-box attacks; the worst case counts a point robust only if every attack fails."""
+    (row,) = evaluate_group({name: model}, model, data, attacks, adv_sets, batch_size=batch_size, progress=progress)
+    return row
 
-    Attacks are crafted against `surrogate` when the model itself has no useful gradient (a vote), else
-    against the model; `attacked` says which in the row.
+
+def evaluate_group(models: Mapping[str, nn.Module], target: nn.Module, data: ImageData,
+                   attacks: Mapping[str, Callable], adv_sets: Mapping[str, AdvSet] | None = None, *,
+                   batch_size: int = 128, progress: Progress | None = None,
+                   attacked: str = "white-box") -> list[EvalRow]:
+    """Evaluate models that share one attack target, crafting each attack once for all of them.
+
+    The target is the model itself for a single model, or the surrogate of models without a useful gradient
+    (the votes of one ensemble share the mean of their members' logits); `attacked` says which in the rows.
     """
-    clean = correct(model, data.x, data.y, batch_size)
-    robust = clean.clone()
-    per_attack: dict[str, float] = {}
+    clean = {name: correct(model, data.x, data.y, batch_size) for name, model in models.items()}
+    robust = {name: flags.clone() for name, flags in clean.items()}
+    per_attack: dict[str, dict[str, float]] = {name: {} for name in models}
+    label = ", ".join(models)
     for attack_name, attack in attacks.items():
-        def report(done: int, label: str = f"{name} · {attack_name}") -> None:
+        def report(done: int, text: str = f"{label} · {attack_name}") -> None:
             if progress:
-                progress(label, done, len(data))
+                progress(text, done, len(data))
 
-        flags = attacked_correct(model, attack, data.x, data.y, batch_size, report, surrogate)
-        per_attack[attack_name] = _mean(flags)
-        robust &= flags
-    sets = {label: _mean(correct(model, s.x, s.y, batch_size)) for label, s in (adv_sets or {}).items()}
-    return EvalRow(model=name, attacked=attacked, n=len(data), clean=_mean(clean), attacks=per_attack, adv_sets=sets,
-                   worst_case=_mean(robust))
+        for name, flags in attacked_correct(models, attack, data.x, data.y, batch_size, target, report).items():
+            per_attack[name][attack_name] = _mean(flags)
+            robust[name] &= flags
+    return [EvalRow(model=name, attacked=attacked, n=len(data), clean=_mean(clean[name]), attacks=per_attack[name],
+                    adv_sets={lbl: _mean(correct(model, s.x, s.y, batch_size)) for lbl, s in (adv_sets or {}).items()},
+                    worst_case=_mean(robust[name])) for name, model in models.items()]
 
 
 def _mean(flags: Tensor) -> float:

@@ -14,7 +14,7 @@ from loradar_cli.advset import AdvSet, labelled_adv_sets, save_adv_set
 from loradar_cli.attacks import build_attack
 from loradar_cli.data import ImageData, channel_stats, load_data
 from loradar_cli.errors import ExistsError
-from loradar_cli.evaluation import EvalRow, evaluate
+from loradar_cli.evaluation import EvalRow, evaluate, evaluate_group
 from loradar_cli.loading import build_model, load_model, model_data
 from loradar_cli.lora.inject import classifier_name, default_targets, inject_lora, lora_state_dict, select_targets
 from loradar_cli.lora.spec import LoraSpec
@@ -161,20 +161,16 @@ def evaluate_models(store: Store, *, base: str, adapters: Sequence[str | None], 
 def _evaluate_ensemble(store: Store, base: str, spec: EnsembleRows, clean: ImageData, attacks: Mapping[str, Any],
                        sets: Mapping[str, AdvSet], seed: int, batch_size: int,
                        progress: Progress | None) -> list[EvalRow]:
-    """One row per ensemble method, each attacked through the mean logits of its voters."""
+    """One row per ensemble method; all share the mean logits of the voters, so each attack is crafted once."""
     from loradar_cli.combine.ensemble import load_ensemble
 
     loaded = load_ensemble(store, spec.members, methods=spec.methods, base=base, weights=spec.weights,
                            identifier=spec.identifier)
-    rows = []
-    for method in loaded.decisions:
-        classifier = loaded.classifier(method)
-        label = method if method == "route" else f"vote:{method}"
-        torch.manual_seed(seed)
-        rows.append(evaluate(classifier, label, clean, attacks, sets, batch_size=batch_size, progress=progress,
-                             surrogate=classifier.surrogate(),
-                             attacked=f"mean logits of {len(loaded.decisions[method].voters)} members"))
-    return rows
+    classifiers = {method if method == "route" else f"vote:{method}": loaded.classifier(method)
+                   for method in loaded.decisions}
+    torch.manual_seed(seed)
+    return evaluate_group(classifiers, loaded.surrogate(), clean, attacks, sets, batch_size=batch_size,
+                          progress=progress, attacked=f"mean logits of {len(loaded.voters)} members")
 
 
 def _model_for(store: Store, base: Base, adapter: str | None) -> ImageClassifier:

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from loradar_cli.data import ImageData
-from loradar_cli.evaluation import evaluate
+from loradar_cli.evaluation import evaluate, evaluate_group
 
 
 class Lookup(nn.Module):
@@ -40,19 +40,28 @@ def test_worst_case_is_per_point_and_attacks_see_the_model():
     assert seen == [model]  # the attack is crafted against the evaluated model itself
 
 
-def test_a_surrogate_is_attacked_and_the_model_judged():
-    """With a surrogate, attacks see the surrogate only, and correctness is the evaluated model's."""
+def test_a_group_is_attacked_once_through_its_target_and_each_model_judged():
+    """Models sharing a target see one attack per batch; correctness and worst case are each model's own."""
     x = torch.zeros(4, 1, 2, 2)
-    y = torch.zeros(4, dtype=torch.long)
+    y = torch.tensor([0, 0, 0, 1])
     data = ImageData(x, y, 2, "toy")
     seen = []
 
-    def flip_first(model, xb, yb):
+    def flip_first(model, xb, yb):  # the first point of each batch: points 0 and 2
         seen.append(model)
         out = xb.clone()
         out[0, 0, 0, 0] = 1.0
         return out
 
-    model, surrogate = Lookup(), nn.Identity()
-    row = evaluate(model, "vote", data, {"a": flip_first}, surrogate=surrogate, attacked="mean logits")
-    assert seen == [surrogate] and row.attacks["a"] == pytest.approx(3 / 4) and row.attacked == "mean logits"
+    class Always(nn.Module):
+        def forward(self, inp):
+            return torch.tensor([[0.0, 1.0]]).expand(len(inp), 2)
+
+    target = nn.Identity()
+    rows = evaluate_group({"lookup": Lookup(), "always": Always()}, target, data, {"a": flip_first},
+                          batch_size=2, attacked="mean logits")
+    assert seen == [target, target]  # two batches, one attack each, shared by both models
+    by_name = {r.model: r for r in rows}
+    assert by_name["lookup"].clean == 0.75 and by_name["lookup"].attacks["a"] == 0.25  # only point 1 survives
+    assert by_name["always"].clean == 0.25 and by_name["always"].attacks["a"] == 0.25  # point 3, untouched
+    assert by_name["lookup"].worst_case == 0.25 and all(r.attacked == "mean logits" for r in rows)

@@ -94,9 +94,17 @@ class Ensemble:
     weighting: dict[str, Any] | None
     router: Identifier | None
 
+    @property
+    def voters(self) -> tuple[str, ...]:
+        return next(iter(self.decisions.values())).voters
+
     def classifier(self, method: str) -> EnsembleClassifier:
         """The classifier of one method, sharing this ensemble's member models."""
         return EnsembleClassifier(self.models, self.decisions[method])
+
+    def surrogate(self) -> MeanLogits:
+        """The attack target shared by every method: mean logits of the voters."""
+        return MeanLogits([self.models[n] for n in self.voters])
 
     def report(self) -> dict[str, Any]:
         methods = list(self.decisions)
