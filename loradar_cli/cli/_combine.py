@@ -2,13 +2,13 @@
 
 import importlib.util
 from collections.abc import Mapping, Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from loradar_cli.cli._common import number
 from loradar_cli.cli._tables import pct
 from loradar_cli.errors import InvalidValueError
 
@@ -30,8 +30,8 @@ def parse_weights(text: str | None, what: str = "--weights") -> list[float] | No
     if text is None:
         return None
     try:
-        return [float(Fraction(part.strip())) for part in text.split(",")]
-    except (ValueError, ZeroDivisionError):
+        return [number(part) for part in text.split(",")]
+    except ValueError:
         raise InvalidValueError(f"{what} expects comma-separated numbers such as 0.5,0.5, got {text!r}") from None
 
 

@@ -2,11 +2,11 @@
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -54,13 +54,25 @@ def run_command(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def number(text: str) -> float:
+    """'8/255', '0.5/255', '0.03' or '2e-2' -> a finite float; ValueError otherwise."""
+    numerator, slash, denominator = text.strip().partition("/")
+    try:
+        value = float(numerator) / float(denominator) if slash else float(numerator)
+    except ZeroDivisionError:
+        raise ValueError(f"division by zero in {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not finite")
+    return value
+
+
 def parse_fraction(text: str | None, what: str = "--eps", *, allow_zero: bool = True) -> float | None:
-    """'8/255', '0.03' or '2e-2' -> float; negative, non-finite or malformed values are refused."""
+    """'8/255', '0.5/255', '0.03' or '2e-2' -> float; negative, non-finite or malformed values are refused."""
     if text is None:
         return None
     try:
-        value = float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
+        value = number(text)
+    except ValueError:
         raise InvalidValueError(f"{what} must be a number or a fraction such as 8/255, got {text!r}") from None
     if value < 0 or (value == 0 and not allow_zero):
         raise InvalidValueError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {text!r}")
@@ -74,8 +86,8 @@ def parse_value(text: str) -> Any:
     except json.JSONDecodeError:
         pass
     try:
-        return float(Fraction(text))
-    except (ValueError, ZeroDivisionError):
+        return number(text)
+    except ValueError:
         return text
 
 
