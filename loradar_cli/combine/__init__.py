@@ -5,7 +5,15 @@ dicts out, nothing printed. The maths lives in `loradar_cli.ops`; these modules 
 together, run models, and write the results to the store.
 """
 
-from loradar_cli.combine.ensemble import ENSEMBLE_METHODS, route_choice, vote_sets
+from loradar_cli.combine.ensemble import (
+    ENSEMBLE_METHODS,
+    Ensemble,
+    EnsembleClassifier,
+    MeanLogits,
+    load_ensemble,
+    route_choice,
+    vote_sets,
+)
 from loradar_cli.combine.identify import (
     IDENTIFY_MODES,
     Identifier,
@@ -29,8 +37,8 @@ from loradar_cli.combine.merge import MERGE_METHODS, TTSOptions, merge_adapters
 from loradar_cli.combine.trim import trim_adapter
 
 __all__ = [
-    "BASE_MEMBER", "CLEAN", "ENSEMBLE_METHODS", "IDENTIFY_MODES", "MERGE_METHODS", "Identifier", "IdentifierMeta",
-    "InputSet", "Members", "TTSOptions", "adapter_models", "ensemble_probs", "fit_identifier_from_sets",
-    "identify_sets", "input_sets", "load_identifier", "load_members", "member_models", "merge_adapters",
-    "route_choice", "trim_adapter", "vote_sets",
+    "BASE_MEMBER", "CLEAN", "ENSEMBLE_METHODS", "IDENTIFY_MODES", "MERGE_METHODS", "Ensemble", "EnsembleClassifier",
+    "Identifier", "IdentifierMeta", "InputSet", "MeanLogits", "Members", "TTSOptions", "adapter_models",
+    "ensemble_probs", "fit_identifier_from_sets", "identify_sets", "input_sets", "load_ensemble", "load_identifier",
+    "load_members", "member_models", "merge_adapters", "route_choice", "trim_adapter", "vote_sets",
 ]
