@@ -57,11 +57,13 @@ def _base_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
 
 def load_model(store: Store, base_name: str, adapter_name: str | None = None) -> ImageClassifier:
     """Base (+ adapter) from the store, ready for inference or attack."""
-    base = store.load_base(base_name)
+    return model_on(store, store.load_base(base_name), adapter_name)
+
+
+def model_on(store: Store, base: Base, adapter_name: str | None = None) -> ImageClassifier:
+    """A fresh model of an already loaded base, with the named adapter applied (several models, one base read)."""
     model = build_model(base)
-    if adapter_name is None:
-        return model
-    return apply_adapter(model, store.load_adapter(adapter_name), base.meta)
+    return model if adapter_name is None else apply_adapter(model, store.load_adapter(adapter_name), base.meta)
 
 
 def resolve_base_for(store: Store, adapters: Sequence[str], base_name: str | None) -> str:

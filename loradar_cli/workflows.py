@@ -13,15 +13,14 @@ import torch
 from loradar_cli.advset import AdvSet, labelled_adv_sets, save_adv_set
 from loradar_cli.attacks import build_attack
 from loradar_cli.data import ImageData, channel_stats, load_data
-from loradar_cli.errors import ExistsError
 from loradar_cli.evaluation import EvalRow, evaluate, evaluate_group
-from loradar_cli.loading import build_model, load_model, model_data
+from loradar_cli.loading import build_model, load_model, model_data, model_on
 from loradar_cli.lora.inject import classifier_name, default_targets, inject_lora, lora_state_dict, select_targets
 from loradar_cli.lora.spec import LoraSpec
 from loradar_cli.models import ImageClassifier, create_timm_model, load_checkpoint, load_weights, pretrained_stats
-from loradar_cli.recipes.loop import Progress, TrainConfig, accuracy, fit_classifier, train_adapter
+from loradar_cli.recipes.loop import Progress, TrainConfig, accuracy, adversarial, fit_classifier, train_adapter
 from loradar_cli.store.meta import AdapterMeta, BaseMeta
-from loradar_cli.store.store import Base, Store, check_name
+from loradar_cli.store.store import Store
 
 
 def finetune_base(store: Store, name: str, *, model: str, data: str, epochs: int = 5, lr: float = 2e-3,
@@ -31,9 +30,7 @@ def finetune_base(store: Store, name: str, *, model: str, data: str, epochs: int
                   seed: int = 0, download: bool = False, overwrite: bool = False,
                   progress: Progress | None = None) -> BaseMeta:
     """Fit a timm model on clean data (full or head-only) and store it as a base."""
-    check_name(name, "base")
-    if store.has_base(name) and not overwrite:
-        raise ExistsError(f"base {name!r} already exists in {store.root}", hint="pass --overwrite")
+    store.check_free("base", name, overwrite)
     kwargs = dict(model_kwargs or {})
     probe = load_data(data, "train", seed=seed, limit=2, download=download)
     channels = in_chans or probe.x.shape[1]
@@ -67,9 +64,7 @@ def train_and_store_adapter(store: Store, name: str, *, base: str, attack: str, 
                             train_head: bool = True, limit: int | None = None, val_limit: int | None = 512,
                             overwrite: bool = False, progress: Progress | None = None) -> AdapterMeta:
     """Train an attack-specialised LoRA on a frozen base and store it (nothing is written if training fails)."""
-    check_name(name)
-    if store.has_adapter(name) and not overwrite:
-        raise ExistsError(f"adapter {name!r} already exists in {store.root}", hint="pass --overwrite")
+    store.check_free("adapter", name, overwrite)
     config = config or TrainConfig()
     stored = store.load_base(base)
     attack_fn = build_attack(attack, **dict(attack_options or {}))
@@ -107,16 +102,13 @@ def craft_adv_set(store: Store, out: Path, *, base: str, attack: str, data: str,
                   attack_options: Mapping[str, Any] | None = None, split: str = "test", limit: int | None = None,
                   seed: int = 0, batch_size: int = 128, progress: Progress | None = None) -> tuple[AdvSet, float]:
     """Attack the test split against base (+ adapter) and save the set; returns it and the target's accuracy on it."""
-    from loradar_cli.evaluation import correct
-    from loradar_cli.recipes.loop import adversarial
-
     model = load_model(store, base, adapter)
     stored_meta = store.base_meta(base)
     attack_fn = build_attack(attack, **dict(attack_options or {}))
     clean = model_data(data, split, stored_meta, seed=seed, limit=limit)
     torch.manual_seed(seed)
     x_adv = adversarial(attack_fn, model, clean.x, clean.y, batch_size)
-    acc = correct(model, x_adv, clean.y).float().mean().item()
+    acc = accuracy(model, x_adv, clean.y)
     info = {"config": attack_fn.describe(), "target": {"base": base, "adapter": adapter,
             "base_fingerprint": stored_meta.fingerprint}, "data": data, "split": split, "limit": limit,
             "seed": seed, "target_accuracy": acc}
@@ -150,7 +142,7 @@ def evaluate_models(store: Store, *, base: str, adapters: Sequence[str | None], 
     built = {name: build_attack(name, **dict(options)) for name, options in attacks.items()}
     rows = []
     for adapter in adapters:
-        model = _model_for(store, stored, adapter)
+        model = model_on(store, stored, adapter)
         torch.manual_seed(seed)
         rows.append(evaluate(model, adapter or "base", clean, built, sets, batch_size=batch_size, progress=progress))
     if ensemble is not None:
@@ -171,13 +163,6 @@ def _evaluate_ensemble(store: Store, base: str, spec: EnsembleRows, clean: Image
     torch.manual_seed(seed)
     return evaluate_group(classifiers, loaded.surrogate(), clean, attacks, sets, batch_size=batch_size,
                           progress=progress, attacked=f"mean logits of {len(loaded.voters)} members")
-
-
-def _model_for(store: Store, base: Base, adapter: str | None) -> ImageClassifier:
-    from loradar_cli.loading import apply_adapter
-
-    model = build_model(base)
-    return model if adapter is None else apply_adapter(model, store.load_adapter(adapter), base.meta)
 
 
 def attack_fields(name: str) -> set[str]:

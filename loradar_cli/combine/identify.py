@@ -22,7 +22,7 @@ from loradar_cli.combine.members import (
     member_models,
     write_json,
 )
-from loradar_cli.errors import CorruptError, ExistsError, IncompatibleError, InvalidValueError
+from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError
 from loradar_cli.models import weights_fingerprint
 from loradar_cli.ops.identify import (
     IdentifierModel,
@@ -34,7 +34,7 @@ from loradar_cli.ops.identify import (
     identity_features,
 )
 from loradar_cli.store.meta import AdapterMeta, BaseMeta, now
-from loradar_cli.store.store import Store, check_name
+from loradar_cli.store.store import Store
 
 IDENTIFY_MODES = ("rule", "calibrated")
 
@@ -191,9 +191,7 @@ def fit_identifier_from_sets(store: Store, names: Sequence[str], *, name: str, a
                              weight_decay: float = 1e-3, seed: int = 0, batch_size: int = 256,
                              overwrite: bool = False) -> tuple[IdentifierMeta, dict[str, Any]]:
     """Fit the calibrated identifier on labelled sets (adversarial sets by attack, --data as clean) and store it."""
-    check_name(name, "identifier")
-    if store.identifier_dir(name).exists() and not overwrite:
-        raise ExistsError(f"identifier {name!r} already exists in {store.root}", hint="pass --overwrite")
+    store.check_free("identifier", name, overwrite)
     if clean not in ("base", "none"):
         raise InvalidValueError(f"--clean must be 'base' or 'none' when fitting, got {clean!r}")
     members = load_members(store, names, base)

@@ -19,7 +19,7 @@ from loradar_cli.combine.factors import (
     pack,
     save_derived,
 )
-from loradar_cli.combine.members import Members, check_new, load_members, merged_model
+from loradar_cli.combine.members import Members, load_members, merged_model
 from loradar_cli.errors import IncompatibleError, InvalidValueError
 from loradar_cli.loading import build_model, model_data
 from loradar_cli.lora.inject import head_tensors
@@ -66,7 +66,7 @@ def merge_adapters(store: Store, names: Sequence[str], *, name: str, base: str |
         raise InvalidValueError(f"unknown merge method {method!r} (valid: {', '.join(MERGE_METHODS)})")
     if rank is not None and rank < 1:
         raise InvalidValueError(f"--rank must be >= 1, got {rank}")
-    check_new(store, name, overwrite)
+    store.check_free("adapter", name, overwrite)
     members = load_members(store, names, base)
     deltas = [adapter_deltas(a) for a in members.adapters]
     check_compatible(deltas, members.names)

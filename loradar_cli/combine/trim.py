@@ -14,7 +14,7 @@ from loradar_cli.combine.factors import (
     pack,
     save_derived,
 )
-from loradar_cli.combine.members import Members, check_new, load_members
+from loradar_cli.combine.members import Members, load_members
 from loradar_cli.errors import IncompatibleError, InvalidValueError, NotFoundError
 from loradar_cli.lora.inject import head_tensors
 from loradar_cli.ops.trim import full_weight_trim, lowrank_or_dense, trim_delta
@@ -33,7 +33,7 @@ def trim_adapter(store: Store, name: str, *, out_name: str, base: str | None = N
         raise InvalidValueError("--full-weight trims W0 + ΔW by --keep; it cannot be combined with --rank/--energy")
     if not full_weight and rank is None and energy is None:
         raise InvalidValueError("give --rank or --energy (or --full-weight with --keep)")
-    check_new(store, out_name, overwrite)
+    store.check_free("adapter", out_name, overwrite)
     members = load_members(store, [name], base)
     adapter = members.adapters[0]
     report: dict[str, Any] = {"name": out_name, "parent": name}

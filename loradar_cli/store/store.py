@@ -87,6 +87,20 @@ class Store:
     def has_base(self, name: str) -> bool:
         return (self.base_dir(name) / BASE_META).is_file()
 
+    def check_free(self, what: str, name: str, overwrite: bool = False) -> Path:
+        """The folder a new base, adapter or identifier will be written to: a valid name, free unless `overwrite`.
+
+        Commands call this before any work, so a taken name fails at once rather than after training.
+        """
+        folders = {"adapter": self.adapter_dir, "base": self.base_dir, "identifier": self.identifier_dir}
+        target = folders[what](name)
+        self._refuse_taken(target, what, overwrite)
+        return target
+
+    def _refuse_taken(self, target: Path, what: str, overwrite: bool) -> None:
+        if target.exists() and not overwrite:
+            raise ExistsError(f"{what} {target.name!r} already exists in {self.root}", hint="pass --overwrite")
+
     # ------------------------------------------------------------------ bases
     def save_base(self, meta: BaseMeta, state: Mapping[str, Tensor], *, overwrite: bool = False) -> Path:
         meta = meta.model_copy(update={"fingerprint": weights_fingerprint(state)})
@@ -162,8 +176,7 @@ class Store:
     # ------------------------------------------------------------------ atomic write
     def _write(self, target: Path, files: Mapping[str, bytes], tensor_files: Mapping[str, Mapping[str, Tensor]],
                overwrite: bool, what: str) -> Path:
-        if target.exists() and not overwrite:
-            raise ExistsError(f"{what} {target.name!r} already exists in {self.root}", hint="pass --overwrite")
+        self._refuse_taken(target, what, overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
         try:
