@@ -1,8 +1,6 @@
 """Saved adversarial sets: images, labels and the attack's provenance in one safetensors file."""
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from loradar_cli.errors import CorruptError, IncompatibleError, NotFoundError
+from loradar_cli.files import atomic_path
 
 FORMAT = "loradar.advset.v1"
 
@@ -33,18 +32,11 @@ def save_adv_set(path: Path, adv: AdvSet) -> Path:
     """Write atomically (temp file + rename), so a failed run leaves no partial file behind."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "loradar.format": FORMAT, "attack": adv.attack or "clean",
                 "info": json.dumps(adv.info, default=str)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"x_adv": adv.x.detach().cpu().contiguous(), "y": adv.y.detach().cpu().contiguous()}, tmp,
+    with atomic_path(Path(path)) as tmp:
+        save_file({"x_adv": adv.x.detach().cpu().contiguous(), "y": adv.y.detach().cpu().contiguous()}, str(tmp),
                   metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

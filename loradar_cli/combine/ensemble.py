@@ -144,7 +144,7 @@ def vote_sets(store: Store, names: Sequence[str], *, base: str | None = None, me
     """
     ensemble = load_ensemble(store, names, methods=methods, base=base, weights=weights, identifier=identifier,
                              compare=compare)
-    names = list(dict.fromkeys(names))
+    names = list(ensemble.voters)
     sets = input_sets(ensemble.members.base.meta, data=data, split=split, adv_sets=adv_sets, limit=limit, seed=seed)
     report: dict[str, Any] = {"base": ensemble.members.base.meta.name, "members": names, "compare": list(compare),
                               **ensemble.report(), "sets": {}}

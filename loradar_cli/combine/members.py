@@ -2,8 +2,6 @@
 
 import copy
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +11,8 @@ import torch
 from torch import Tensor
 
 from loradar_cli.advset import labelled_adv_sets
-from loradar_cli.errors import ExistsError, IncompatibleError, InvalidValueError
+from loradar_cli.errors import IncompatibleError, InvalidValueError
+from loradar_cli.files import atomic_path
 from loradar_cli.loading import (
     apply_adapter,
     build_model,
@@ -25,7 +24,7 @@ from loradar_cli.loading import (
 from loradar_cli.lora.inject import lora_layers
 from loradar_cli.models import ImageClassifier
 from loradar_cli.store.meta import BaseMeta
-from loradar_cli.store.store import Adapter, Base, Store, check_name
+from loradar_cli.store.store import Adapter, Base, Store
 
 BASE_MEMBER = ":base"
 """Stands for the base model among identifier members (no adapter name can start with ':')."""
@@ -61,16 +60,6 @@ def load_members(store: Store, names: Sequence[str], base: str | None = None) ->
             raise IncompatibleError(f"adapter {adapter.meta.name!r} has {adapter.meta.num_classes} classes, "
                                     f"base {stored.meta.name!r} has {stored.meta.num_classes}")
     return Members(stored, adapters)
-
-
-def check_new(store: Store, name: str, overwrite: bool) -> None:
-    """A valid adapter name that is free (or may be overwritten)."""
-    check_name(name)
-    if store.has_adapter(name) and not overwrite:
-        raise ExistsError(f"adapter {name!r} already exists in {store.root}", hint="pass --overwrite")
-
-
-
 
 
 def merged_model(template: ImageClassifier, adapter: Adapter, base: BaseMeta) -> ImageClassifier:
@@ -128,19 +117,9 @@ def input_sets(base: BaseMeta, *, data: str | None = None, split: str = "test", 
     return sets
 
 
-
-
 def write_json(path: Path, data: Any) -> Path:
     """Write JSON atomically (temp file + rename): a failed run leaves no partial file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data) + "\n")
     return path
