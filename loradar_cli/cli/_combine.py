@@ -110,6 +110,8 @@ def plot_confusion(path: Path, labels: Sequence[str], matrix: Sequence[Sequence[
     """Draw the confusion matrix with counts to a PNG (matplotlib, headless backend)."""
     import matplotlib
 
+    from loradar_cli.files import atomic_path
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -126,7 +128,7 @@ def plot_confusion(path: Path, labels: Sequence[str], matrix: Sequence[Sequence[
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # the temporary name has no suffix: the format comes from the target's
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
