@@ -9,7 +9,7 @@ from loradar_cli.combine.members import Members
 from loradar_cli.loading import DENSE_SUFFIX
 from loradar_cli.lora.inject import PEFT_PREFIX
 from loradar_cli.lora.spec import LoraSpec
-from loradar_cli.ops.merge import LoraFactors, factors_to_delta
+from loradar_cli.ops.merge import LoraFactors, factor_groups, factors_to_delta
 from loradar_cli.store.meta import AdapterMeta
 from loradar_cli.store.store import Adapter, Store
 
@@ -43,11 +43,6 @@ def factors_of(layer: Layer) -> LoraFactors:
     return LoraFactors(layer.a, layer.b, layer.alpha / layer.rank)
 
 
-def _groups(layer: Layer) -> int:
-    """Conv groups implied by the factor shapes (1 for Linear)."""
-    return 1 if layer.a.dim() == 2 else max(1, layer.a.shape[0] // max(1, layer.b.shape[1]))
-
-
 def adapter_deltas(adapter: Adapter) -> dict[str, Tensor]:
     """ΔW of every adapted layer (float32): s·B·A for LoRA layers plus any stored dense delta."""
     deltas = {name: factors_to_delta(factors_of(layer)) for name, layer in adapter_layers(adapter).items()}
@@ -59,7 +54,7 @@ def adapter_deltas(adapter: Adapter) -> dict[str, Tensor]:
 
 def layer_groups(adapter: Adapter) -> dict[str, int]:
     """Conv groups of every LoRA layer of an adapter."""
-    return {name: _groups(layer) for name, layer in adapter_layers(adapter).items()}
+    return {name: factor_groups(layer.a, layer.b) for name, layer in adapter_layers(adapter).items()}
 
 
 def pack(layers: Mapping[str, Layer], dense: Mapping[str, Tensor], head_name: str | None,

@@ -27,6 +27,7 @@ __all__ = [
     "augment_support",
     "cat_merge",
     "check_compatible",
+    "factor_groups",
     "factors_to_delta",
     "linear_merge",
     "merge_heads",
@@ -139,8 +140,10 @@ def ties_merge(
     return out
 
 
-def _conv_groups(a: Tensor, b: Tensor) -> int:
-    """Infer the groups of conv factors from their shapes (A [r, ·, ·, ·], B [out, r/g, 1, 1])."""
+def factor_groups(a: Tensor, b: Tensor) -> int:
+    """Infer the groups of LoRA factors from their shapes: 1 for Linear, r / (r/g) for conv (B [out, r/g, 1, 1])."""
+    if a.dim() == 2:
+        return 1
     r, r_per_group = a.shape[0], b.shape[1]
     if r_per_group == 0 or r % r_per_group or b.shape[2:] != (1, 1):
         raise IncompatibleError(f"conv LoRA factors do not fit: A {tuple(a.shape)}, B {tuple(b.shape)}")
@@ -155,7 +158,7 @@ def factors_to_delta(factors: LoraFactors | tuple) -> Tensor:
             raise IncompatibleError(f"LoRA factors do not fit: A {tuple(f.a.shape)}, B {tuple(f.b.shape)}")
         return (f.b @ f.a) * f.scale
     if f.a.dim() == 4 and f.b.dim() == 4:
-        return conv_delta(f.a, f.b, _conv_groups(f.a, f.b)) * f.scale
+        return conv_delta(f.a, f.b, factor_groups(f.a, f.b)) * f.scale
     raise IncompatibleError(f"LoRA factors must be both 2-D or both 4-D: A {tuple(f.a.shape)}, B {tuple(f.b.shape)}")
 
 
@@ -164,7 +167,7 @@ def _cat_layer(parts: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFa
     bs = [p.b * (w * p.scale) for p, w in zip(parts, weights, strict=True)]
     if parts[0].a.dim() == 2:
         return LoraFactors(torch.cat([p.a for p in parts], dim=0), torch.cat(bs, dim=1), 1.0)
-    groups = {_conv_groups(p.a, p.b) for p in parts}
+    groups = {factor_groups(p.a, p.b) for p in parts}
     if len(groups) != 1:
         raise IncompatibleError(f"cannot concatenate conv factors with different groups {sorted(groups)}")
     g = groups.pop()
