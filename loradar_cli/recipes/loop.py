@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from loradar_cli.data import ImageData
+from loradar_cli.evaluation import correct
 from loradar_cli.lora.inject import trainable_parameters
 from loradar_cli.recipes.losses import recipe_loss
 
@@ -66,11 +67,9 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[
     return list(order.split(batch_size))
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
-    from loradar_cli.loading import predict_logits
-
-    return (predict_logits(model, x, batch_size).argmax(1) == y).float().mean().item() if len(y) else 0.0
+    """Fraction of `x` the model classifies as `y` (0 for no inputs)."""
+    return correct(model, x, y, batch_size).float().mean().item() if len(y) else 0.0
 
 
 def adversarial(attack: Callable, model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
