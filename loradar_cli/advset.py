@@ -32,11 +32,18 @@ def save_adv_set(path: Path, adv: AdvSet) -> Path:
     """Write atomically (temp file + rename), so a failed run leaves no partial file behind."""
     from safetensors.torch import save_file
 
-    metadata = {"format": "pt", "loradar.format": FORMAT, "attack": adv.attack or "clean",
-                "info": json.dumps(adv.info, default=str)}
+    metadata = {
+        "format": "pt",
+        "loradar.format": FORMAT,
+        "attack": adv.attack or "clean",
+        "info": json.dumps(adv.info, default=str),
+    }
     with atomic_path(Path(path)) as tmp:
-        save_file({"x_adv": adv.x.detach().cpu().contiguous(), "y": adv.y.detach().cpu().contiguous()}, str(tmp),
-                  metadata=metadata)
+        save_file(
+            {"x_adv": adv.x.detach().cpu().contiguous(), "y": adv.y.detach().cpu().contiguous()},
+            str(tmp),
+            metadata=metadata,
+        )
     return path
 
 
@@ -58,16 +65,18 @@ def load_adv_set(path: Path) -> AdvSet:
     return AdvSet(x.float(), y.long(), None if attack == "clean" else attack, json.loads(metadata.get("info", "{}")))
 
 
-def labelled_adv_sets(paths: Sequence[Path], input_size: Sequence[int] | None = None,
-                      taken: Iterable[str] = ()) -> dict[str, AdvSet]:
+def labelled_adv_sets(
+    paths: Sequence[Path], input_size: Sequence[int] | None = None, taken: Iterable[str] = ()
+) -> dict[str, AdvSet]:
     """Load sets keyed by file name (`name#2`, ... on repeats or names in `taken`); check the image size if given."""
     sets: dict[str, AdvSet] = {}
     used = set(taken)
     for path in map(Path, paths):
         adv = load_adv_set(path)
         if input_size is not None and tuple(adv.x.shape[1:]) != tuple(input_size):
-            raise IncompatibleError(f"{path} holds images {tuple(adv.x.shape[1:])}, the model takes "
-                                    f"{tuple(input_size)}")
+            raise IncompatibleError(
+                f"{path} holds images {tuple(adv.x.shape[1:])}, the model takes {tuple(input_size)}"
+            )
         label, i = path.name, 2
         while label in used:
             label, i = f"{path.name}#{i}", i + 1

@@ -48,9 +48,16 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return kind, arg or None
 
 
-def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | None = None,
-              channels: int | None = None, size: int | tuple[int, int] | None = None,
-              download: bool = False) -> ImageData:
+def load_data(
+    spec: str,
+    split: str = "train",
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+    channels: int | None = None,
+    size: int | tuple[int, int] | None = None,
+    download: bool = False,
+) -> ImageData:
     """Load one split of a dataset spec, converted to `channels` and resized to `size` when given."""
     if split not in SPLITS:
         raise InvalidValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
@@ -69,8 +76,9 @@ def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | No
     return ImageData(images, torch.as_tensor(y, dtype=torch.long), num_classes, spec)
 
 
-def _split(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, split: str,
-           seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _split(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, split: str, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train/val split of the training data; the test split is the official one, in order."""
     if split == "test":
         return test_x, test_y
@@ -149,7 +157,7 @@ def read_idx(path: Path) -> np.ndarray:
         zero, dtype, ndim = struct.unpack(">HBB", data[:4])
         if zero != 0 or dtype != 0x08:
             raise ValueError("bad magic")
-        dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+        dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
         array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
         return array[: int(np.prod(dims))].reshape(dims)
     except (OSError, ValueError, struct.error) as err:
@@ -160,25 +168,93 @@ def _read_mnist_like(folder: str) -> "callable":
     def reader(root: Path | None) -> tuple[np.ndarray, ...]:
         assert root is not None
         subdirs = ("", "raw", f"{folder}/raw", "mnist/raw", f"{folder.lower()}/raw")
-        parts = [read_idx(_find(root, (name,), subdirs)) for name in (
-            "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+        parts = [
+            read_idx(_find(root, (name,), subdirs))
+            for name in (
+                "train-images-idx3-ubyte",
+                "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte",
+            )
+        ]
         return parts[0], parts[1].astype(np.int64), parts[2], parts[3].astype(np.int64)
 
     return reader
 
 
-def _unpickle(path: Path) -> dict:
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only builtin containers, bytes/str/numbers and plain numpy arrays.
+
+    A pickle names the callables it runs; a CIFAR batch needs only numpy's array and scalar reconstructors,
+    `ndarray`, `dtype` and `_codecs.encode` (protocol-2 bytes). Anything else would execute code chosen by the file's
+    author, so it is refused before it is looked up.
+    """
+
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays and builtins)")
+        return super().find_class(module, name)
+
+
+def safe_unpickle(path: Path) -> object:
+    """Read a pickle with `_RestrictedUnpickler`; any decoding problem becomes `CorruptError` naming the file."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as err:
-        raise CorruptError(f"cannot read CIFAR batch {path}: {err}") from None
+            obj = _RestrictedUnpickler(f, encoding="latin1").load()
+    except OSError as err:
+        raise CorruptError(f"cannot read {path}: {err.strerror or err}") from None
+    except Exception as err:  # a crafted or truncated pickle may raise anything while decoding
+        raise CorruptError(f"cannot read {path}: {err}") from None
+    _reject_object_arrays(obj, path)
+    return obj
 
 
-def _cifar_rows(batches: list[dict], label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
-    y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-    return x, y
+def _reject_object_arrays(obj: object, path: Path) -> None:
+    """Object-dtype arrays may hide arbitrary Python objects: a data file never needs one."""
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
+        raise CorruptError(f"cannot read {path}: object arrays are not allowed in data files")
+    for item in items:
+        _reject_object_arrays(item, path)
+
+
+def _unpickle(path: Path) -> dict:
+    obj = safe_unpickle(path)
+    if not isinstance(obj, dict):
+        raise CorruptError(f"CIFAR batch {path} is a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def _cifar_rows(batches: list[tuple[Path, dict]], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Stack CIFAR batches after checking each one's keys, dtype, row length and labels."""
+    xs, ys = [], []
+    for path, batch in batches:
+        if "data" not in batch or label_key not in batch:
+            raise CorruptError(f"CIFAR batch {path} lacks 'data' or {label_key!r}")
+        data, labels = batch["data"], batch[label_key]
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise CorruptError(f"CIFAR batch {path}: 'data' must be a uint8 array of N x 3072 rows")
+        try:
+            y = np.asarray(labels, dtype=np.int64)
+        except (TypeError, ValueError):
+            raise CorruptError(f"CIFAR batch {path}: {label_key!r} must be a list of integers") from None
+        if y.ndim != 1 or len(y) != len(data) or (len(y) and y.min() < 0):
+            raise CorruptError(f"CIFAR batch {path}: {len(data)} images but labels of shape {y.shape}")
+        xs.append(data)
+        ys.append(y)
+    return np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
 
 
 def _cifar_dir(root: Path, name: str) -> Path:
@@ -194,16 +270,16 @@ def _read_cifar10(root: Path | None) -> tuple[np.ndarray, ...]:
     train_files = sorted(folder.glob("data_batch_*"))
     if not train_files:
         raise NotFoundError(f"no data_batch_* files in {folder}")
-    train_x, train_y = _cifar_rows([_unpickle(p) for p in train_files], "labels")
-    test_x, test_y = _cifar_rows([_unpickle(folder / "test_batch")], "labels")
+    train_x, train_y = _cifar_rows([(p, _unpickle(p)) for p in train_files], "labels")
+    test_x, test_y = _cifar_rows([(folder / "test_batch", _unpickle(folder / "test_batch"))], "labels")
     return train_x, train_y, test_x, test_y
 
 
 def _read_cifar100(root: Path | None) -> tuple[np.ndarray, ...]:
     assert root is not None
     folder = _cifar_dir(root, "cifar-100-python")
-    train_x, train_y = _cifar_rows([_unpickle(folder / "train")], "fine_labels")
-    test_x, test_y = _cifar_rows([_unpickle(folder / "test")], "fine_labels")
+    train_x, train_y = _cifar_rows([(folder / "train", _unpickle(folder / "train"))], "fine_labels")
+    test_x, test_y = _cifar_rows([(folder / "test", _unpickle(folder / "test"))], "fine_labels")
     return train_x, train_y, test_x, test_y
 
 
@@ -271,8 +347,12 @@ def download_dataset(kind: str, root: Path) -> None:
     """Fetch a dataset with torchvision's downloaders (needs network); the readers then find the usual layout."""
     from torchvision import datasets
 
-    classes = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
-               "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+    classes = {
+        "mnist": datasets.MNIST,
+        "fashion-mnist": datasets.FashionMNIST,
+        "cifar10": datasets.CIFAR10,
+        "cifar100": datasets.CIFAR100,
+    }
     if kind not in classes:
         raise InvalidValueError(f"--download supports {', '.join(classes)}; {kind} is read from disk only")
     for train in (True, False):

@@ -8,6 +8,7 @@ from loradar_cli.data import ImageData, load_data
 from loradar_cli.errors import IncompatibleError, InvalidValueError
 from loradar_cli.lora.inject import PEFT_PREFIX, inject_lora, load_lora_state_dict
 from loradar_cli.lora.layers import LoraLayer
+from loradar_cli.metrics import predict_logits  # noqa: F401  (old import path, kept one release)
 from loradar_cli.models import ImageClassifier, create_timm_model, freeze, load_weights
 from loradar_cli.store.meta import BaseMeta
 from loradar_cli.store.store import Adapter, Base, Store
@@ -18,8 +19,9 @@ DENSE_SUFFIX = "weight_delta"
 def build_model(base: Base) -> ImageClassifier:
     """The stored base as an eval-mode, frozen ImageClassifier (inputs in [0, 1])."""
     meta = base.meta
-    timm_model = create_timm_model(meta.timm_model, num_classes=meta.num_classes, in_chans=meta.input_size[0],
-                                   kwargs=meta.model_kwargs)
+    timm_model = create_timm_model(
+        meta.timm_model, num_classes=meta.num_classes, in_chans=meta.input_size[0], kwargs=meta.model_kwargs
+    )
     load_weights(timm_model, base.state, f"base {meta.name!r}")
     return freeze(ImageClassifier(timm_model, meta.mean, meta.std)).eval()
 
@@ -78,19 +80,9 @@ def resolve_base_for(store: Store, adapters: Sequence[str], base_name: str | Non
     return bases.pop()
 
 
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits [N, C] in eval mode, batched; the model's previous mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros(0)
-    finally:
-        model.train(was_training)
-
-
-def model_data(spec: str, split: str, base: BaseMeta, *, seed: int = 0, limit: int | None = None,
-               download: bool = False) -> ImageData:
+def model_data(
+    spec: str, split: str, base: BaseMeta, *, seed: int = 0, limit: int | None = None, download: bool = False
+) -> ImageData:
     """A split converted to the base's channels and input size."""
     c, h, w = base.input_size
     data = load_data(spec, split, seed=seed, limit=limit, channels=c, size=(h, w), download=download)

@@ -39,8 +39,9 @@ class ImageClassifier(nn.Module):
         return self.model(self.normalize(x))
 
 
-def create_timm_model(name: str, *, num_classes: int, in_chans: int, pretrained: bool = False,
-                      kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+def create_timm_model(
+    name: str, *, num_classes: int, in_chans: int, pretrained: bool = False, kwargs: Mapping[str, Any] | None = None
+) -> nn.Module:
     """timm.create_model with a clear error for unknown names (pretrained weights need network access)."""
     import timm
 
@@ -48,8 +49,9 @@ def create_timm_model(name: str, *, num_classes: int, in_chans: int, pretrained:
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
         raise NotFoundError(f"unknown timm model {name!r}", hint=f"similar: {', '.join(close)}" if close else None)
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                                 **dict(kwargs or {}))
+        return timm.create_model(
+            name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **dict(kwargs or {})
+        )
     except TypeError as err:
         raise InvalidValueError(f"timm model {name!r} rejected its arguments: {err}") from None
 

@@ -45,8 +45,17 @@ def make_base(store, name: str = "tiny", model: str = "test_resnet", seed: int =
     for module in net.modules():  # timm zero-inits each block's last BN gamma: revive the residual branches
         if isinstance(module, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(module.weight, 0.5, 1.5)
-    meta = BaseMeta(name=name, timm_model=model, model_kwargs=kwargs, num_classes=10, input_size=(1, 16, 16),
-                    mean=[0.3], std=[0.4], dataset="digits", fingerprint=weights_fingerprint(net.state_dict()))
+    meta = BaseMeta(
+        name=name,
+        timm_model=model,
+        model_kwargs=kwargs,
+        num_classes=10,
+        input_size=(1, 16, 16),
+        mean=[0.3],
+        std=[0.4],
+        dataset="digits",
+        fingerprint=weights_fingerprint(net.state_dict()),
+    )
     store.save_base(meta, net.state_dict())
     return store.base_meta(name)
 
@@ -66,9 +75,17 @@ def make_adapter(store, base: str, name: str = "ad", targets: str | None = None,
     for layer in lora_layers(model.model).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
     torch.nn.init.normal_(model.model.get_submodule(spec.head).weight, std=0.2)
-    meta = AdapterMeta(name=name, base=base, base_fingerprint=stored.meta.fingerprint,
-                       timm_model=stored.meta.timm_model, num_classes=10, lora=spec, recipe="loradar", attack=attack,
-                       metrics={"val_robust_acc": 0.5, "val_clean_acc": 0.9})
+    meta = AdapterMeta(
+        name=name,
+        base=base,
+        base_fingerprint=stored.meta.fingerprint,
+        timm_model=stored.meta.timm_model,
+        num_classes=10,
+        lora=spec,
+        recipe="loradar",
+        attack=attack,
+        metrics={"val_robust_acc": 0.5, "val_clean_acc": 0.9},
+    )
     store.save_adapter(meta, lora_state_dict(model.model, spec))
     return store.adapter_meta(name), model
 

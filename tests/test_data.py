@@ -69,17 +69,97 @@ def test_cifar_reader_on_written_batches(tmp_path):
     torch.testing.assert_close(test.x[1, 2] * 255, torch.as_tensor(ref["data"][1, 2048:].reshape(32, 32)).float())
 
 
+class _WritesCanary:
+    """Unpickling this runs `Path.write_text(canary)`: what a malicious CIFAR batch would do."""
+
+    def __init__(self, canary):
+        self.canary = canary
+
+    def __reduce__(self):
+        return (type(self.canary).write_text, (self.canary, "pwned"))
+
+
+@pytest.mark.parametrize("payload", ["reduce", "os-system", "object-array"])
+def test_crafted_cifar_pickle_cannot_run_code(tmp_path, payload):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    canary = tmp_path / "canary"
+    good = {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}
+    evil = {
+        "reduce": {"data": _WritesCanary(canary), "labels": [0, 1]},
+        "os-system": {"data": good["data"], "labels": [0, 1], "x": _Shell(f"touch {canary}")},
+        "object-array": {"data": np.array([_WritesCanary(canary)], dtype=object), "labels": [0]},
+    }[payload]
+    (folder / "data_batch_1").write_bytes(pickle.dumps(good, protocol=2))
+    (folder / "test_batch").write_bytes(pickle.dumps(evil, protocol=2))
+    with pytest.raises(CorruptError, match="test_batch"):
+        load_data(f"cifar10:{tmp_path}", "test")
+    assert not canary.exists()
+    # control: the plain pickle module would have run the payload
+    if payload != "os-system":
+        pickle.loads((folder / "test_batch").read_bytes())
+        assert canary.exists()
+
+
+class _Shell:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        {"labels": [0]},
+        {"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]},
+        {"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]},
+        {"data": np.zeros((2, 3072), np.uint8), "labels": [0]},
+        {"data": np.zeros((2, 3072), np.uint8), "labels": ["a", "b"]},
+        {"data": np.zeros((2, 3072), np.uint8), "labels": [-1, 0]},
+        [1, 2, 3],
+    ],
+    ids=["no-data", "row-length", "dtype", "label-count", "label-strings", "negative-label", "not-a-dict"],
+)
+def test_malformed_cifar_batches_are_corrupt(tmp_path, batch):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(CorruptError, match="batch"):
+        load_data(f"cifar10:{tmp_path}", "test")
+
+
+def test_truncated_cifar_pickle_is_corrupt(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    data = pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}, protocol=2)
+    (folder / "data_batch_1").write_bytes(data)
+    (folder / "test_batch").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptError, match="test_batch"):
+        load_data(f"cifar10:{tmp_path}", "test")
+
+
 def test_npz_and_imagefolder(tmp_path):
     from PIL import Image
 
-    np.savez(tmp_path / "d.npz", x_train=np.zeros((6, 5, 5, 3), np.uint8), y_train=np.arange(6) % 2,
-             x_test=np.full((2, 5, 5, 3), 255, np.uint8), y_test=np.array([0, 1]))
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=np.zeros((6, 5, 5, 3), np.uint8),
+        y_train=np.arange(6) % 2,
+        x_test=np.full((2, 5, 5, 3), 255, np.uint8),
+        y_test=np.array([0, 1]),
+    )
     assert load_data(f"npz:{tmp_path / 'd.npz'}", "test").x.min() == 1.0
     for split in ("train", "val"):
         for cls in ("cat", "dog"):
             (tmp_path / "imgs" / split / cls).mkdir(parents=True)
             Image.new("RGB", (6, 6), (255, 0, 0) if cls == "cat" else (0, 0, 255)).save(
-                tmp_path / "imgs" / split / cls / "a.png")
+                tmp_path / "imgs" / split / cls / "a.png"
+            )
     test = load_data(f"imagefolder:{tmp_path / 'imgs'}", "test")
     assert test.y.tolist() == [0, 1] and test.x[0, 0].mean() == 1.0
 

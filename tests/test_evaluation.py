@@ -58,8 +58,9 @@ def test_a_group_is_attacked_once_through_its_target_and_each_model_judged():
             return torch.tensor([[0.0, 1.0]]).expand(len(inp), 2)
 
     target = nn.Identity()
-    rows = evaluate_group({"lookup": Lookup(), "always": Always()}, target, data, {"a": flip_first},
-                          batch_size=2, attacked="mean logits")
+    rows = evaluate_group(
+        {"lookup": Lookup(), "always": Always()}, target, data, {"a": flip_first}, batch_size=2, attacked="mean logits"
+    )
     assert seen == [target, target]  # two batches, one attack each, shared by both models
     by_name = {r.model: r for r in rows}
     assert by_name["lookup"].clean == 0.75 and by_name["lookup"].attacks["a"] == 0.25  # only point 1 survives

@@ -21,18 +21,31 @@ def mnist(tmp_path_factory) -> tuple[Store, str]:
     data = f"mnist:{root / 'mnist'}"
     store = Store(tmp_path_factory.mktemp("mnist") / "store")
     finetune_base(store, "mnist-base", model="test_resnet", data=data, epochs=2, lr=3e-3, limit=3000, seed=0)
-    for name, attack, options in (("mnist-pgd", "pgd", {"eps": 0.1, "alpha": 0.025, "steps": 7}),
-                                  ("mnist-fgsm", "fgsm", {"eps": 0.1})):
-        train_and_store_adapter(store, name, base="mnist-base", attack=attack, data=data, attack_options=options,
-                                config=TrainConfig(epochs=3, lr=3e-3, seed=0), r=8, targets="convs", limit=2000,
-                                val_limit=200)
+    for name, attack, options in (
+        ("mnist-pgd", "pgd", {"eps": 0.1, "alpha": 0.025, "steps": 7}),
+        ("mnist-fgsm", "fgsm", {"eps": 0.1}),
+    ):
+        train_and_store_adapter(
+            store,
+            name,
+            base="mnist-base",
+            attack=attack,
+            data=data,
+            attack_options=options,
+            config=TrainConfig(epochs=3, lr=3e-3, seed=0),
+            r=8,
+            targets="convs",
+            limit=2000,
+            val_limit=200,
+        )
     return store, data
 
 
 def test_pgd_adapter_beats_base_under_pgd_on_mnist(mnist):
     store, data = mnist
-    base_row, adapter_row = evaluate_models(store, base="mnist-base", adapters=[None, "mnist-pgd"], data=data,
-                                            attacks={"pgd": PGD_EVAL}, limit=200)
+    base_row, adapter_row = evaluate_models(
+        store, base="mnist-base", adapters=[None, "mnist-pgd"], data=data, attacks={"pgd": PGD_EVAL}, limit=200
+    )
     assert base_row.clean > 0.85 and adapter_row.clean > 0.8
     assert adapter_row.attacks["pgd"] > base_row.attacks["pgd"] + 0.25
 
@@ -44,9 +57,15 @@ def test_votes_stay_robust_under_adaptive_attack_and_attacks_are_identified(mnis
 
     store, data = mnist
     members = ["mnist-pgd", "mnist-fgsm"]
-    base_row, *votes = evaluate_models(store, base="mnist-base", adapters=[None], data=data,
-                                       attacks={"pgd": PGD_EVAL}, limit=200,
-                                       ensemble=EnsembleRows(members, ["majority", "soft"]))
+    base_row, *votes = evaluate_models(
+        store,
+        base="mnist-base",
+        adapters=[None],
+        data=data,
+        attacks={"pgd": PGD_EVAL},
+        limit=200,
+        ensemble=EnsembleRows(members, ["majority", "soft"]),
+    )
     assert [r.attacked for r in votes] == ["mean logits of 2 members"] * 2
     for row in votes:
         assert row.clean > 0.8 and row.attacks["pgd"] > base_row.attacks["pgd"] + 0.25
@@ -54,12 +73,34 @@ def test_votes_stay_robust_under_adaptive_attack_and_attacks_are_identified(mnis
     for split in ("val", "test"):
         for attack, options in (("pgd", PGD_EVAL), ("fgsm", {"eps": 0.1})):
             sets[split, attack] = tmp_path / f"{split}-{attack}.safetensors"
-            craft_adv_set(store, sets[split, attack], base="mnist-base", attack=attack, data=data, split=split,
-                          attack_options=options, limit=150)
-    _, fitted = fit_identifier_from_sets(store, members, name="mnist-id", adv_sets=[sets["val", "pgd"],
-                                         sets["val", "fgsm"]], data=data, split="val", limit=150)
-    report = identify_sets(store, [], mode="calibrated", identifier="mnist-id", data=data, limit=150,
-                           adv_sets=[sets["test", "pgd"], sets["test", "fgsm"]])
+            craft_adv_set(
+                store,
+                sets[split, attack],
+                base="mnist-base",
+                attack=attack,
+                data=data,
+                split=split,
+                attack_options=options,
+                limit=150,
+            )
+    _, fitted = fit_identifier_from_sets(
+        store,
+        members,
+        name="mnist-id",
+        adv_sets=[sets["val", "pgd"], sets["val", "fgsm"]],
+        data=data,
+        split="val",
+        limit=150,
+    )
+    report = identify_sets(
+        store,
+        [],
+        mode="calibrated",
+        identifier="mnist-id",
+        data=data,
+        limit=150,
+        adv_sets=[sets["test", "pgd"], sets["test", "fgsm"]],
+    )
     assert fitted["classes"] == ["clean", "fgsm", "pgd"]
     assert report["accuracy"] > 0.6  # chance is 1/3; measured 0.78
     assert min(row["accuracy"] for row in report["sets"].values()) > 0.5  # measured: 0.69 or more per set

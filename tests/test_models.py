@@ -49,7 +49,8 @@ def test_pickled_objects_and_garbage_are_refused(tmp_path):
 
 
 def test_finetune_learns_digits(store):
-    meta = finetune_base(store, "fit", model="test_resnet", data="digits", epochs=3, lr=3e-3, img_size=16, limit=600,
-                         batch_size=32)
+    meta = finetune_base(
+        store, "fit", model="test_resnet", data="digits", epochs=3, lr=3e-3, img_size=16, limit=600, batch_size=32
+    )
     assert meta.metrics["val_clean_acc"] > 0.6
     assert store.load_base("fit").meta == meta

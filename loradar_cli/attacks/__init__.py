@@ -53,7 +53,9 @@ def build_attack(name: str, **options: Any) -> Attack[Any]:
     fields = cls.config_cls.model_fields
     unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise InvalidValueError(f"unknown option(s) {', '.join(unknown)} for attack {name!r}; valid: {', '.join(fields)}")
+        raise InvalidValueError(
+            f"unknown option(s) {', '.join(unknown)} for attack {name!r}; valid: {', '.join(fields)}"
+        )
     try:
         config = cls.config_cls(**options)
     except ValidationError as err:

@@ -47,7 +47,9 @@ class Attack(Generic[C]):
     def __init__(self, config: C | None = None) -> None:
         config = self.config_cls() if config is None else config  # type: ignore[assignment]
         if not isinstance(config, self.config_cls):
-            raise InvalidValueError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
+            raise InvalidValueError(
+                f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}"
+            )
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "_generators", {})
 

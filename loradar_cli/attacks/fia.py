@@ -104,7 +104,9 @@ def _tap(module: nn.Module, *, leaf: bool, stop: bool = True) -> Iterator[list[T
         if captured:
             return None
         if not isinstance(output, Tensor):
-            raise InvalidValueError(f"FIA layer must output a tensor, {type(mod).__name__} gives {type(output).__name__}")
+            raise InvalidValueError(
+                f"FIA layer must output a tensor, {type(mod).__name__} gives {type(output).__name__}"
+            )
         if not leaf:
             captured.append(output)
             if stop:
@@ -158,15 +160,18 @@ class FIA(Attack[FIAConfig]):
         alpha = cfg.alpha if cfg.alpha is not None else cfg.eps / cfg.steps
         x_adv, momentum = x.clone(), torch.zeros_like(x)
         for _ in range(cfg.steps):
-            grad = grad_wrt(x_adv, lambda inp: sum((d * f).sum() for d, f in
-                                                    zip(importance, _features(model, layers, inp), strict=True)))
+            grad = grad_wrt(
+                x_adv,
+                lambda inp: sum((d * f).sum() for d, f in zip(importance, _features(model, layers, inp), strict=True)),
+            )
             grad_scale = per_sample(grad.abs().flatten(1).mean(dim=1).clamp_min(1e-12))
             momentum = cfg.momentum * momentum + grad / grad_scale
             x_adv = project_linf(x_adv - alpha * momentum.sign(), x, cfg.eps)
         return x_adv
 
-    def _aggregate_gradient(self, model: nn.Module, layers: list[nn.Module], x: Tensor, y: Tensor,
-                            generator: torch.Generator | None) -> list[Tensor]:
+    def _aggregate_gradient(
+        self, model: nn.Module, layers: list[nn.Module], x: Tensor, y: Tensor, generator: torch.Generator | None
+    ) -> list[Tensor]:
         """Delta = sum_n d z_y(x * M_n) / d f_k, L2-normalised per sample over all tapped layers together."""
         keep, batch = 1.0 - self.config.drop_prob, x.shape[0]
         chunk = max(1, self.config.max_batch // batch)

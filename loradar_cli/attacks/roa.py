@@ -75,14 +75,15 @@ def rectangle_mask(top: Tensor, left: Tensor, h: int, w: int, height: int, width
 
 
 @torch.no_grad()
-def _grey_losses(model: nn.Module, x: Tensor, y: Tensor, top: Tensor, left: Tensor, size: tuple[int, int],
-                 max_batch: int) -> Tensor:
+def _grey_losses(
+    model: nn.Module, x: Tensor, y: Tensor, top: Tensor, left: Tensor, size: tuple[int, int], max_batch: int
+) -> Tensor:
     """Per-sample CE `[K, B]` with a grey sticker at (top[k, b], left[k, b]); K positions batched in chunks."""
     batch, _, height, width = x.shape
     chunk = max(1, max_batch // batch)
     losses = []
     for start in range(0, top.shape[0], chunk):
-        mask = rectangle_mask(top[start:start + chunk], left[start:start + chunk], *size, height, width)
+        mask = rectangle_mask(top[start : start + chunk], left[start : start + chunk], *size, height, width)
         stickered = torch.where(mask[:, :, None], GREY, x[None])  # [k, B, C, H, W]
         logits = model(stickered.flatten(0, 1))
         k = mask.shape[0]
@@ -117,8 +118,9 @@ class ROA(Attack[ROAConfig]):
         _, nx = grid_shape(x.shape[2], x.shape[3], *size, self.config.stride)
         return (index // nx) * self.config.stride, (index % nx) * self.config.stride
 
-    def _exhaustive_search(self, model: nn.Module, x: Tensor, y: Tensor, size: tuple[int, int],
-                           generator: torch.Generator | None) -> Tensor:
+    def _exhaustive_search(
+        self, model: nn.Module, x: Tensor, y: Tensor, size: tuple[int, int], generator: torch.Generator | None
+    ) -> Tensor:
         """Grey-sticker CE at every grid position; arg-max per sample, random where the losses are flat."""
         ny, nx = grid_shape(x.shape[2], x.shape[3], *size, self.config.stride)
         index = torch.arange(ny * nx, device=x.device)[:, None].expand(-1, x.shape[0])  # [P, B]
@@ -146,4 +148,3 @@ class ROA(Attack[ROAConfig]):
             step = alpha * input_grad(model, x_adv, y).sign()
             x_adv = project_linf(torch.where(mask, x_adv + step, x_adv), x, eps)
         return torch.where(mask, x_adv, x)
-

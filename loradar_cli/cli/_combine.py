@@ -14,15 +14,24 @@ from loradar_cli.errors import InvalidValueError
 
 BaseOpt = Annotated[str | None, typer.Option("--base", help="Base model (default: the adapters' base).")]
 AdvSetsOpt = Annotated[list[Path] | None, typer.Option("--adv-set", help="Saved adversarial set; repeatable.")]
-OptDataOpt = Annotated[str | None, typer.Option("--data", help="Clean inputs: digits | mnist:DIR | cifar10:DIR | ... "
-                                                             "(labelled 'clean').")]
+OptDataOpt = Annotated[
+    str | None, typer.Option("--data", help="Clean inputs: digits | mnist:DIR | cifar10:DIR | ... (labelled 'clean').")
+]
 SplitOpt = Annotated[str, typer.Option("--split", help="Split of --data: train, val or test.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Write per-sample predictions to this JSON file.")]
-WeightsOpt = Annotated[str | None, typer.Option(
-    "--weights", help="weighted: one weight per adapter (default: reliability from stored validation metrics).")]
-IdentifierOpt = Annotated[str | None, typer.Option(
-    "--identifier", help="route: a fitted identifier (identify-attack fit); default: the most confident adapter "
-                         "classifies.")]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights", help="weighted: one weight per adapter (default: reliability from stored validation metrics)."
+    ),
+]
+IdentifierOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--identifier",
+        help="route: a fitted identifier (identify-attack fit); default: the most confident adapter classifies.",
+    ),
+]
 
 
 def parse_weights(text: str | None, what: str = "--weights") -> list[float] | None:
@@ -38,7 +47,10 @@ def parse_weights(text: str | None, what: str = "--weights") -> list[float] | No
 def check_plot_available(plot: Path | None) -> None:
     """--plot needs matplotlib, which loradar does not depend on."""
     if plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise InvalidValueError("--plot needs matplotlib, which is not installed", hint="pip install matplotlib (or the package's [plot] extra)")
+        raise InvalidValueError(
+            "--plot needs matplotlib, which is not installed",
+            hint="pip install matplotlib (or the package's [plot] extra)",
+        )
 
 
 def weights_table(report: Mapping[str, Any]) -> Table:
@@ -77,8 +89,9 @@ def vote_table(report: Mapping[str, Any]) -> Table:
     for label, row in sets.items():
         table.add_column(f"{label} (n={row['n']})", justify="right")
     for method in report["methods"]:
-        table.add_row(f"{method} vote" if method != "route" else "route", *(pct(r["accuracy"][method])
-                                                                           for r in sets.values()))
+        table.add_row(
+            f"{method} vote" if method != "route" else "route", *(pct(r["accuracy"][method]) for r in sets.values())
+        )
     for name in dict.fromkeys([*report["members"], *report["compare"]]):
         table.add_row(name, *(pct(r["adapters"][name]) for r in sets.values()))
     return table

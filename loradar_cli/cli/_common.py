@@ -18,12 +18,19 @@ from loradar_cli.errors import InvalidValueError, LoradarError
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
-StoreOpt = Annotated[Path | None, typer.Option("--store", help="Adapter store folder [env LORADAR_STORE; default ./adapters].",
-                                               show_default=False)]
+StoreOpt = Annotated[
+    Path | None,
+    typer.Option("--store", help="Adapter store folder [env LORADAR_STORE; default ./adapters].", show_default=False),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs stay on stderr).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for splits, initialisation and random starts.")]
-DataOpt = Annotated[str, typer.Option("--data", help="digits | mnist:DIR | fashion-mnist:DIR | cifar10:DIR | "
-                                                    "cifar100:DIR | imagefolder:DIR | npz:FILE")]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="digits | mnist:DIR | fashion-mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR | npz:FILE",
+    ),
+]
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use only the first N examples of the split.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing entry of that name.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables on stderr.")]
@@ -31,8 +38,12 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size.", min=1
 EpsOpt = Annotated[str | None, typer.Option("--eps", help="Perturbation budget in pixel units, e.g. 8/255 or 0.3.")]
 AlphaOpt = Annotated[str | None, typer.Option("--alpha", help="Step size in pixel units, e.g. 2/255.")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Attack iterations.")]
-AttackOptOpt = Annotated[list[str] | None, typer.Option(
-    "--attack-opt", help="Extra attack option KEY=VALUE (or ATTACK.KEY=VALUE for one attack); repeatable.")]
+AttackOptOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--attack-opt", help="Extra attack option KEY=VALUE (or ATTACK.KEY=VALUE for one attack); repeatable."
+    ),
+]
 
 
 def run_command(func: F) -> F:
@@ -101,8 +112,9 @@ def parse_key_values(items: list[str] | None, what: str) -> dict[str, Any]:
     return out
 
 
-def attack_options(names: list[str], eps: str | None, alpha: str | None, steps: int | None,
-                   extra: list[str] | None) -> dict[str, dict[str, Any]]:
+def attack_options(
+    names: list[str], eps: str | None, alpha: str | None, steps: int | None, extra: list[str] | None
+) -> dict[str, dict[str, Any]]:
     """Route --eps/--alpha/--steps to the attacks that accept them, and ATTACK.KEY=VALUE to one attack."""
     from loradar_cli.workflows import route_attack_options
 
@@ -140,8 +152,15 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], Non
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     tasks: dict[str, Any] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)

@@ -15,14 +15,20 @@ def eval_table(rows: Sequence[Any], title: str = "accuracy (%)") -> Table:
     attacks = list(dict.fromkeys(k for r in rows for k in r.attacks))
     sets = list(dict.fromkeys(k for r in rows for k in r.adv_sets))
     surrogate = any(r.attacked != "white-box" for r in rows) and attacks
-    table = Table(title=title, caption="vote and route rows: attacks target the mean of their members' logits"
-                  if surrogate else None)
+    table = Table(
+        title=title,
+        caption="vote and route rows: attacks target the mean of their members' logits" if surrogate else None,
+    )
     table.add_column("model", style="bold")
     for col in ["clean", *attacks, *sets, "worst case"]:
         table.add_column(col, justify="right")
     for r in rows:
-        cells = [pct(r.clean), *(pct(r.attacks.get(a)) for a in attacks), *(pct(r.adv_sets.get(s)) for s in sets),
-                 pct(r.worst_case if attacks else None)]
+        cells = [
+            pct(r.clean),
+            *(pct(r.attacks.get(a)) for a in attacks),
+            *(pct(r.adv_sets.get(s)) for s in sets),
+            pct(r.worst_case if attacks else None),
+        ]
         table.add_row(r.model, *cells)
     return table
 

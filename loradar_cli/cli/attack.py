@@ -51,8 +51,19 @@ def attack_cli(
 
     options = attack_options([attack], eps, alpha, steps, attack_opt)[attack]
     with progress_bar(not quiet):
-        adv, acc = craft_adv_set(open_store(store), out, base=base, attack=attack, data=data, adapter=adapter,
-                                 attack_options=options, split=split, limit=limit, seed=seed, batch_size=batch_size)
+        adv, acc = craft_adv_set(
+            open_store(store),
+            out,
+            base=base,
+            attack=attack,
+            data=data,
+            adapter=adapter,
+            attack_options=options,
+            split=split,
+            limit=limit,
+            seed=seed,
+            batch_size=batch_size,
+        )
     summary = {"out": str(out), "n": len(adv.y), "attack": attack, "target_accuracy": acc, **adv.info}
     if json_out:
         emit_json(summary)

@@ -33,13 +33,19 @@ from loradar_cli.cli._common import (
 @run_command
 def ensemble_vote_cli(
     adapters: Annotated[list[str], typer.Argument(help="Voting adapters ('-' reads names from stdin).")],
-    method: Annotated[list[str] | None, typer.Option(
-        "--method", help="majority (ties by summed probability), weighted, soft or route; repeatable "
-                         "[default: majority].")] = None,
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="majority (ties by summed probability), weighted, soft or route; repeatable [default: majority].",
+        ),
+    ] = None,
     weights: WeightsOpt = None,
     identifier: IdentifierOpt = None,
-    compare: Annotated[list[str] | None, typer.Option(
-        "--compare", help="Adapter (e.g. a merge) evaluated alone in the same table; repeatable.")] = None,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option("--compare", help="Adapter (e.g. a merge) evaluated alone in the same table; repeatable."),
+    ] = None,
     base: BaseOpt = None,
     data: OptDataOpt = None,
     split: SplitOpt = "test",
@@ -55,9 +61,22 @@ def ensemble_vote_cli(
     """Classify inputs by an ensemble of adapters (each adapter's ΔW folded in once) and report accuracy per set."""
     from loradar_cli.combine import vote_sets
 
-    report = vote_sets(open_store(store), read_names(adapters), base=base, methods=method or ["majority"],
-                       weights=parse_weights(weights), data=data, split=split, adv_sets=adv_set or [], limit=limit,
-                       identifier=identifier, compare=compare or [], seed=seed, batch_size=batch_size, out=out)
+    report = vote_sets(
+        open_store(store),
+        read_names(adapters),
+        base=base,
+        methods=method or ["majority"],
+        weights=parse_weights(weights),
+        data=data,
+        split=split,
+        adv_sets=adv_set or [],
+        limit=limit,
+        identifier=identifier,
+        compare=compare or [],
+        seed=seed,
+        batch_size=batch_size,
+        out=out,
+    )
     if json_out:
         emit_json(report)
     elif not quiet:

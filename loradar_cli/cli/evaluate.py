@@ -33,17 +33,25 @@ from loradar_cli.errors import InvalidValueError
 @run_command
 def eval_cli(
     base: Annotated[str | None, typer.Option("--base", help="Base model (default: the adapters' base).")] = None,
-    adapter: Annotated[list[str] | None, typer.Option("--adapter", help="Adapter to evaluate ('-' reads stdin); repeatable.")] = None,
+    adapter: Annotated[
+        list[str] | None, typer.Option("--adapter", help="Adapter to evaluate ('-' reads stdin); repeatable.")
+    ] = None,
     attack: Annotated[list[str] | None, typer.Option("--attack", help="White-box attack; repeatable.")] = None,
     adv_set: Annotated[list[Path] | None, typer.Option("--adv-set", help="Saved adversarial set; repeatable.")] = None,
     no_base: Annotated[bool, typer.Option("--no-base", help="Skip the base row when adapters are given.")] = False,
-    vote: Annotated[list[str] | None, typer.Option(
-        "--vote", help="Add an ensemble row: majority, weighted or soft vote of --members; repeatable.")] = None,
-    route: Annotated[bool, typer.Option(
-        "--route", help="Add an identify-then-route row over --members.")] = False,
-    members: Annotated[list[str] | None, typer.Option(
-        "--members", help="Ensemble members, comma-separated or repeated (default: the --adapter list). "
-                          "Ensemble rows are attacked through the mean of their logits.")] = None,
+    vote: Annotated[
+        list[str] | None,
+        typer.Option("--vote", help="Add an ensemble row: majority, weighted or soft vote of --members; repeatable."),
+    ] = None,
+    route: Annotated[bool, typer.Option("--route", help="Add an identify-then-route row over --members.")] = False,
+    members: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--members",
+            help="Ensemble members, comma-separated or repeated (default: the --adapter list). "
+            "Ensemble rows are attacked through the mean of their logits.",
+        ),
+    ] = None,
     weights: WeightsOpt = None,
     identifier: IdentifierOpt = None,
     data: DataOpt = "digits",
@@ -77,11 +85,32 @@ def eval_cli(
     options = attack_options(names, eps, alpha, steps, attack_opt)
     rows_for = ([] if no_base and (adapters or ensemble) else [None]) + adapters
     with progress_bar(not quiet) as progress:
-        rows = evaluate_models(the_store, base=base_name, adapters=rows_for, data=data, attacks=options,
-                               adv_sets=adv_set or [], split=split, limit=limit, seed=seed, batch_size=batch_size,
-                               ensemble=ensemble, progress=progress)
+        rows = evaluate_models(
+            the_store,
+            base=base_name,
+            adapters=rows_for,
+            data=data,
+            attacks=options,
+            adv_sets=adv_set or [],
+            split=split,
+            limit=limit,
+            seed=seed,
+            batch_size=batch_size,
+            ensemble=ensemble,
+            progress=progress,
+        )
     if not quiet:
         console.print(eval_table(rows, title=f"accuracy (%) on {data} {split}, n={rows[0].n}"))
     if json_out:
-        emit_json({"base": base_name, "data": data, "split": split, "limit": limit, "seed": seed,
-                   "attacks": options, "members": voters if ensemble else None, "rows": [r.model_dump() for r in rows]})
+        emit_json(
+            {
+                "base": base_name,
+                "data": data,
+                "split": split,
+                "limit": limit,
+                "seed": seed,
+                "attacks": options,
+                "members": voters if ensemble else None,
+                "rows": [r.model_dump() for r in rows],
+            }
+        )

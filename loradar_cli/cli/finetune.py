@@ -33,11 +33,19 @@ def finetune_cli(
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 2e-3,
     batch_size: BatchOpt = 128,
     head_only: Annotated[bool, typer.Option("--head-only", help="Train only the classifier head.")] = False,
-    pretrained: Annotated[bool, typer.Option("--pretrained", help="Start from timm's pretrained weights (online).")] = False,
-    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Start from weights (.safetensors, .pt).")] = None,
-    model_kwarg: Annotated[list[str] | None, typer.Option("--model-kwarg", help="timm kwarg KEY=VALUE, e.g. img_size=32.")] = None,
+    pretrained: Annotated[
+        bool, typer.Option("--pretrained", help="Start from timm's pretrained weights (online).")
+    ] = False,
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="Start from weights (.safetensors, .pt).")
+    ] = None,
+    model_kwarg: Annotated[
+        list[str] | None, typer.Option("--model-kwarg", help="timm kwarg KEY=VALUE, e.g. img_size=32.")
+    ] = None,
     img_size: Annotated[int | None, typer.Option("--img-size", min=1, help="Resize inputs to this size.")] = None,
-    in_chans: Annotated[int | None, typer.Option("--in-chans", min=1, help="Input channels (default: the data's).")] = None,
+    in_chans: Annotated[
+        int | None, typer.Option("--in-chans", min=1, help="Input channels (default: the data's).")
+    ] = None,
     download: Annotated[bool, typer.Option("--download", help="Download the dataset first (online).")] = False,
     limit: LimitOpt = None,
     seed: SeedOpt = 0,
@@ -50,15 +58,38 @@ def finetune_cli(
     from loradar_cli.workflows import finetune_base
 
     with progress_bar(not quiet) as progress:
-        meta = finetune_base(open_store(store), name, model=model, data=data, epochs=epochs, lr=lr,
-                             batch_size=batch_size, head_only=head_only, pretrained=pretrained, checkpoint=checkpoint,
-                             model_kwargs=parse_key_values(model_kwarg, "--model-kwarg"), img_size=img_size,
-                             in_chans=in_chans, limit=limit, seed=seed, download=download, overwrite=overwrite,
-                             progress=progress)
+        meta = finetune_base(
+            open_store(store),
+            name,
+            model=model,
+            data=data,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            head_only=head_only,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            model_kwargs=parse_key_values(model_kwarg, "--model-kwarg"),
+            img_size=img_size,
+            in_chans=in_chans,
+            limit=limit,
+            seed=seed,
+            download=download,
+            overwrite=overwrite,
+            progress=progress,
+        )
     if json_out:
         emit_json(meta.model_dump(mode="json"))
     else:
         if not quiet:
-            console.print(kv_table(f"base {meta.name}", {"model": meta.timm_model, "input": meta.input_size,
-                                                         "val clean acc": meta.metrics["val_clean_acc"]}))
+            console.print(
+                kv_table(
+                    f"base {meta.name}",
+                    {
+                        "model": meta.timm_model,
+                        "input": meta.input_size,
+                        "val clean acc": meta.metrics["val_clean_acc"],
+                    },
+                )
+            )
         print(meta.name)

@@ -47,27 +47,38 @@ class DefaultToPredict(TyperGroup):
 identify_app = typer.Typer(
     cls=DefaultToPredict,
     help="Identify the attack family of each input from the adapters' outputs: `identify-attack A B C ...` "
-         "(predict, the default) or `identify-attack fit A B C ...`.",
+    "(predict, the default) or `identify-attack fit A B C ...`.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
 )
 
-CleanOpt = Annotated[str, typer.Option("--clean", help="The 'clean' member: base (the base model), none, or an "
-                                                       "adapter name (rule mode).")]
+CleanOpt = Annotated[
+    str,
+    typer.Option("--clean", help="The 'clean' member: base (the base model), none, or an adapter name (rule mode)."),
+]
 
 
 @identify_app.command(DEFAULT_COMMAND)
 @run_command
 def identify_cli(
-    adapters: Annotated[list[str] | None, typer.Argument(
-        help="Attack-specific adapters ('-' reads stdin); calibrated mode defaults to the identifier's.")] = None,
-    mode: Annotated[str, typer.Option("--mode", help="rule (most confident adapter, with a margin) or calibrated "
-                                                     "(needs --identifier).")] = "rule",
-    identifier: Annotated[str | None, typer.Option("--identifier", help="Fitted identifier (calibrated "
-                                                                        "mode).")] = None,
-    margin: Annotated[float, typer.Option("--margin", min=0.0, help="rule: lead over the runner-up needed to "
-                                                                    "name an attack, else 'unknown'.")] = 0.1,
+    adapters: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Attack-specific adapters ('-' reads stdin); calibrated mode defaults to the identifier's."
+        ),
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option("--mode", help="rule (most confident adapter, with a margin) or calibrated (needs --identifier)."),
+    ] = "rule",
+    identifier: Annotated[str | None, typer.Option("--identifier", help="Fitted identifier (calibrated mode).")] = None,
+    margin: Annotated[
+        float,
+        typer.Option(
+            "--margin", min=0.0, help="rule: lead over the runner-up needed to name an attack, else 'unknown'."
+        ),
+    ] = 0.1,
     clean: CleanOpt = "base",
     base: BaseOpt = None,
     data: OptDataOpt = None,
@@ -75,8 +86,9 @@ def identify_cli(
     adv_set: AdvSetsOpt = None,
     limit: LimitOpt = None,
     out: OutOpt = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Draw the confusion matrix to FILE.png "
-                                                             "(needs matplotlib).")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Draw the confusion matrix to FILE.png (needs matplotlib).")
+    ] = None,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
     store: StoreOpt = None,
@@ -88,9 +100,22 @@ def identify_cli(
 
     check_plot_available(plot)
     names = read_names(adapters) if adapters else []
-    report = identify_sets(open_store(store), names, base=base, mode=mode, identifier=identifier, margin=margin,
-                           clean=clean, data=data, split=split, adv_sets=adv_set or [], limit=limit, seed=seed,
-                           batch_size=batch_size, out=out)
+    report = identify_sets(
+        open_store(store),
+        names,
+        base=base,
+        mode=mode,
+        identifier=identifier,
+        margin=margin,
+        clean=clean,
+        data=data,
+        split=split,
+        adv_sets=adv_set or [],
+        limit=limit,
+        seed=seed,
+        batch_size=batch_size,
+        out=out,
+    )
     confusion = report["confusion"]
     if plot is not None and confusion:
         plot_confusion(plot, confusion["labels"], confusion["matrix"], f"attack identification ({mode})")
@@ -110,8 +135,9 @@ def identify_fit_cli(
     adv_set: AdvSetsOpt = None,
     data: Annotated[str | None, typer.Option("--data", help="Clean training inputs (labelled 'clean').")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of --data.")] = "val",
-    clean: Annotated[str, typer.Option("--clean", help="base: add the base model's outputs as features; "
-                                                       "none.")] = "base",
+    clean: Annotated[
+        str, typer.Option("--clean", help="base: add the base model's outputs as features; none.")
+    ] = "base",
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Full-batch optimiser steps.")] = 300,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 0.05,
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 1e-3,
@@ -127,10 +153,23 @@ def identify_fit_cli(
     """Fit the calibrated identifier on adversarial sets labelled by their attack (and clean data) and store it."""
     from loradar_cli.combine import fit_identifier_from_sets
 
-    _, report = fit_identifier_from_sets(open_store(store), read_names(adapters), name=name, adv_sets=adv_set or [],
-                                         base=base, data=data, split=split, limit=limit, clean=clean, epochs=epochs,
-                                         lr=lr, weight_decay=weight_decay, seed=seed, batch_size=batch_size,
-                                         overwrite=overwrite)
+    _, report = fit_identifier_from_sets(
+        open_store(store),
+        read_names(adapters),
+        name=name,
+        adv_sets=adv_set or [],
+        base=base,
+        data=data,
+        split=split,
+        limit=limit,
+        clean=clean,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        batch_size=batch_size,
+        overwrite=overwrite,
+    )
     if json_out:
         emit_json(report)
         return

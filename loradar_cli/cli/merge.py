@@ -23,24 +23,38 @@ from loradar_cli.cli._common import (
 def merge_cli(
     adapters: Annotated[list[str], typer.Argument(help="Adapters to merge ('-' reads names from stdin).")],
     name: Annotated[str, typer.Option("--name", help="Name of the merged adapter.")],
-    method: Annotated[str, typer.Option("--method", help="tts (AMT test-time scores), linear, ties or cat.")] = "linear",
+    method: Annotated[
+        str, typer.Option("--method", help="tts (AMT test-time scores), linear, ties or cat.")
+    ] = "linear",
     base: BaseOpt = None,
-    weights: Annotated[str | None, typer.Option(
-        "--weights", help="One weight per adapter, e.g. 0.5,0.5 (default: 1/K each; ties: 1 each).")] = None,
-    rank: Annotated[int | None, typer.Option(
-        "--rank", min=1, help="Keep at most R singular triplets per layer (default: exact, at most the sum of "
-                              "ranks).")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="One weight per adapter, e.g. 0.5,0.5 (default: 1/K each; ties: 1 each)."),
+    ] = None,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank",
+            min=1,
+            help="Keep at most R singular triplets per layer (default: exact, at most the sum of ranks).",
+        ),
+    ] = None,
     density: Annotated[float, typer.Option("--density", help="ties: fraction of each ΔW's entries kept.")] = 0.2,
-    support: Annotated[str | None, typer.Option(
-        "--support", help="tts: labelled support set, a data spec (digits, mnist:DIR, ...) or an adversarial-set "
-                          "file.")] = None,
+    support: Annotated[
+        str | None,
+        typer.Option(
+            "--support",
+            help="tts: labelled support set, a data spec (digits, mnist:DIR, ...) or an adversarial-set file.",
+        ),
+    ] = None,
     support_split: Annotated[str, typer.Option("--support-split", help="tts: split of a data-spec support.")] = "val",
     shots: Annotated[int, typer.Option("--shots", min=1, help="tts: support examples per class.")] = 5,
     lam: Annotated[float, typer.Option("--lam", help="tts: score = lam·C − (1 − lam)·V.")] = 0.6,
     beta: Annotated[float, typer.Option("--beta", help="tts: weight = exp(−beta·(1 − score)).")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="tts: keep the k best-scored adapters.")] = 2,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="tts: score on an augmented copy of the "
-                                                                         "support (AMT).")] = True,
+    augment: Annotated[
+        bool, typer.Option("--augment/--no-augment", help="tts: score on an augmented copy of the support (AMT).")
+    ] = True,
     seed: SeedOpt = 0,
     store: StoreOpt = None,
     overwrite: OverwriteOpt = False,
@@ -50,11 +64,32 @@ def merge_cli(
     """Merge adapters into one: Σ wᵢ·ΔWᵢ per layer, re-factored by SVD; weights [1, 0, …] give the first back."""
     from loradar_cli.combine import TTSOptions, merge_adapters
 
-    tts = TTSOptions(support=support, split=support_split, shots=shots, lam=lam, beta=beta, top_k=top_k,
-                     augment=augment, seed=seed) if method == "tts" and support else None
-    meta, report = merge_adapters(open_store(store), read_names(adapters), name=name, base=base, method=method,
-                                  weights=parse_weights(weights), rank=rank, density=density, tts=tts,
-                                  overwrite=overwrite)
+    tts = (
+        TTSOptions(
+            support=support,
+            split=support_split,
+            shots=shots,
+            lam=lam,
+            beta=beta,
+            top_k=top_k,
+            augment=augment,
+            seed=seed,
+        )
+        if method == "tts" and support
+        else None
+    )
+    meta, report = merge_adapters(
+        open_store(store),
+        read_names(adapters),
+        name=name,
+        base=base,
+        method=method,
+        weights=parse_weights(weights),
+        rank=rank,
+        density=density,
+        tts=tts,
+        overwrite=overwrite,
+    )
     if json_out:
         emit_json(report)
         return

@@ -23,15 +23,29 @@ def trim_cli(
     adapter: Annotated[str, typer.Argument(help="Adapter to trim ('-' reads its name from stdin).")],
     name: Annotated[str, typer.Option("--name", help="Name of the trimmed adapter.")],
     rank: Annotated[int | None, typer.Option("--rank", min=1, help="Keep the top R triplets of each ΔW.")] = None,
-    energy: Annotated[float | None, typer.Option(
-        "--energy", min=0.0, max=1.0, help="Keep the fewest triplets holding this fraction of each ΔW's Σσ².")] = None,
-    full_weight: Annotated[bool, typer.Option(
-        "--full-weight", help="AMT: trim W0 + ΔW to its top floor(keep·min(d_out, d_in)) triplets; stored as the "
-                              "delta to W0 (dense where it is not low-rank).")] = False,
-    keep: Annotated[float, typer.Option("--keep", min=0.0, max=1.0, help="--full-weight: fraction p of "
-                                                                          "min(d_out, d_in) kept.")] = 0.7,
-    layers: Annotated[str | None, typer.Option("--layers", help="--full-weight: regex (searched in the layer "
-                                                                "name) choosing the layers; default all.")] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(
+            "--energy", min=0.0, max=1.0, help="Keep the fewest triplets holding this fraction of each ΔW's Σσ²."
+        ),
+    ] = None,
+    full_weight: Annotated[
+        bool,
+        typer.Option(
+            "--full-weight",
+            help="AMT: trim W0 + ΔW to its top floor(keep·min(d_out, d_in)) triplets; stored as the "
+            "delta to W0 (dense where it is not low-rank).",
+        ),
+    ] = False,
+    keep: Annotated[
+        float, typer.Option("--keep", min=0.0, max=1.0, help="--full-weight: fraction p of min(d_out, d_in) kept.")
+    ] = 0.7,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers", help="--full-weight: regex (searched in the layer name) choosing the layers; default all."
+        ),
+    ] = None,
     base: BaseOpt = None,
     store: StoreOpt = None,
     overwrite: OverwriteOpt = False,
@@ -45,8 +59,18 @@ def trim_cli(
     names = read_names([adapter])
     if len(names) != 1:
         raise InvalidValueError(f"trim takes one adapter, got {len(names)}: {', '.join(names[:4])}")
-    meta, report = trim_adapter(open_store(store), names[0], out_name=name, base=base, rank=rank, energy=energy,
-                                full_weight=full_weight, keep=keep, layers_regex=layers, overwrite=overwrite)
+    meta, report = trim_adapter(
+        open_store(store),
+        names[0],
+        out_name=name,
+        base=base,
+        rank=rank,
+        energy=energy,
+        full_weight=full_weight,
+        keep=keep,
+        layers_regex=layers,
+        overwrite=overwrite,
+    )
     if json_out:
         emit_json(report)
         return

@@ -19,6 +19,7 @@ from loradar_cli.combine.members import (
     write_json,
 )
 from loradar_cli.errors import IncompatibleError, InvalidValueError
+from loradar_cli.metrics import prediction_accuracy
 from loradar_cli.ops.vote import VOTE_METHODS, normalise_weights, reliability_weights, vote
 from loradar_cli.store.store import Store
 
@@ -108,18 +109,30 @@ class Ensemble:
 
     def report(self) -> dict[str, Any]:
         methods = list(self.decisions)
-        return {"methods": methods, "weighting": self.weighting,
-                "route": _route_info(self.router) if "route" in methods else None}
+        return {
+            "methods": methods,
+            "weighting": self.weighting,
+            "route": _route_info(self.router) if "route" in methods else None,
+        }
 
 
-def load_ensemble(store: Store, names: Sequence[str], *, methods: Sequence[str], base: str | None = None,
-                  weights: Sequence[float] | None = None, identifier: str | None = None,
-                  compare: Sequence[str] = ()) -> Ensemble:
+def load_ensemble(
+    store: Store,
+    names: Sequence[str],
+    *,
+    methods: Sequence[str],
+    base: str | None = None,
+    weights: Sequence[float] | None = None,
+    identifier: str | None = None,
+    compare: Sequence[str] = (),
+) -> Ensemble:
     """Load voters (and `compare` adapters) once and set up each method's decision."""
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in ENSEMBLE_METHODS]
     if unknown or not methods:
-        raise InvalidValueError(f"unknown ensemble method {(unknown or [''])[0]!r} (valid: {', '.join(ENSEMBLE_METHODS)})")
+        raise InvalidValueError(
+            f"unknown ensemble method {(unknown or [''])[0]!r} (valid: {', '.join(ENSEMBLE_METHODS)})"
+        )
     if identifier and "route" not in methods:
         raise InvalidValueError("--identifier is used by route only")
     if weights is not None and "weighted" not in methods:
@@ -128,26 +141,51 @@ def load_ensemble(store: Store, names: Sequence[str], *, methods: Sequence[str],
     members = load_members(store, list(dict.fromkeys([*voters, *compare])), base)
     router = _router(store, identifier, voters, members) if "route" in methods else None
     weighting = _vote_weights(members, voters, weights) if "weighted" in methods else None
-    decisions = {m: Decision(m, voters, tuple(weighting["weights"]) if m == "weighted" and weighting else None,
-                             router if m == "route" else None) for m in methods}
+    decisions = {
+        m: Decision(
+            m,
+            voters,
+            tuple(weighting["weights"]) if m == "weighted" and weighting else None,
+            router if m == "route" else None,
+        )
+        for m in methods
+    }
     return Ensemble(members, member_models(members, router.members if router else ()), decisions, weighting, router)
 
 
-def vote_sets(store: Store, names: Sequence[str], *, base: str | None = None, methods: Sequence[str] = ("majority",),
-              weights: Sequence[float] | None = None, data: str | None = None, split: str = "test",
-              adv_sets: Sequence[Path] = (), limit: int | None = None, identifier: str | None = None,
-              compare: Sequence[str] = (), seed: int = 0, batch_size: int = 256,
-              out: Path | None = None) -> dict[str, Any]:
+def vote_sets(
+    store: Store,
+    names: Sequence[str],
+    *,
+    base: str | None = None,
+    methods: Sequence[str] = ("majority",),
+    weights: Sequence[float] | None = None,
+    data: str | None = None,
+    split: str = "test",
+    adv_sets: Sequence[Path] = (),
+    limit: int | None = None,
+    identifier: str | None = None,
+    compare: Sequence[str] = (),
+    seed: int = 0,
+    batch_size: int = 256,
+    out: Path | None = None,
+) -> dict[str, Any]:
     """Ensemble votes (majority, weighted, soft) and identify-then-route per input set; accuracy and predictions.
 
     `compare` adapters (e.g. merged ones) are evaluated alone on the same sets, for one table.
     """
-    ensemble = load_ensemble(store, names, methods=methods, base=base, weights=weights, identifier=identifier,
-                             compare=compare)
+    ensemble = load_ensemble(
+        store, names, methods=methods, base=base, weights=weights, identifier=identifier, compare=compare
+    )
     names = list(ensemble.voters)
     sets = input_sets(ensemble.members.base.meta, data=data, split=split, adv_sets=adv_sets, limit=limit, seed=seed)
-    report: dict[str, Any] = {"base": ensemble.members.base.meta.name, "members": names, "compare": list(compare),
-                              **ensemble.report(), "sets": {}}
+    report: dict[str, Any] = {
+        "base": ensemble.members.base.meta.name,
+        "members": names,
+        "compare": list(compare),
+        **ensemble.report(),
+        "sets": {},
+    }
     samples: dict[str, Any] = {}
     models = ensemble.models
     for s in sets:
@@ -157,9 +195,13 @@ def vote_sets(store: Store, names: Sequence[str], *, base: str | None = None, me
         routed = decided["route"][1] if "route" in decided else None
         singles = {n: probs[n].argmax(dim=-1) for n in dict.fromkeys([*names, *compare])}
         report["sets"][s.label] = _vote_row(s, preds, singles, routed, names)
-        samples[s.label] = {"y": s.y.tolist(), "attack": s.attack, "methods": {m: p.tolist() for m, p in preds.items()},
-                            "adapters": {n: p.tolist() for n, p in singles.items()},
-                            "routed_to": None if routed is None else [names[i] for i in routed.tolist()]}
+        samples[s.label] = {
+            "y": s.y.tolist(),
+            "attack": s.attack,
+            "methods": {m: p.tolist() for m, p in preds.items()},
+            "adapters": {n: p.tolist() for n, p in singles.items()},
+            "routed_to": None if routed is None else [names[i] for i in routed.tolist()],
+        }
     if out is not None:
         write_json(out, {"members": names, "sets": samples})
     return report
@@ -172,8 +214,10 @@ def _router(store: Store, identifier: str | None, names: Sequence[str], members:
     router = load_identifier(store, identifier, members.base.meta)
     missing = [m for m in router.adapter_names if m not in names]
     if missing:
-        raise IncompatibleError(f"identifier {identifier!r} reads adapters {router.adapter_names}; "
-                                f"{missing[0]!r} is not among the voting adapters")
+        raise IncompatibleError(
+            f"identifier {identifier!r} reads adapters {router.adapter_names}; "
+            f"{missing[0]!r} is not among the voting adapters"
+        )
     return router
 
 
@@ -193,27 +237,35 @@ def _route_info(router: "Identifier | None") -> dict[str, Any]:
     """How `route` picks its adapter, for the report."""
     if router is None:
         return {"mode": "rule", "rule": "the most confident adapter classifies"}
-    return {"mode": "calibrated", "identifier": router.meta.name,
-            "fallback": "the most confident adapter when no voting adapter was trained on the identified attack"}
+    return {
+        "mode": "calibrated",
+        "identifier": router.meta.name,
+        "fallback": "the most confident adapter when no voting adapter was trained on the identified attack",
+    }
 
 
-def _vote_row(s: "InputSet", preds: Mapping[str, Tensor], singles: Mapping[str, Tensor], routed: Tensor | None,
-              names: Sequence[str]) -> dict[str, Any]:
+def _vote_row(
+    s: "InputSet",
+    preds: Mapping[str, Tensor],
+    singles: Mapping[str, Tensor],
+    routed: Tensor | None,
+    names: Sequence[str],
+) -> dict[str, Any]:
     """One set's accuracies: per method, per adapter alone, and how often route picked each adapter."""
-    row: dict[str, Any] = {"n": len(s.y), "attack": s.attack, "accuracy": {m: _acc(p, s.y) for m, p in preds.items()},
-                           "adapters": {n: _acc(p, s.y) for n, p in singles.items()}}
+    row: dict[str, Any] = {
+        "n": len(s.y),
+        "attack": s.attack,
+        "accuracy": {m: prediction_accuracy(p, s.y) for m, p in preds.items()},
+        "adapters": {n: prediction_accuracy(p, s.y) for n, p in singles.items()},
+    }
     if routed is not None:
         row["routed_to"] = {n: int((routed == i).sum()) for i, n in enumerate(names)}
     return row
 
 
-def _acc(pred: Tensor, y: Tensor) -> float:
-    """Fraction of correct predictions (0 for an empty set)."""
-    return float((pred == y).double().mean()) if len(y) else 0.0
-
-
-def route_choice(stack: Tensor, names: Sequence[str], router: "Identifier | None",
-                 probs: Mapping[str, Tensor]) -> Tensor:
+def route_choice(
+    stack: Tensor, names: Sequence[str], router: "Identifier | None", probs: Mapping[str, Tensor]
+) -> Tensor:
     """Index of the adapter that classifies each input: the identified attack's adapter, else the most confident."""
     confident = stack.to(torch.float64).max(dim=-1).values.argmax(dim=0)
     if router is None:
@@ -222,5 +274,6 @@ def route_choice(stack: Tensor, names: Sequence[str], router: "Identifier | None
     for i, n in enumerate(names):
         by_attack.setdefault(router.meta.member_labels.get(n, n), i)
     attacks = router.predict(probs)
-    return torch.tensor([by_attack.get(a, c) for a, c in zip(attacks, confident.tolist(), strict=True)],
-                        dtype=torch.long)
+    return torch.tensor(
+        [by_attack.get(a, c) for a, c in zip(attacks, confident.tolist(), strict=True)], dtype=torch.long
+    )

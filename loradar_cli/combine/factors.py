@@ -34,8 +34,14 @@ def dense_key(layer: str) -> str:
 def adapter_layers(adapter: Adapter) -> dict[str, Layer]:
     """The stored LoRA factors of every target layer (float32) with their lora_alpha."""
     spec, t = adapter.meta.lora, adapter.tensors
-    return {name: Layer(t[f"{PEFT_PREFIX}{name}.lora_A.weight"].float(), t[f"{PEFT_PREFIX}{name}.lora_B.weight"].float(),
-                        spec.alpha_of(name)) for name in spec.targets}
+    return {
+        name: Layer(
+            t[f"{PEFT_PREFIX}{name}.lora_A.weight"].float(),
+            t[f"{PEFT_PREFIX}{name}.lora_B.weight"].float(),
+            spec.alpha_of(name),
+        )
+        for name in spec.targets
+    }
 
 
 def factors_of(layer: Layer) -> LoraFactors:
@@ -57,8 +63,9 @@ def layer_groups(adapter: Adapter) -> dict[str, int]:
     return {name: factor_groups(layer.a, layer.b) for name, layer in adapter_layers(adapter).items()}
 
 
-def pack(layers: Mapping[str, Layer], dense: Mapping[str, Tensor], head_name: str | None,
-          head: Mapping[str, Tensor]) -> tuple[LoraSpec, dict[str, Tensor]]:
+def pack(
+    layers: Mapping[str, Layer], dense: Mapping[str, Tensor], head_name: str | None, head: Mapping[str, Tensor]
+) -> tuple[LoraSpec, dict[str, Tensor]]:
     """LoraSpec with per-layer rank/alpha patterns, and the tensors under PEFT's key names."""
     tensors: dict[str, Tensor] = {}
     for name, layer in layers.items():
@@ -68,19 +75,45 @@ def pack(layers: Mapping[str, Layer], dense: Mapping[str, Tensor], head_name: st
     if head_name:
         tensors.update({f"{PEFT_PREFIX}{head_name}.{p}": t.contiguous() for p, t in head.items()})
     r = max((layer.rank for layer in layers.values()), default=1)
-    spec = LoraSpec(r=r, lora_alpha=float(r), targets=list(layers), head=head_name if head else None,
-                    rank_pattern={n: layer.rank for n, layer in layers.items()},
-                    alpha_pattern={n: layer.alpha for n, layer in layers.items()})
+    spec = LoraSpec(
+        r=r,
+        lora_alpha=float(r),
+        targets=list(layers),
+        head=head_name if head else None,
+        rank_pattern={n: layer.rank for n, layer in layers.items()},
+        alpha_pattern={n: layer.alpha for n, layer in layers.items()},
+    )
     return spec, tensors
 
 
-def save_derived(store: Store, members: Members, name: str, spec: LoraSpec, tensors: dict[str, Tensor], *,
-          parents: Sequence[str], combination: dict[str, Any], dense: Sequence[str] = (), attack: str | None = None,
-          attack_config: Mapping[str, Any] | None = None, overwrite: bool = False) -> AdapterMeta:
+def save_derived(
+    store: Store,
+    members: Members,
+    name: str,
+    spec: LoraSpec,
+    tensors: dict[str, Tensor],
+    *,
+    parents: Sequence[str],
+    combination: dict[str, Any],
+    dense: Sequence[str] = (),
+    attack: str | None = None,
+    attack_config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> AdapterMeta:
     """Write a derived adapter with its provenance and return the stored metadata."""
     base = members.base.meta
-    meta = AdapterMeta(name=name, base=base.name, base_fingerprint=base.fingerprint, timm_model=base.timm_model,
-                       num_classes=base.num_classes, lora=spec, attack=attack, attack_config=dict(attack_config or {}),
-                       parents=list(parents), combination=combination, dense_deltas=list(dense))
+    meta = AdapterMeta(
+        name=name,
+        base=base.name,
+        base_fingerprint=base.fingerprint,
+        timm_model=base.timm_model,
+        num_classes=base.num_classes,
+        lora=spec,
+        attack=attack,
+        attack_config=dict(attack_config or {}),
+        parents=list(parents),
+        combination=combination,
+        dense_deltas=list(dense),
+    )
     store.save_adapter(meta, tensors, overwrite=overwrite)
     return store.adapter_meta(name)

@@ -84,8 +84,9 @@ def load_identifier(store: Store, name: str, base: BaseMeta | None = None) -> Id
         meta = IdentifierMeta.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
-        raise CorruptError(f"identifier {name!r} has invalid metadata: {'.'.join(map(str, first['loc']))}: "
-                           f"{first['msg']}") from None
+        raise CorruptError(
+            f"identifier {name!r} has invalid metadata: {'.'.join(map(str, first['loc']))}: {first['msg']}"
+        ) from None
     if weights_fingerprint(tensors) != meta.tensors_sha256:
         raise CorruptError(f"identifier {name!r}: tensors do not match their recorded sha256")
     ident = Identifier(meta, IdentifierModel.from_tensors(tensors, meta.classes))
@@ -97,8 +98,9 @@ def load_identifier(store: Store, name: str, base: BaseMeta | None = None) -> Id
 def check_identifier_base(ident: Identifier, base: BaseMeta) -> None:
     """An identifier reads adapter outputs on the exact base weights it was fitted on."""
     if base.fingerprint != ident.meta.base_fingerprint:
-        raise IncompatibleError(f"identifier {ident.meta.name!r} was fitted on base {ident.meta.base!r}, "
-                                f"not on base {base.name!r}")
+        raise IncompatibleError(
+            f"identifier {ident.meta.name!r} was fitted on base {ident.meta.base!r}, not on base {base.name!r}"
+        )
 
 
 def member_label(meta: AdapterMeta) -> str:
@@ -118,16 +120,30 @@ def _rule_members(members: Members, clean: str) -> tuple[list[str], list[str], i
     return names, labels, names.index(clean)
 
 
-def _rule_predict(probs: Mapping[str, Tensor], *, order: Sequence[str], labels: Sequence[str], margin: float,
-                  clean_index: int | None) -> list[str]:
+def _rule_predict(
+    probs: Mapping[str, Tensor], *, order: Sequence[str], labels: Sequence[str], margin: float, clean_index: int | None
+) -> list[str]:
     """The LoRADAR rule over the members in `order`."""
     return identify_rule(torch.stack([probs[m] for m in order]), labels, margin=margin, clean_index=clean_index)
 
 
-def identify_sets(store: Store, names: Sequence[str], *, base: str | None = None, mode: str = "rule",
-                  identifier: str | None = None, margin: float = 0.1, clean: str = "base", data: str | None = None,
-                  split: str = "test", adv_sets: Sequence[Path] = (), limit: int | None = None, seed: int = 0,
-                  batch_size: int = 256, out: Path | None = None) -> dict[str, Any]:
+def identify_sets(
+    store: Store,
+    names: Sequence[str],
+    *,
+    base: str | None = None,
+    mode: str = "rule",
+    identifier: str | None = None,
+    margin: float = 0.1,
+    clean: str = "base",
+    data: str | None = None,
+    split: str = "test",
+    adv_sets: Sequence[Path] = (),
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    out: Path | None = None,
+) -> dict[str, Any]:
     """Per input, the attack family it came from (rule or calibrated); accuracy and confusion matrix vs the truth."""
     if mode not in IDENTIFY_MODES:
         raise InvalidValueError(f"unknown mode {mode!r} (valid: {', '.join(IDENTIFY_MODES)})")
@@ -144,26 +160,38 @@ def identify_sets(store: Store, names: Sequence[str], *, base: str | None = None
         setup = {"margin": margin, "clean": clean, "labels": dict(zip(order, labels, strict=True))}
     models = member_models(members, order)
     sets = input_sets(members.base.meta, data=data, split=split, adv_sets=adv_sets, limit=limit, seed=seed)
-    predicted = {s.label: predict(dict(zip(models, ensemble_probs(list(models.values()), s.x, batch_size),
-                                            strict=True))) for s in sets}
+    predicted = {
+        s.label: predict(dict(zip(models, ensemble_probs(list(models.values()), s.x, batch_size), strict=True)))
+        for s in sets
+    }
     truth = [s.attack for s in sets for _ in range(len(s.y))]
-    report = {"base": members.base.meta.name, "members": members.names, "mode": mode, **setup,
-              **identification_summary(truth, [p for s in sets for p in predicted[s.label]]),
-              "sets": {s.label: _identify_row(s, predicted[s.label]) for s in sets}}
+    report = {
+        "base": members.base.meta.name,
+        "members": members.names,
+        "mode": mode,
+        **setup,
+        **identification_summary(truth, [p for s in sets for p in predicted[s.label]]),
+        "sets": {s.label: _identify_row(s, predicted[s.label]) for s in sets},
+    }
     if out is not None:
-        write_json(out, {"mode": mode, "sets": {s.label: {"attack": s.attack, "predicted": predicted[s.label]}
-                                                for s in sets}})
+        write_json(
+            out, {"mode": mode, "sets": {s.label: {"attack": s.attack, "predicted": predicted[s.label]} for s in sets}}
+        )
     return report
 
 
 def _calibrated_identifier(store: Store, identifier: str | None, names: Sequence[str]) -> Identifier:
     """The stored identifier for --mode calibrated, checked against the adapters given (if any)."""
     if not identifier:
-        raise InvalidValueError("--mode calibrated needs --identifier NAME (fit one with `loradar identify-attack fit`)")
+        raise InvalidValueError(
+            "--mode calibrated needs --identifier NAME (fit one with `loradar identify-attack fit`)"
+        )
     ident = load_identifier(store, identifier)
     if names and list(names) != ident.adapter_names:
-        raise IncompatibleError(f"identifier {identifier!r} was fitted on adapters {ident.adapter_names}, "
-                                f"got {list(names)}", hint="give the same adapters in the same order, or none")
+        raise IncompatibleError(
+            f"identifier {identifier!r} was fitted on adapters {ident.adapter_names}, got {list(names)}",
+            hint="give the same adapters in the same order, or none",
+        )
     return ident
 
 
@@ -172,9 +200,12 @@ def _identify_row(s: "InputSet", predicted: Sequence[str]) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for label in predicted:
         counts[label] = counts.get(label, 0) + 1
-    return {"n": len(predicted), "attack": s.attack,
-            "accuracy": accuracy([s.attack] * len(predicted), predicted) if predicted else None,
-            "predicted": dict(sorted(counts.items()))}
+    return {
+        "n": len(predicted),
+        "attack": s.attack,
+        "accuracy": accuracy([s.attack] * len(predicted), predicted) if predicted else None,
+        "predicted": dict(sorted(counts.items())),
+    }
 
 
 def identification_summary(truth: Sequence[str], pred: Sequence[str]) -> dict[str, Any]:
@@ -185,11 +216,24 @@ def identification_summary(truth: Sequence[str], pred: Sequence[str]) -> dict[st
     return {"accuracy": accuracy(truth, pred), "confusion": {"labels": labels, "matrix": matrix}}
 
 
-def fit_identifier_from_sets(store: Store, names: Sequence[str], *, name: str, adv_sets: Sequence[Path],
-                             base: str | None = None, data: str | None = None, split: str = "val",
-                             limit: int | None = None, clean: str = "base", epochs: int = 300, lr: float = 0.05,
-                             weight_decay: float = 1e-3, seed: int = 0, batch_size: int = 256,
-                             overwrite: bool = False) -> tuple[IdentifierMeta, dict[str, Any]]:
+def fit_identifier_from_sets(
+    store: Store,
+    names: Sequence[str],
+    *,
+    name: str,
+    adv_sets: Sequence[Path],
+    base: str | None = None,
+    data: str | None = None,
+    split: str = "val",
+    limit: int | None = None,
+    clean: str = "base",
+    epochs: int = 300,
+    lr: float = 0.05,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
+    batch_size: int = 256,
+    overwrite: bool = False,
+) -> tuple[IdentifierMeta, dict[str, Any]]:
     """Fit the calibrated identifier on labelled sets (adversarial sets by attack, --data as clean) and store it."""
     store.check_free("identifier", name, overwrite)
     if clean not in ("base", "none"):
@@ -198,18 +242,36 @@ def fit_identifier_from_sets(store: Store, names: Sequence[str], *, name: str, a
     order = [*members.names, *([BASE_MEMBER] if clean == "base" else [])]
     models = member_models(members, order)
     sets = input_sets(members.base.meta, data=data, split=split, adv_sets=adv_sets, limit=limit, seed=seed)
-    features = torch.cat([identity_features(ensemble_probs([models[m] for m in order], s.x, batch_size))
-                          for s in sets])
+    features = torch.cat([identity_features(ensemble_probs([models[m] for m in order], s.x, batch_size)) for s in sets])
     labels = [s.attack for s in sets for _ in range(len(s.y))]
     model = fit_identifier(features, labels, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
     summary = identification_summary(labels, model.predict(features))
-    training = {"sets": {s.label: {"attack": s.attack, "n": len(s.y)} for s in sets}, "epochs": epochs, "lr": lr,
-                "weight_decay": weight_decay, "seed": seed, "train_accuracy": summary["accuracy"]}
+    training = {
+        "sets": {s.label: {"attack": s.attack, "n": len(s.y)} for s in sets},
+        "epochs": epochs,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "train_accuracy": summary["accuracy"],
+    }
     tensors = model.state_dict()
-    meta = IdentifierMeta(name=name, base=members.base.meta.name, base_fingerprint=members.base.meta.fingerprint,
-                          members=order, member_labels={a.meta.name: member_label(a.meta) for a in members.adapters},
-                          classes=model.classes, feature_names=identity_feature_names(len(order)), training=training,
-                          tensors_sha256=weights_fingerprint(tensors))
+    meta = IdentifierMeta(
+        name=name,
+        base=members.base.meta.name,
+        base_fingerprint=members.base.meta.fingerprint,
+        members=order,
+        member_labels={a.meta.name: member_label(a.meta) for a in members.adapters},
+        classes=model.classes,
+        feature_names=identity_feature_names(len(order)),
+        training=training,
+        tensors_sha256=weights_fingerprint(tensors),
+    )
     store.save_identifier(name, meta.model_dump(mode="json"), tensors, overwrite=overwrite)
-    return meta, {"name": name, "base": meta.base, "members": order, "classes": model.classes, **summary,
-                  "training": training}
+    return meta, {
+        "name": name,
+        "base": meta.base,
+        "members": order,
+        "classes": model.classes,
+        **summary,
+        "training": training,
+    }

@@ -18,10 +18,10 @@ from loradar_cli.loading import (
     build_model,
     check_adapter_fits,
     model_data,
-    predict_logits,
     resolve_base_for,
 )
 from loradar_cli.lora.inject import lora_layers
+from loradar_cli.metrics import predict_logits
 from loradar_cli.models import ImageClassifier
 from loradar_cli.store.meta import BaseMeta
 from loradar_cli.store.store import Adapter, Base, Store
@@ -50,15 +50,18 @@ def load_members(store: Store, names: Sequence[str], base: str | None = None) ->
     metas = [store.adapter_meta(n) for n in names]
     if len({m.base_fingerprint for m in metas}) > 1:
         listing = ", ".join(f"{m.name} (base {m.base!r})" for m in metas)
-        raise IncompatibleError(f"adapters were trained on different bases: {listing}",
-                                hint="only adapters of one base can be combined")
+        raise IncompatibleError(
+            f"adapters were trained on different bases: {listing}", hint="only adapters of one base can be combined"
+        )
     stored = store.load_base(resolve_base_for(store, list(names), base))
     adapters = [store.load_adapter(n) for n in names]
     for adapter in adapters:
         check_adapter_fits(adapter, stored.meta)
         if adapter.meta.num_classes != stored.meta.num_classes:
-            raise IncompatibleError(f"adapter {adapter.meta.name!r} has {adapter.meta.num_classes} classes, "
-                                    f"base {stored.meta.name!r} has {stored.meta.num_classes}")
+            raise IncompatibleError(
+                f"adapter {adapter.meta.name!r} has {adapter.meta.num_classes} classes, "
+                f"base {stored.meta.name!r} has {stored.meta.num_classes}"
+            )
     return Members(stored, adapters)
 
 
@@ -103,8 +106,15 @@ class InputSet:
     attack: str
 
 
-def input_sets(base: BaseMeta, *, data: str | None = None, split: str = "test", adv_sets: Sequence[Path] = (),
-               limit: int | None = None, seed: int = 0) -> list[InputSet]:
+def input_sets(
+    base: BaseMeta,
+    *,
+    data: str | None = None,
+    split: str = "test",
+    adv_sets: Sequence[Path] = (),
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[InputSet]:
     """The --data split (labelled 'clean') and each adversarial set (labelled by its file name)."""
     if data is None and not adv_sets:
         raise InvalidValueError("give --data SPEC and/or --adv-set FILE")

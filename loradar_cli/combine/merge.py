@@ -57,10 +57,19 @@ class TTSOptions:
     batch_size: int = 256
 
 
-def merge_adapters(store: Store, names: Sequence[str], *, name: str, base: str | None = None,
-                   method: str = "linear", weights: Sequence[float] | None = None, rank: int | None = None,
-                   density: float = DEFAULT_TIES_DENSITY, tts: TTSOptions | None = None,
-                   overwrite: bool = False) -> tuple[AdapterMeta, dict[str, Any]]:
+def merge_adapters(
+    store: Store,
+    names: Sequence[str],
+    *,
+    name: str,
+    base: str | None = None,
+    method: str = "linear",
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    density: float = DEFAULT_TIES_DENSITY,
+    tts: TTSOptions | None = None,
+    overwrite: bool = False,
+) -> tuple[AdapterMeta, dict[str, Any]]:
     """Merge adapters in ΔW space (tts, linear, ties, cat) into a new adapter; returns its metadata and a report."""
     if method not in MERGE_METHODS:
         raise InvalidValueError(f"unknown merge method {method!r} (valid: {', '.join(MERGE_METHODS)})")
@@ -84,17 +93,20 @@ def merge_adapters(store: Store, names: Sequence[str], *, name: str, base: str |
     report["rank"] = rank
     head_w = _ties_head_weights(w) if method == "ties" else w
     head_name, head = _merged_head(members, head_w)
-    report["head"] = None if head_name is None else {"module": head_name, "rule": "h0 + sum_i w_i (h_i - h0)",
-                                                     "weights": head_w}
+    report["head"] = (
+        None if head_name is None else {"module": head_name, "rule": "h0 + sum_i w_i (h_i - h0)", "weights": head_w}
+    )
     spec, tensors = pack(layers, {}, head_name, head)
     combination = {k: v for k, v in report.items() if k not in ("name", "parents")}
-    meta = save_derived(store, members, name, spec, tensors, parents=members.names, combination=combination,
-                 overwrite=overwrite)
+    meta = save_derived(
+        store, members, name, spec, tensors, parents=members.names, combination=combination, overwrite=overwrite
+    )
     return meta, report
 
 
-def _merge_weights(members: Members, method: str, weights: Sequence[float] | None, tts: TTSOptions | None,
-                   report: dict[str, Any]) -> list[float]:
+def _merge_weights(
+    members: Members, method: str, weights: Sequence[float] | None, tts: TTSOptions | None, report: dict[str, Any]
+) -> list[float]:
     """The merge weights: AMT scores for tts, else the given ones or the method's default."""
     k = len(members.adapters)
     if method == "tts":
@@ -123,14 +135,33 @@ def _ties_head_weights(weights: Sequence[float]) -> list[float]:
 
 def _score_rows(names: Sequence[str], result: TTSResult) -> list[dict[str, Any]]:
     """Per-adapter C, V, score and weight as JSON rows."""
-    return [{"adapter": n, "compactness": c, "divergence": v, "score": s, "raw_weight": r, "weight": w,
-             "selected": i in result.selected}
-            for i, (n, c, v, s, r, w) in enumerate(zip(names, result.compactness, result.divergence, result.score,
-                                                       result.raw_weight, result.weight, strict=True))]
+    return [
+        {
+            "adapter": n,
+            "compactness": c,
+            "divergence": v,
+            "score": s,
+            "raw_weight": r,
+            "weight": w,
+            "selected": i in result.selected,
+        }
+        for i, (n, c, v, s, r, w) in enumerate(
+            zip(
+                names,
+                result.compactness,
+                result.divergence,
+                result.score,
+                result.raw_weight,
+                result.weight,
+                strict=True,
+            )
+        )
+    ]
 
 
-def _refactor_all(merged: Mapping[str, Tensor], members: Members, rank: int | None
-                  ) -> tuple[dict[str, Layer], dict[str, dict[str, Any]]]:
+def _refactor_all(
+    merged: Mapping[str, Tensor], members: Members, rank: int | None
+) -> tuple[dict[str, Layer], dict[str, dict[str, Any]]]:
     """SVD re-factoring of each merged ΔW: exact (at most Σ ranks) unless `rank` caps it."""
     groups = layer_groups(members.adapters[0])
     layers: dict[str, Layer] = {}
@@ -165,10 +196,12 @@ def _cat_layers(members: Members, weights: Sequence[float]) -> dict[str, Layer]:
     """Exact concatenation of the members' factors (rank Σ rᵢ, scale 1)."""
     for adapter in members.adapters:
         if adapter.meta.dense_deltas:
-            raise IncompatibleError(f"--method cat needs LoRA factors; {adapter.meta.name!r} has dense deltas",
-                                    hint="use --method linear")
-    merged = cat_merge([{n: factors_of(layer) for n, layer in adapter_layers(a).items()} for a in members.adapters],
-                       weights)
+            raise IncompatibleError(
+                f"--method cat needs LoRA factors; {adapter.meta.name!r} has dense deltas", hint="use --method linear"
+            )
+    merged = cat_merge(
+        [{n: factors_of(layer) for n, layer in adapter_layers(a).items()} for a in members.adapters], weights
+    )
     return {n: Layer(f.a, f.b, f.a.shape[0]) for n, f in merged.items()}
 
 
@@ -181,19 +214,19 @@ def _merged_head(members: Members, weights: Sequence[float]) -> tuple[str | None
         raise IncompatibleError(f"adapters carry different classifier heads: {sorted(names)}")
     head = names.pop()
     prefix = f"{head}."
-    base_head = {k[len(prefix):]: v.float() for k, v in members.base.state.items() if k.startswith(prefix)}
-    heads = [{k: v.float() for k, v in head_tensors(a.tensors, a.meta.lora).items()} or base_head
-             for a in members.adapters]
+    base_head = {k[len(prefix) :]: v.float() for k, v in members.base.state.items() if k.startswith(prefix)}
+    heads = [
+        {k: v.float() for k, v in head_tensors(a.tensors, a.meta.lora).items()} or base_head for a in members.adapters
+    ]
     rest = 1.0 - sum(weights)
     if abs(rest) <= 1e-12:
         return head, merge_heads(heads, weights)
     return head, merge_heads([*heads, base_head], [*weights, rest])
 
 
-
-
-def support_set(spec: str, base: BaseMeta, *, split: str = "val", shots: int | None = 5, seed: int = 0
-                ) -> tuple[Tensor, Tensor]:
+def support_set(
+    spec: str, base: BaseMeta, *, split: str = "val", shots: int | None = 5, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """Support images and labels: an adversarial-set file or a data split, the first `shots` of each class."""
     path = Path(spec)
     if path.suffix == ".safetensors" or path.is_file():
@@ -225,8 +258,10 @@ def per_class(y: Tensor, shots: int | None) -> Tensor:
 def penultimate_features(model: ImageClassifier, x: Tensor, batch_size: int = 256) -> Tensor:
     """Pre-logit features [N, D] of a timm model on inputs in [0, 1] (forward_features + pre-logits head)."""
     net = model.eval().model
-    parts = [net.forward_head(net.forward_features(model.normalize(x[i:i + batch_size])), pre_logits=True)
-             for i in range(0, len(x), batch_size)]
+    parts = [
+        net.forward_head(net.forward_features(model.normalize(x[i : i + batch_size])), pre_logits=True)
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(parts).flatten(1)
 
 
@@ -241,6 +276,13 @@ def tts_merge_weights(members: Members, opts: TTSOptions) -> tuple[TTSResult, di
         clean.append(penultimate_features(model, x, opts.batch_size))
         aug.append(penultimate_features(model, x_aug, opts.batch_size))
     result = tts_scores(torch.stack(clean), y, torch.stack(aug), lam=opts.lam, beta=opts.beta, top_k=opts.top_k)
-    support = {"spec": opts.support, "split": opts.split, "shots": opts.shots, "n": len(y),
-               "classes": len(set(y.tolist())), "augment": opts.augment, "seed": opts.seed}
+    support = {
+        "spec": opts.support,
+        "split": opts.split,
+        "shots": opts.shots,
+        "n": len(y),
+        "classes": len(set(y.tolist())),
+        "augment": opts.augment,
+        "seed": opts.seed,
+    }
     return result, support

@@ -21,13 +21,25 @@ from loradar_cli.ops.trim import full_weight_trim, lowrank_or_dense, trim_delta
 from loradar_cli.store.meta import AdapterMeta
 from loradar_cli.store.store import Adapter, Store
 
-PEFT_NOTE = ("dense deltas are stored under '<layer>.weight_delta' and are not part of target_modules: "
-             "PEFT ignores them, load this adapter with loradar")
+PEFT_NOTE = (
+    "dense deltas are stored under '<layer>.weight_delta' and are not part of target_modules: "
+    "PEFT ignores them, load this adapter with loradar"
+)
 
 
-def trim_adapter(store: Store, name: str, *, out_name: str, base: str | None = None, rank: int | None = None,
-                 energy: float | None = None, full_weight: bool = False, keep: float = 0.7,
-                 layers_regex: str | None = None, overwrite: bool = False) -> tuple[AdapterMeta, dict[str, Any]]:
+def trim_adapter(
+    store: Store,
+    name: str,
+    *,
+    out_name: str,
+    base: str | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    full_weight: bool = False,
+    keep: float = 0.7,
+    layers_regex: str | None = None,
+    overwrite: bool = False,
+) -> tuple[AdapterMeta, dict[str, Any]]:
     """Singular-value trimming of ΔW (--rank/--energy) or of W0 + ΔW (--full-weight); returns metadata and report."""
     if full_weight and (rank is not None or energy is not None):
         raise InvalidValueError("--full-weight trims W0 + ΔW by --keep; it cannot be combined with --rank/--energy")
@@ -48,13 +60,25 @@ def trim_adapter(store: Store, name: str, *, out_name: str, base: str | None = N
         report.update(mode="svd", rank=rank, energy=energy)
     spec, tensors = pack(layers, dense, adapter.meta.lora.head, head_tensors(adapter.tensors, adapter.meta.lora))
     combination = {"method": "trim", **{k: v for k, v in report.items() if k not in ("name", "parent")}}
-    meta = save_derived(store, members, out_name, spec, tensors, parents=[name], combination=combination, dense=list(dense),
-                 attack=adapter.meta.attack, attack_config=adapter.meta.attack_config, overwrite=overwrite)
+    meta = save_derived(
+        store,
+        members,
+        out_name,
+        spec,
+        tensors,
+        parents=[name],
+        combination=combination,
+        dense=list(dense),
+        attack=adapter.meta.attack,
+        attack_config=adapter.meta.attack_config,
+        overwrite=overwrite,
+    )
     return meta, report
 
 
-def _svd_trim_layers(adapter: Adapter, rank: int | None, energy: float | None
-                     ) -> tuple[dict[str, Layer], dict[str, dict[str, Any]]]:
+def _svd_trim_layers(
+    adapter: Adapter, rank: int | None, energy: float | None
+) -> tuple[dict[str, Layer], dict[str, dict[str, Any]]]:
     """Keep the top triplets of each layer's ΔW by rank and/or energy."""
     groups = layer_groups(adapter)
     layers: dict[str, Layer] = {}
@@ -69,8 +93,9 @@ def _svd_trim_layers(adapter: Adapter, rank: int | None, energy: float | None
     return layers, report
 
 
-def _full_weight_layers(members: Members, keep: float, regex: str | None
-                        ) -> tuple[dict[str, Layer], dict[str, Tensor], dict[str, dict[str, Any]]]:
+def _full_weight_layers(
+    members: Members, keep: float, regex: str | None
+) -> tuple[dict[str, Layer], dict[str, Tensor], dict[str, dict[str, Any]]]:
     """AMT trim of W0 + ΔW on the selected layers; the rest are copied unchanged."""
     adapter = members.adapters[0]
     chosen = _select_layers(adapter, regex)
@@ -89,8 +114,11 @@ def _full_weight_layers(members: Members, keep: float, regex: str | None
             dense[name] = new_delta
         else:
             layers[name] = Layer(packed[0].a, packed[0].b, packed[1].rank)
-        report[name] = {**info.model_dump(), "storage": "dense" if packed is None else "lora",
-                        "stored_rank": None if packed is None else packed[1].rank}
+        report[name] = {
+            **info.model_dump(),
+            "storage": "dense" if packed is None else "lora",
+            "stored_rank": None if packed is None else packed[1].rank,
+        }
     return layers, dense, report
 
 
@@ -105,8 +133,10 @@ def _select_layers(adapter: Adapter, regex: str | None) -> list[str]:
         raise InvalidValueError(f"--layers {regex!r} is not a valid regex: {err}") from None
     chosen = [n for n in names if pattern.search(n)]
     if not chosen:
-        raise NotFoundError(f"no layer of adapter {adapter.meta.name!r} matches --layers {regex!r}",
-                            hint=f"layers: {', '.join(names[:6])}")
+        raise NotFoundError(
+            f"no layer of adapter {adapter.meta.name!r} matches --layers {regex!r}",
+            hint=f"layers: {', '.join(names[:6])}",
+        )
     return chosen
 
 

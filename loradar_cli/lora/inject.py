@@ -168,8 +168,9 @@ def lora_state_dict_shapes(model: nn.Module, spec: LoraSpec) -> Iterable[tuple[s
     return ((k, p.shape) for k, p in _named_adapter_params(model, spec))
 
 
-def delta_weights(tensors: Mapping[str, Tensor], spec: LoraSpec, groups: Mapping[str, int] | None = None
-                  ) -> dict[str, Tensor]:
+def delta_weights(
+    tensors: Mapping[str, Tensor], spec: LoraSpec, groups: Mapping[str, int] | None = None
+) -> dict[str, Tensor]:
     """ΔW = s·B·A per target module from stored tensors (conv kernels keep their 4-D shape)."""
     groups = groups or {}
     deltas: dict[str, Tensor] = {}
@@ -186,7 +187,7 @@ def head_tensors(tensors: Mapping[str, Tensor], spec: LoraSpec) -> dict[str, Ten
     if not spec.head:
         return {}
     prefix = f"{PEFT_PREFIX}{spec.head}."
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def conv_groups(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
@@ -204,6 +205,18 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 __all__ = [
-    "PEFT_PREFIX", "PRESETS", "LoraConv2d", "classifier_name", "conv_groups", "default_targets", "delta_weights", "head_tensors",
-    "inject_lora", "load_lora_state_dict", "lora_layers", "lora_state_dict", "select_targets", "trainable_parameters",
+    "PEFT_PREFIX",
+    "PRESETS",
+    "LoraConv2d",
+    "classifier_name",
+    "conv_groups",
+    "default_targets",
+    "delta_weights",
+    "head_tensors",
+    "inject_lora",
+    "load_lora_state_dict",
+    "lora_layers",
+    "lora_state_dict",
+    "select_targets",
+    "trainable_parameters",
 ]

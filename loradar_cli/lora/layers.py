@@ -91,9 +91,17 @@ class LoraConv2d(LoraLayer):
         self._init_common(base_layer, r, lora_alpha, dropout)
         device, dtype = base_layer.weight.device, base_layer.weight.dtype
         self.lora_A = nn.Conv2d(
-            base_layer.in_channels, r, base_layer.kernel_size, stride=base_layer.stride, padding=base_layer.padding,
-            dilation=base_layer.dilation, groups=groups, bias=False, padding_mode=base_layer.padding_mode,
-            device=device, dtype=dtype,
+            base_layer.in_channels,
+            r,
+            base_layer.kernel_size,
+            stride=base_layer.stride,
+            padding=base_layer.padding,
+            dilation=base_layer.dilation,
+            groups=groups,
+            bias=False,
+            padding_mode=base_layer.padding_mode,
+            device=device,
+            dtype=dtype,
         )
         self.lora_B = nn.Conv2d(r, base_layer.out_channels, 1, groups=groups, bias=False, device=device, dtype=dtype)
         self.reset_lora_parameters()

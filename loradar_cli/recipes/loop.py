@@ -12,11 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from loradar_cli.data import ImageData
-from loradar_cli.evaluation import correct
 from loradar_cli.lora.inject import trainable_parameters
+from loradar_cli.metrics import Progress, accuracy
 from loradar_cli.recipes.losses import recipe_loss
-
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 class TrainConfig(BaseModel):
@@ -67,17 +65,20 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[
     return list(order.split(batch_size))
 
 
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
-    """Fraction of `x` the model classifies as `y` (0 for no inputs)."""
-    return correct(model, x, y, batch_size).float().mean().item() if len(y) else 0.0
-
-
 def adversarial(attack: Callable, model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([attack(model, x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    return torch.cat(
+        [attack(model, x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    )
 
 
-def train_adapter(model: nn.Module, attack: Callable, train: ImageData, val: ImageData, config: TrainConfig,
-                  progress: Progress | None = None) -> TrainResult:
+def train_adapter(
+    model: nn.Module,
+    attack: Callable,
+    train: ImageData,
+    val: ImageData,
+    config: TrainConfig,
+    progress: Progress | None = None,
+) -> TrainResult:
     """Train LoRA factors (and head) of `model` against `attack`; on return the model holds the best epoch's weights.
 
     Adaptive by default: each batch's adversarial copy is crafted against the current adapted model.
@@ -94,8 +95,12 @@ def train_adapter(model: nn.Module, attack: Callable, train: ImageData, val: Ima
     for epoch in range(1, config.epochs + 1):
         loss = _train_epoch(model, attack, loss_fn, train, static_adv, optimizer, generator, config, epoch, progress)
         scheduler.step()
-        stats = EpochStats(epoch, loss, accuracy(model, val.x, val.y),
-                           accuracy(model, adversarial(attack, model, val.x, val.y, config.batch_size), val.y))
+        stats = EpochStats(
+            epoch,
+            loss,
+            accuracy(model, val.x, val.y),
+            accuracy(model, adversarial(attack, model, val.x, val.y, config.batch_size), val.y),
+        )
         result.history.append(stats)
         if _is_better(stats, result, config.select, config.min_clean):
             result.best_epoch = epoch
@@ -112,14 +117,26 @@ def _is_better(stats: EpochStats, result: TrainResult, select: str, min_clean: f
     if result.best_epoch == 0 or select == "last":
         return True
     best = result.best
-    key = (lambda s: (s.val_clean_acc >= min_clean, s.val_robust_acc, s.val_clean_acc)) if select == "robust" else (
-        lambda s: (s.val_clean_acc, s.val_robust_acc))
+    key = (
+        (lambda s: (s.val_clean_acc >= min_clean, s.val_robust_acc, s.val_clean_acc))
+        if select == "robust"
+        else (lambda s: (s.val_clean_acc, s.val_robust_acc))
+    )
     return key(stats) > key(best)
 
 
-def _train_epoch(model: nn.Module, attack: Callable, loss_fn: Callable, train: ImageData, static_adv: Tensor | None,
-                 optimizer: torch.optim.Optimizer, generator: torch.Generator, config: TrainConfig, epoch: int,
-                 progress: Progress | None) -> float:
+def _train_epoch(
+    model: nn.Module,
+    attack: Callable,
+    loss_fn: Callable,
+    train: ImageData,
+    static_adv: Tensor | None,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: TrainConfig,
+    epoch: int,
+    progress: Progress | None,
+) -> float:
     total, count = 0.0, 0
     steps = batches(len(train), config.batch_size, generator)
     for i, idx in enumerate(steps):
@@ -138,8 +155,17 @@ def _train_epoch(model: nn.Module, attack: Callable, loss_fn: Callable, train: I
     return total / max(count, 1)
 
 
-def fit_classifier(model: nn.Module, train: ImageData, val: ImageData, *, epochs: int, lr: float, batch_size: int,
-                   seed: int, progress: Progress | None = None) -> float:
+def fit_classifier(
+    model: nn.Module,
+    train: ImageData,
+    val: ImageData,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    progress: Progress | None = None,
+) -> float:
     """Fit a base on clean data (all parameters that require grad); returns validation accuracy."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)

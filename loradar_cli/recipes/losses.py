@@ -16,7 +16,7 @@ RECIPES: Registry[RecipeLoss] = Registry("recipe")
 def loradar_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """LoRADAR (methods.md §5.1): CE over the concatenation [x; x_adv], i.e. the mean of clean and adversarial CE."""
     logits = model(torch.cat([x, x_adv]))
-    return F.cross_entropy(logits, torch.cat([y, y])), logits[len(x):]
+    return F.cross_entropy(logits, torch.cat([y, y])), logits[len(x) :]
 
 
 @RECIPES.register("pgd-at")

@@ -53,7 +53,9 @@ def check_name(name: str, what: str = "adapter") -> str:
     try:
         TypeAdapter(Name).validate_python(name)
     except ValidationError:
-        raise InvalidValueError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' and '-' (max 64)") from None
+        raise InvalidValueError(
+            f"invalid {what} name {name!r}: use letters, digits, '.', '_' and '-' (max 64)"
+        ) from None
     if what == "adapter" and name in RESERVED_NAMES:
         raise InvalidValueError(f"{name!r} is reserved in the store; pick another adapter name")
     return name
@@ -156,8 +158,9 @@ class Store:
         folder = self.root / "identifiers"
         return sorted(p.name for p in folder.iterdir() if (p / IDENTIFIER_META).is_file()) if folder.is_dir() else []
 
-    def save_identifier(self, name: str, meta: Mapping[str, Any], tensors: Mapping[str, Tensor], *,
-                        overwrite: bool = False) -> Path:
+    def save_identifier(
+        self, name: str, meta: Mapping[str, Any], tensors: Mapping[str, Tensor], *, overwrite: bool = False
+    ) -> Path:
         """Write `<root>/identifiers/<name>/` (JSON metadata + safetensors weights) atomically."""
         files = {IDENTIFIER_META: _json_bytes(dict(meta))}
         return self._write(self.identifier_dir(name), files, {IDENTIFIER_WEIGHTS: tensors}, overwrite, "identifier")
@@ -174,8 +177,14 @@ class Store:
         return meta, _read_tensors(folder / IDENTIFIER_WEIGHTS)
 
     # ------------------------------------------------------------------ atomic write
-    def _write(self, target: Path, files: Mapping[str, bytes], tensor_files: Mapping[str, Mapping[str, Tensor]],
-               overwrite: bool, what: str) -> Path:
+    def _write(
+        self,
+        target: Path,
+        files: Mapping[str, bytes],
+        tensor_files: Mapping[str, Mapping[str, Tensor]],
+        overwrite: bool,
+        what: str,
+    ) -> Path:
         self._refuse_taken(target, what, overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))

@@ -30,7 +30,9 @@ def changed_box(x_adv: Tensor, x: Tensor) -> list[tuple[int, int] | None]:
     boxes = []
     for changed in (x_adv != x).any(dim=1):
         rows, cols = changed.any(dim=1).nonzero(), changed.any(dim=0).nonzero()
-        boxes.append(None if rows.numel() == 0 else (int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1))
+        boxes.append(
+            None if rows.numel() == 0 else (int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1)
+        )
     return boxes
 
 

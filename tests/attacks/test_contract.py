@@ -65,8 +65,9 @@ def test_eps_zero_returns_input(name: str, resnet: nn.Module, images: tuple[Tens
 
 @pytest.mark.parametrize("start", ["train", "eval"])
 @pytest.mark.parametrize("name", ATTACKS.names())
-def test_eval_mode_during_attack_and_flags_restored(name: str, start: str, resnet: nn.Module,
-                                                    images: tuple[Tensor, Tensor]) -> None:
+def test_eval_mode_during_attack_and_flags_restored(
+    name: str, start: str, resnet: nn.Module, images: tuple[Tensor, Tensor]
+) -> None:
     resnet.train(start == "train")
     resnet.layer1.train(start != "train")  # a submodule deliberately in the other mode
     before = {n: m.training for n, m in resnet.named_modules()}
@@ -90,8 +91,7 @@ def test_no_parameter_grad(name: str, resnet: nn.Module, images: tuple[Tensor, T
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
-def test_seed_determinism_and_global_rng_untouched(name: str, resnet: nn.Module,
-                                                   images: tuple[Tensor, Tensor]) -> None:
+def test_seed_determinism_and_global_rng_untouched(name: str, resnet: nn.Module, images: tuple[Tensor, Tensor]) -> None:
     state = torch.random.get_rng_state()
     first = fast_attack(name, seed=123)(resnet, *images)
     assert torch.equal(torch.random.get_rng_state(), state), "a seeded attack must not draw from the global RNG"

@@ -19,12 +19,15 @@ def wrap(model: nn.Module) -> nn.Module:
     return ImageClassifier(model, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
 
 
-@pytest.mark.parametrize(("arch", "kwargs", "expected"), [
-    ("test_resnet", {}, "layer2"),
-    ("test_convnext", {}, "stages.1"),
-    ("test_vit", {"img_size": 32}, "blocks.3"),
-    ("test_efficientnet", {}, "blocks.2"),  # 5 stages
-])
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "expected"),
+    [
+        ("test_resnet", {}, "layer2"),
+        ("test_convnext", {}, "stages.1"),
+        ("test_vit", {"img_size": 32}, "blocks.3"),
+        ("test_efficientnet", {}, "blocks.2"),  # 5 stages
+    ],
+)
 def test_default_layer_bare_and_wrapped(arch: str, kwargs: dict, expected: str) -> None:
     model = timm.create_model(arch, pretrained=False, num_classes=10, **kwargs)
     assert default_feature_layer(model) == expected
@@ -85,10 +88,10 @@ def test_fia_on_an_ensemble_of_copies_equals_fia_on_the_model(digits: Digits) ->
 
     ensemble = MeanLogits([digits.model, copy.deepcopy(digits.model)])
     assert len(feature_layers(ensemble, "3")) == 2
-    single = build_attack("fia", eps=0.15, ensemble=6, steps=4, layer="3", seed=0)(digits.model, digits.x[:8],
-                                                                                  digits.y[:8])
-    joint = build_attack("fia", eps=0.15, ensemble=6, steps=4, layer="3", seed=0)(ensemble, digits.x[:8],
-                                                                                 digits.y[:8])
+    single = build_attack("fia", eps=0.15, ensemble=6, steps=4, layer="3", seed=0)(
+        digits.model, digits.x[:8], digits.y[:8]
+    )
+    joint = build_attack("fia", eps=0.15, ensemble=6, steps=4, layer="3", seed=0)(ensemble, digits.x[:8], digits.y[:8])
     torch.testing.assert_close(joint, single, atol=1e-5, rtol=0)
 
 

@@ -50,11 +50,13 @@ def test_projections_respect_balls_and_keep_inner_points() -> None:
 def test_best_of_restarts_prefers_misclassified_then_higher_loss() -> None:
     model = nn.Flatten()  # logits = the two "pixels"
     y = torch.tensor([0, 0])
-    runs = iter([
-        torch.tensor([[0.9, 0.1], [0.9, 0.1]]).view(2, 2, 1, 1),  # both correct
-        torch.tensor([[0.2, 0.8], [0.6, 0.4]]).view(2, 2, 1, 1),  # sample 0 fooled; sample 1 higher loss
-        torch.tensor([[0.4, 0.6], [0.8, 0.2]]).view(2, 2, 1, 1),  # fooled but lower loss; sample 1 weaker
-    ])
+    runs = iter(
+        [
+            torch.tensor([[0.9, 0.1], [0.9, 0.1]]).view(2, 2, 1, 1),  # both correct
+            torch.tensor([[0.2, 0.8], [0.6, 0.4]]).view(2, 2, 1, 1),  # sample 0 fooled; sample 1 higher loss
+            torch.tensor([[0.4, 0.6], [0.8, 0.2]]).view(2, 2, 1, 1),  # fooled but lower loss; sample 1 weaker
+        ]
+    )
 
     def run() -> Tensor:
         return next(runs)

@@ -12,13 +12,14 @@ from loradar_cli.attacks import build_attack
 from .conftest import Digits
 
 
-def reference_pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int,
-                       noise: Tensor) -> Tensor:
+def reference_pgd_linf(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, noise: Tensor
+) -> Tensor:
     """Textbook L-inf PGD, one sample at a time, uniform start x + (2u - 1) eps from the given noise u."""
     out = []
     for i in range(len(x)):
-        xi, yi = x[i:i + 1], y[i:i + 1]
-        adv = (xi + (noise[i:i + 1] * 2 - 1) * eps).clamp(0, 1)
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        adv = (xi + (noise[i : i + 1] * 2 - 1) * eps).clamp(0, 1)
         for _ in range(steps):
             adv.requires_grad_(True)
             (grad,) = torch.autograd.grad(F.cross_entropy(model(adv), yi), adv)
@@ -27,13 +28,14 @@ def reference_pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha
     return torch.cat(out)
 
 
-def reference_pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int,
-                     direction: Tensor, radius: Tensor) -> Tensor:
+def reference_pgd_l2(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, direction: Tensor, radius: Tensor
+) -> Tensor:
     """Textbook L2 PGD, one sample at a time, started at radius * direction / ||direction||."""
     out = []
     for i in range(len(x)):
-        xi, yi = x[i:i + 1], y[i:i + 1]
-        adv = (xi + direction[i:i + 1] / direction[i].norm() * radius[i]).clamp(0, 1)
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        adv = (xi + direction[i : i + 1] / direction[i].norm() * radius[i]).clamp(0, 1)
         for _ in range(steps):
             adv.requires_grad_(True)
             (grad,) = torch.autograd.grad(F.cross_entropy(model(adv), yi), adv)

@@ -70,8 +70,9 @@ def test_flat_loss_falls_back_to_seeded_random_positions() -> None:
     corners = changed_corner(x_adv, x)
     assert len(set(corners)) > 1, "ties everywhere must give random positions, not always the first one"
     assert torch.equal(x_adv[x_adv != x], torch.full_like(x_adv[x_adv != x], GREY)), "zero gradient: stays grey"
-    assert torch.equal(build_attack("roa", height=3, width=3, search="exhaustive", steps=2, seed=0)(Constant(), x, y),
-                       x_adv)
+    assert torch.equal(
+        build_attack("roa", height=3, width=3, search="exhaustive", steps=2, seed=0)(Constant(), x, y), x_adv
+    )
 
 
 def test_eps_bounds_the_change_inside_the_sticker() -> None:

@@ -39,8 +39,21 @@ def test_show_json(tiny):
 
 def test_eval_json_parses_and_matches_library(tiny):
     store, base, adapter, model = tiny
-    result = invoke("eval", "--store", str(store.root), "--adapter", adapter.name, "--attack", "fgsm", "--eps", "8/255",
-                    "--limit", "40", "--json", "--quiet")
+    result = invoke(
+        "eval",
+        "--store",
+        str(store.root),
+        "--adapter",
+        adapter.name,
+        "--attack",
+        "fgsm",
+        "--eps",
+        "8/255",
+        "--limit",
+        "40",
+        "--json",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["base"] == base.name and [r["model"] for r in report["rows"]] == ["base", adapter.name]
@@ -57,8 +70,22 @@ def test_eval_json_parses_and_matches_library(tiny):
 def test_attack_writes_a_set_that_eval_reads(tiny, tmp_path):
     store, base, _, _ = tiny
     out = tmp_path / "sets" / "fgsm.safetensors"
-    result = invoke("attack", "--store", str(store.root), "--base", base.name, "--attack", "fgsm", "--eps", "0.1",
-                    "--limit", "16", "--out", str(out), "--json")
+    result = invoke(
+        "attack",
+        "--store",
+        str(store.root),
+        "--base",
+        base.name,
+        "--attack",
+        "fgsm",
+        "--eps",
+        "0.1",
+        "--limit",
+        "16",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     from loradar_cli.advset import load_adv_set
@@ -66,8 +93,19 @@ def test_attack_writes_a_set_that_eval_reads(tiny, tmp_path):
     adv = load_adv_set(out)
     assert adv.attack == "fgsm" and len(adv.y) == 16 == summary["n"]
     assert adv.info["config"]["config"]["eps"] == pytest.approx(0.1)
-    result = invoke("eval", "--store", str(store.root), "--base", base.name, "--adv-set", str(out), "--limit", "16",
-                    "--json", "--quiet")
+    result = invoke(
+        "eval",
+        "--store",
+        str(store.root),
+        "--base",
+        base.name,
+        "--adv-set",
+        str(out),
+        "--limit",
+        "16",
+        "--json",
+        "--quiet",
+    )
     row = json.loads(result.stdout)["rows"][0]
     assert row["adv_sets"]["fgsm.safetensors"] == pytest.approx(summary["target_accuracy"])
 
@@ -110,7 +148,17 @@ def test_wrong_base_and_corrupt_adapter_leave_store_unchanged(tiny):
 
 def test_adapter_names_from_stdin(tiny):
     store, _, adapter, _ = tiny
-    result = invoke("eval", "--store", str(store.root), "--adapter", "-", "--limit", "8", "--json", "--quiet",
-                    input=f"{adapter.name}\n")
+    result = invoke(
+        "eval",
+        "--store",
+        str(store.root),
+        "--adapter",
+        "-",
+        "--limit",
+        "8",
+        "--json",
+        "--quiet",
+        input=f"{adapter.name}\n",
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["rows"][1]["model"] == adapter.name

@@ -52,8 +52,9 @@ def test_merge_pipes_into_trim(root):
 
 
 def test_merge_json_pipes_and_tts_prints_scores(root):
-    result = invoke(root, "merge", "a", "b", "--method", "tts", "--support", "digits", "--shots", "2", "--name",
-                    "mt", "--json")
+    result = invoke(
+        root, "merge", "a", "b", "--method", "tts", "--support", "digits", "--shots", "2", "--name", "mt", "--json"
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert [row["adapter"] for row in report["scores"]] == ["a", "b"]
@@ -92,8 +93,25 @@ def test_bad_input_is_one_line_and_non_zero(root, args, message):
 
 
 def test_eval_adds_vote_and_route_rows_attacked_through_mean_logits(root):
-    result = invoke(root, "eval", "--adapter", "a", "--members", "a,b", "--vote", "majority", "--route",
-                    "--attack", "fgsm", "--eps", "0.1", "--limit", "12", "--json", "-q")
+    result = invoke(
+        root,
+        "eval",
+        "--adapter",
+        "a",
+        "--members",
+        "a,b",
+        "--vote",
+        "majority",
+        "--route",
+        "--attack",
+        "fgsm",
+        "--eps",
+        "0.1",
+        "--limit",
+        "12",
+        "--json",
+        "-q",
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert [r["model"] for r in report["rows"]] == ["base", "a", "vote:majority", "route"]
@@ -110,15 +128,34 @@ def test_trim_reads_exactly_one_name(root):
 
 def test_ensemble_vote_json_and_table(root, tmp_path):
     out = tmp_path / "preds.json"
-    args = ["ensemble-vote", "a", "b", "--data", "digits", "--limit", "12", "--adv-set", str(root / "fgsm.safetensors"),
-            "--method", "majority", "--method", "soft", "--method", "route", "--compare", "m"]
+    args = [
+        "ensemble-vote",
+        "a",
+        "b",
+        "--data",
+        "digits",
+        "--limit",
+        "12",
+        "--adv-set",
+        str(root / "fgsm.safetensors"),
+        "--method",
+        "majority",
+        "--method",
+        "soft",
+        "--method",
+        "route",
+        "--compare",
+        "m",
+    ]
     result = invoke(root, *args, "--json", "--out", str(out))
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert list(report["sets"]) == ["clean", "fgsm.safetensors"]
     assert set(report["sets"]["clean"]["accuracy"]) == {"majority", "soft", "route"}
     assert set(report["sets"]["clean"]["adapters"]) == {"a", "b", "m"}
-    assert len(json.loads(out.read_text())["sets"]["fgsm.safetensors"]["methods"]["route"]) == 12  # --limit applies to every set
+    assert (
+        len(json.loads(out.read_text())["sets"]["fgsm.safetensors"]["methods"]["route"]) == 12
+    )  # --limit applies to every set
     table = invoke(root, *args)
     assert table.exit_code == 0 and table.stdout == ""
     assert "majority vote" in table.stderr and "route" in table.stderr
@@ -131,12 +168,28 @@ def test_identify_attack_rule_then_fit_and_calibrated(root):
     report = json.loads(rule.stdout)
     assert report["mode"] == "rule" and report["labels"] == {"a": "pgd", "b": "fgsm", ":base": "clean"}
     assert sum(map(sum, report["confusion"]["matrix"])) == 8 + 8  # --limit applies to every set
-    fit = invoke(root, "identify-attack", "fit", "a", "b", "--adv-set", adv, "--data", "digits", "--limit", "16",
-                 "--epochs", "100", "--name", "idn")
+    fit = invoke(
+        root,
+        "identify-attack",
+        "fit",
+        "a",
+        "b",
+        "--adv-set",
+        adv,
+        "--data",
+        "digits",
+        "--limit",
+        "16",
+        "--epochs",
+        "100",
+        "--name",
+        "idn",
+    )
     assert fit.exit_code == 0, fit.stderr
     assert fit.stdout == "idn\n"
-    calibrated = invoke(root, "identify-attack", "--mode", "calibrated", "--identifier", "idn", "--adv-set", adv,
-                        "--json")
+    calibrated = invoke(
+        root, "identify-attack", "--mode", "calibrated", "--identifier", "idn", "--adv-set", adv, "--json"
+    )
     assert calibrated.exit_code == 0, calibrated.stderr
     report = json.loads(calibrated.stdout)
     assert report["classes"] == ["clean", "fgsm"] and report["sets"]["fgsm.safetensors"]["n"] == 16
@@ -163,8 +216,21 @@ def test_plot_draws_the_confusion_matrix(root, tmp_path):
     from matplotlib.image import imread
 
     path = tmp_path / "cm.png"
-    result = invoke(root, "identify-attack", "a", "b", "--data", "digits", "--limit", "8", "--adv-set",
-                    str(root / "fgsm.safetensors"), "--plot", str(path), "--json")
+    result = invoke(
+        root,
+        "identify-attack",
+        "a",
+        "b",
+        "--data",
+        "digits",
+        "--limit",
+        "8",
+        "--adv-set",
+        str(root / "fgsm.safetensors"),
+        "--plot",
+        str(path),
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = imread(path)

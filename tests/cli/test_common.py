@@ -8,9 +8,17 @@ from loradar_cli.cli._common import parse_fraction, parse_key_values
 from loradar_cli.errors import InvalidValueError
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("8/255", 8 / 255), ("0.5/255", 0.5 / 255), (" 0.03 ", 0.03), ("2e-2", 0.02), ("1e-1/2", 0.05), ("0", 0.0),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8/255", 8 / 255),
+        ("0.5/255", 0.5 / 255),
+        (" 0.03 ", 0.03),
+        ("2e-2", 0.02),
+        ("1e-1/2", 0.05),
+        ("0", 0.0),
+    ],
+)
 def test_fractions_parse_like_python_division(text, expected):
     assert math.isclose(parse_fraction(text), expected, rel_tol=1e-12)
 

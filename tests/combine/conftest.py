@@ -1,6 +1,5 @@
 """Shared fixtures for combine tests: a store of random adapters and independent ΔW/probability helpers."""
 
-
 import pytest
 import torch
 
@@ -39,7 +38,9 @@ def delta_of(store: Store, name: str) -> dict[str, torch.Tensor]:
     for layer in spec.targets:
         a = adapter.tensors[f"{PEFT_PREFIX}{layer}.lora_A.weight"].double()
         b = adapter.tensors[f"{PEFT_PREFIX}{layer}.lora_B.weight"].double()
-        out[layer] = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:]) * spec.alpha_of(layer) / spec.rank_of(layer)
+        out[layer] = (
+            (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:]) * spec.alpha_of(layer) / spec.rank_of(layer)
+        )
     return out
 
 
@@ -76,5 +77,5 @@ def naive_probs(store: Store, names, x: torch.Tensor) -> torch.Tensor:
     out = []
     for name in names:
         model = load_model(store, "tiny", name)
-        out.append(torch.cat([model(x[i:i + 1]).softmax(-1) for i in range(len(x))]))
+        out.append(torch.cat([model(x[i : i + 1]).softmax(-1) for i in range(len(x))]))
     return torch.stack(out)

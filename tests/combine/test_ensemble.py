@@ -21,8 +21,9 @@ from tests.combine.conftest import NAMES, naive_probs
 def test_ensemble_batched_path_equals_a_naive_unmerged_loop(pool, x):
     models = adapter_models(pool, None, list(NAMES))
     assert not any(isinstance(m, LoraLayer) for model in models for m in model.modules())  # ΔW folded in once
-    torch.testing.assert_close(ensemble_probs(models, x, batch_size=5), naive_probs(pool, NAMES, x),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ensemble_probs(models, x, batch_size=5), naive_probs(pool, NAMES, x), atol=1e-5, rtol=1e-5
+    )
 
 
 def _hand_votes(probs: np.ndarray, weights: list[float]) -> dict[str, np.ndarray]:
@@ -34,16 +35,26 @@ def _hand_votes(probs: np.ndarray, weights: list[float]) -> dict[str, np.ndarray
         tied = np.flatnonzero(counts == counts.max())
         majority.append(tied[np.argmax(probs[:, j, tied].sum(0))])
     route = probs.max(-1).argmax(0)
-    return {"majority": np.array(majority), "soft": probs.mean(0).argmax(-1),
-            "weighted": np.einsum("k,kbc->bc", np.array(weights) / sum(weights), probs).argmax(-1),
-            "route": preds[route, np.arange(n)]}
+    return {
+        "majority": np.array(majority),
+        "soft": probs.mean(0).argmax(-1),
+        "weighted": np.einsum("k,kbc->bc", np.array(weights) / sum(weights), probs).argmax(-1),
+        "route": preds[route, np.arange(n)],
+    }
 
 
 def test_vote_and_route_accuracies_match_a_hand_computation(pool, tmp_path):
     out = tmp_path / "preds.json"
     weights = [0.6, 0.3, 0.1]
-    report = vote_sets(pool, list(NAMES), methods=["majority", "weighted", "soft", "route"], weights=weights,
-                       data="digits", limit=40, out=out)
+    report = vote_sets(
+        pool,
+        list(NAMES),
+        methods=["majority", "weighted", "soft", "route"],
+        weights=weights,
+        data="digits",
+        limit=40,
+        out=out,
+    )
     data = load_data("digits", "test", limit=40, channels=1, size=16)
     probs = naive_probs(pool, NAMES, data.x).double().numpy()
     hand = _hand_votes(probs, weights)
@@ -97,8 +108,15 @@ def test_ensemble_rows_are_attacked_through_the_mean_logits(pool):
     from loradar_cli.attacks import build_attack
     from loradar_cli.workflows import EnsembleRows, evaluate_models
 
-    rows = evaluate_models(pool, base="tiny", adapters=[], data="digits", attacks={"fgsm": {"eps": 0.1}},
-                           limit=30, ensemble=EnsembleRows(["a", "b"], ["soft", "route"]))
+    rows = evaluate_models(
+        pool,
+        base="tiny",
+        adapters=[],
+        data="digits",
+        attacks={"fgsm": {"eps": 0.1}},
+        limit=30,
+        ensemble=EnsembleRows(["a", "b"], ["soft", "route"]),
+    )
     assert [r.model for r in rows] == ["vote:soft", "route"]
     assert all(r.attacked == "mean logits of 2 members" for r in rows)
     data = load_data("digits", "test", limit=30, channels=1, size=16)

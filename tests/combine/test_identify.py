@@ -72,17 +72,20 @@ def test_identify_rule_end_to_end_matches_the_rule_on_naive_probs(pool, adv_file
 
 
 def test_calibrated_identifier_fit_predict_round_trip_and_route(pool, adv_files, tmp_path):
-    meta, fitted = fit_identifier_from_sets(pool, ["a", "b"], name="idf", adv_sets=adv_files, data="digits",
-                                            split="val", limit=24, epochs=150)
+    meta, fitted = fit_identifier_from_sets(
+        pool, ["a", "b"], name="idf", adv_sets=adv_files, data="digits", split="val", limit=24, epochs=150
+    )
     assert fitted["classes"] == ["clean", "fgsm", "pgd"] and meta.members == ["a", "b", ":base"]
     assert (pool.root / "identifiers" / "idf" / "identifier.json").is_file()
-    report = identify_sets(pool, [], mode="calibrated", identifier="idf", adv_sets=adv_files, data="digits",
-                           split="val", limit=24)
+    report = identify_sets(
+        pool, [], mode="calibrated", identifier="idf", adv_sets=adv_files, data="digits", split="val", limit=24
+    )
     assert report["accuracy"] == pytest.approx(fitted["accuracy"])
     assert report["confusion"] == fitted["confusion"]
     ident = load_identifier(pool, "idf")
-    vote_sets(pool, ["a", "b"], methods=["route"], identifier="idf", adv_sets=adv_files[:1],
-                       out=tmp_path / "route.json")
+    vote_sets(
+        pool, ["a", "b"], methods=["route"], identifier="idf", adv_sets=adv_files[:1], out=tmp_path / "route.json"
+    )
     from loradar_cli.advset import load_adv_set
 
     adv = load_adv_set(adv_files[0])

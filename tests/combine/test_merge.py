@@ -1,6 +1,5 @@
 """combine.merge: ΔW-space and test-time scored merges, checked against independent computations."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -44,8 +43,9 @@ def test_cat_merge_is_exact_with_summed_rank(pool, x):
     meta, _ = merge_adapters(pool, ["a", "b"], name="mcat", method="cat", weights=[0.3, 0.7])
     assert set(meta.lora.rank_pattern.values()) == {4}
     with torch.no_grad():
-        torch.testing.assert_close(load_model(pool, "tiny", "mcat")(x), load_model(pool, "tiny", "mlin")(x),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            load_model(pool, "tiny", "mcat")(x), load_model(pool, "tiny", "mlin")(x), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_merge_at_lower_rank_keeps_the_stated_energy(pool):

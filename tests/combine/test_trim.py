@@ -1,6 +1,5 @@
 """combine.trim: singular-value trims report and keep exactly what they were asked to."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -53,7 +52,10 @@ def test_full_weight_trim_keeps_floor_p_min_d_singular_values(pool):
         torch.testing.assert_close(s_got[:q], s_full[:q], atol=1e-4, rtol=1e-4)
     # 32×288 keeps 16 of 32 triplets: trimmed(W) − W0 has rank ≤ 16 + 2, cheaper as factors; 48×48 keeps 24 of
     # 48: rank ≤ 26 > 48·48/96, so it is stored dense
-    assert {k: v["storage"] for k, v in report["layers"].items()} == {"layer1.0.conv1": "lora", "layer3.0.conv1": "dense"}
+    assert {k: v["storage"] for k, v in report["layers"].items()} == {
+        "layer1.0.conv1": "lora",
+        "layer3.0.conv1": "dense",
+    }
     assert meta.dense_deltas == ["layer3.0.conv1"] and meta.attack == "pgd"
 
 

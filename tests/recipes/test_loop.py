@@ -21,15 +21,22 @@ def test_train_then_reload_on_fresh_base_gives_identical_logits(store):
     inject_lora(model.model, spec)
     train = load_data("digits", "train", limit=64, channels=1, size=16)
     val = load_data("digits", "val", limit=32, channels=1, size=16)
-    result = train_adapter(model, build_attack("fgsm", eps=0.05), train, val,
-                           TrainConfig(epochs=2, batch_size=32, lr=1e-2), None)
+    result = train_adapter(
+        model, build_attack("fgsm", eps=0.05), train, val, TrainConfig(epochs=2, batch_size=32, lr=1e-2), None
+    )
     assert len(result.history) == 2 and 1 <= result.best_epoch <= 2
     assert any(layer.lora_B.weight.abs().sum() > 0 for layer in lora_layers(model.model).values())
     bn_after = {k: v for k, v in model.state_dict().items() if "running" in k}
     assert all(torch.equal(bn_before[k], bn_after[k]) for k in bn_before)  # BatchNorm statistics stay frozen
 
-    meta = AdapterMeta(name="trained", base=base.name, base_fingerprint=base.fingerprint, timm_model=base.timm_model,
-                       num_classes=10, lora=spec)
+    meta = AdapterMeta(
+        name="trained",
+        base=base.name,
+        base_fingerprint=base.fingerprint,
+        timm_model=base.timm_model,
+        num_classes=10,
+        lora=spec,
+    )
     store.save_adapter(meta, lora_state_dict(model.model, spec))
     reloaded = load_model(store, base.name, "trained")
     x = load_data("digits", "test", limit=16, channels=1, size=16).x
@@ -50,9 +57,17 @@ def test_recipe_losses_against_hand_computation():
 
 def test_train_workflow_records_provenance_and_static_mode(store):
     base = make_base(store)
-    meta = train_and_store_adapter(store, "static", base=base.name, attack="fgsm", data="digits",
-                                   attack_options={"eps": 0.05}, limit=32, val_limit=16,
-                                   config=TrainConfig(epochs=1, batch_size=16, static_attack=True))
+    meta = train_and_store_adapter(
+        store,
+        "static",
+        base=base.name,
+        attack="fgsm",
+        data="digits",
+        attack_options={"eps": 0.05},
+        limit=32,
+        val_limit=16,
+        config=TrainConfig(epochs=1, batch_size=16, static_attack=True),
+    )
     assert meta.attack == "fgsm" and meta.attack_config["config"]["eps"] == pytest.approx(0.05)
     assert meta.recipe_config["static_attack"] is True
     assert 0.0 <= meta.metrics["val_robust_acc"] <= 1.0

@@ -1,0 +1,45 @@
+"""Predictions and accuracy: the one place training, evaluation and the combination jobs measure a model.
+
+It sits below `recipes`, `evaluation` and the store, so the training loop can score a model without reaching the
+store. `Progress` is the one progress-callback type every job accepts.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
+    """Logits [N, C] in eval mode, batched; the model's previous mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        if not len(x):
+            return x.new_zeros(0)
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> Tensor:
+    """Per-point flags: whether the model's top-1 prediction equals the label."""
+    return predict_logits(model, x, batch_size).argmax(1) == y
+
+
+def mean_flag(flags: Tensor) -> float:
+    """The fraction of true flags (0 for none): accuracy from per-point correctness."""
+    return flags.float().mean().item() if len(flags) else 0.0
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
+    """Fraction of `x` the model classifies as `y` (0 for no inputs)."""
+    return mean_flag(correct(model, x, y, batch_size))
+
+
+def prediction_accuracy(pred: Tensor, y: Tensor) -> float:
+    """Fraction of predicted labels equal to the true ones (0 for none)."""
+    return mean_flag(pred == y)
