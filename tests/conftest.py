@@ -62,10 +62,10 @@ def make_base(store, name: str = "tiny", model: str = "test_resnet", seed: int =
 
 def make_adapter(store, base: str, name: str = "ad", targets: str | None = None, seed: int = 1, attack: str = "pgd"):
     """An adapter with random (non-zero) factors and head, saved in `store`."""
+    from loradar_cli.jobs.train import lora_spec_for
     from loradar_cli.loading import build_model
     from loradar_cli.lora.inject import inject_lora, lora_layers, lora_state_dict
     from loradar_cli.store.meta import AdapterMeta
-    from loradar_cli.workflows import lora_spec_for
 
     stored = store.load_base(base)
     model = build_model(stored)

@@ -2,9 +2,12 @@
 
 import pytest
 
+from loradar_cli.jobs.attack import craft_adv_set
+from loradar_cli.jobs.evaluate import EnsembleRows, evaluate_models
+from loradar_cli.jobs.finetune import finetune_base
+from loradar_cli.jobs.train import train_and_store_adapter
 from loradar_cli.recipes.loop import TrainConfig
 from loradar_cli.store.store import Store
-from loradar_cli.workflows import EnsembleRows, craft_adv_set, evaluate_models, finetune_base, train_and_store_adapter
 from tests.conftest import data_root
 
 pytestmark = pytest.mark.slow

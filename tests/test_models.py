@@ -4,9 +4,9 @@ import torch
 from safetensors.torch import save_file
 
 from loradar_cli.errors import CorruptError, NotFoundError
+from loradar_cli.jobs.finetune import finetune_base
 from loradar_cli.loading import build_model
 from loradar_cli.models import ImageClassifier, create_timm_model, load_checkpoint, weights_fingerprint
-from loradar_cli.workflows import finetune_base
 
 
 def test_normalisation_lives_inside_the_model():

@@ -4,6 +4,7 @@ Importing this package imports torch (the attack modules register themselves on 
 such as CLI option declarations should use `ATTACK_NAMES`, which a test keeps equal to `ATTACKS.names()`.
 """
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -37,6 +38,7 @@ __all__ = [
     "build_attack",
     "default_feature_layer",
     "register_attack",
+    "route_options",
 ]
 
 _MODULES = (fgsm, fia, pgd, roa)  # imported for their registrations
@@ -67,3 +69,20 @@ def _one_line(err: ValidationError) -> str:
     """Pydantic's multi-line report as `field: message (got value)` items joined by '; '."""
     items = [f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']} (got {e['input']!r})" for e in err.errors()]
     return "; ".join(items)
+
+
+def attack_fields(name: str) -> set[str]:
+    """Option names an attack's config accepts (to route shared --eps/--steps only where they apply)."""
+    return set(ATTACKS.get(name).config_cls.model_fields)
+
+
+def route_options(
+    names: Sequence[str], shared: Mapping[str, Any], specific: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per attack: shared options it accepts, then `name.key=value` options for it alone."""
+    routed: dict[str, dict[str, Any]] = {}
+    for name in names:
+        fields = attack_fields(name)
+        routed[name] = {k: v for k, v in shared.items() if k in fields and v is not None}
+        routed[name].update(specific.get(name, {}))
+    return routed

@@ -116,7 +116,7 @@ def attack_options(
     names: list[str], eps: str | None, alpha: str | None, steps: int | None, extra: list[str] | None
 ) -> dict[str, dict[str, Any]]:
     """Route --eps/--alpha/--steps to the attacks that accept them, and ATTACK.KEY=VALUE to one attack."""
-    from loradar_cli.workflows import route_attack_options
+    from loradar_cli.attacks import route_options
 
     shared: dict[str, Any] = {"eps": parse_fraction(eps), "alpha": parse_fraction(alpha, "--alpha"), "steps": steps}
     specific: dict[str, dict[str, Any]] = {}
@@ -128,7 +128,7 @@ def attack_options(
             specific.setdefault(attack, {})[field] = value
         else:
             shared[key] = value
-    return route_attack_options(names, shared, specific)
+    return route_options(names, shared, specific)
 
 
 def emit_json(data: Any) -> None:

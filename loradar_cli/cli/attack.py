@@ -47,7 +47,7 @@ def attack_cli(
     quiet: QuietOpt = False,
 ) -> None:
     """Craft adversarial examples against base (+ adapter) and save them with the attack's full config."""
-    from loradar_cli.workflows import craft_adv_set
+    from loradar_cli.jobs.attack import craft_adv_set
 
     options = attack_options([attack], eps, alpha, steps, attack_opt)[attack]
     with progress_bar(not quiet):

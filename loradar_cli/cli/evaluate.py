@@ -68,8 +68,8 @@ def eval_cli(
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate the base, adapters and ensembles on clean data, under attacks, and on saved adversarial sets."""
+    from loradar_cli.jobs.evaluate import EnsembleRows, evaluate_models
     from loradar_cli.loading import resolve_base_for
-    from loradar_cli.workflows import EnsembleRows, evaluate_models
 
     the_store = open_store(store)
     adapters = read_names(adapter) if adapter else []

@@ -55,7 +55,7 @@ def finetune_cli(
     quiet: QuietOpt = False,
 ) -> None:
     """Fit a base model on clean data and store it (weights, timm name and kwargs, mean/std, fingerprint)."""
-    from loradar_cli.workflows import finetune_base
+    from loradar_cli.jobs.finetune import finetune_base
 
     with progress_bar(not quiet) as progress:
         meta = finetune_base(

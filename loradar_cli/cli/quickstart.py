@@ -29,7 +29,7 @@ def quickstart_cli(
     quiet: QuietOpt = False,
 ) -> None:
     """Fit a small timm base on digits, train PGD/ROA/FIA adapters, print the robustness matrix."""
-    from loradar_cli.quickstart import run_quickstart
+    from loradar_cli.jobs.quickstart import run_quickstart
 
     start = time.perf_counter()
     the_store = open_store(store)

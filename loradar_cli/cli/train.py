@@ -77,8 +77,8 @@ def train_cli(
     from pydantic import ValidationError
 
     from loradar_cli.errors import InvalidValueError
+    from loradar_cli.jobs.train import train_and_store_adapter
     from loradar_cli.recipes.loop import TrainConfig
-    from loradar_cli.workflows import train_and_store_adapter
 
     try:
         config = TrainConfig(

@@ -106,7 +106,7 @@ def test_surrogate_is_the_mean_of_member_logits_and_has_gradients(pool, x):
 def test_ensemble_rows_are_attacked_through_the_mean_logits(pool):
     """eval's vote row equals FGSM crafted against an independently built mean-of-logits, judged by the vote."""
     from loradar_cli.attacks import build_attack
-    from loradar_cli.workflows import EnsembleRows, evaluate_models
+    from loradar_cli.jobs.evaluate import EnsembleRows, evaluate_models
 
     rows = evaluate_models(
         pool,

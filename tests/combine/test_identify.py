@@ -48,7 +48,7 @@ def test_identify_rule_on_constructed_cases(pool, loud, tmp_path):
 @pytest.fixture(scope="module")
 def adv_files(pool, tmp_path_factory):
     """FGSM and PGD sets crafted against the base (small, fast)."""
-    from loradar_cli.workflows import craft_adv_set
+    from loradar_cli.jobs.attack import craft_adv_set
 
     folder = tmp_path_factory.mktemp("sets")
     paths = []

@@ -3,12 +3,12 @@ import torch
 
 from loradar_cli.attacks import build_attack
 from loradar_cli.data import load_data
+from loradar_cli.jobs.train import lora_spec_for, train_and_store_adapter
 from loradar_cli.loading import build_model, load_model
 from loradar_cli.lora.inject import inject_lora, lora_layers, lora_state_dict
 from loradar_cli.recipes.loop import TrainConfig, train_adapter
 from loradar_cli.recipes.losses import RECIPES, loradar_loss, pgd_at_loss
 from loradar_cli.store.meta import AdapterMeta
-from loradar_cli.workflows import lora_spec_for, train_and_store_adapter
 from tests.conftest import make_base
 
 
