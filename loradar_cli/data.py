@@ -8,6 +8,7 @@ seeded slice of the training set.
 import gzip
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loradar_cli.errors import CorruptError, InvalidValueError, NotFoundError
+from loradar_cli.registry import Registry
 
 SPLITS = ("train", "val", "test")
+Reader = Callable[[Path | None], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 VAL_FRACTION = 0.1
-DATASET_KINDS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "npz")
 
 
 @dataclass
@@ -41,8 +43,8 @@ class ImageData:
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
     kind, _, arg = spec.partition(":")
-    if kind not in DATASET_KINDS:
-        raise InvalidValueError(f"unknown dataset {kind!r} in --data {spec!r}; valid: {', '.join(DATASET_KINDS)}")
+    if kind not in DATASETS:
+        raise InvalidValueError(f"unknown dataset {kind!r} in --data {spec!r}; valid: {', '.join(DATASETS)}")
     if kind != "digits" and not arg:
         raise InvalidValueError(f"--data {kind} needs a path: {kind}:DIR" + (" (FILE)" if kind == "npz" else ""))
     return kind, arg or None
@@ -66,7 +68,7 @@ def load_data(
     kind, arg = parse_spec(spec)
     if download and arg:
         download_dataset(kind, Path(arg))
-    train_x, train_y, test_x, test_y = _READERS[kind](Path(arg) if arg else None)
+    train_x, train_y, test_x, test_y = DATASETS.get(kind)(Path(arg) if arg else None)
     x, y = _split(train_x, train_y, test_x, test_y, split, seed)
     if limit is not None:
         x, y = x[:limit], y[:limit]
@@ -164,7 +166,7 @@ def read_idx(path: Path) -> np.ndarray:
         raise CorruptError(f"cannot read idx file {path}: {err}") from None
 
 
-def _read_mnist_like(folder: str) -> "callable":
+def _read_mnist_like(folder: str) -> Reader:
     def reader(root: Path | None) -> tuple[np.ndarray, ...]:
         assert root is not None
         subdirs = ("", "raw", f"{folder}/raw", "mnist/raw", f"{folder.lower()}/raw")
@@ -332,7 +334,12 @@ def _read_npz(path: Path | None) -> tuple[np.ndarray, ...]:
     raise CorruptError(f"{path} needs arrays x_train/y_train/x_test/y_test (or x/y)")
 
 
-_READERS = {
+DATASETS: Registry[Reader] = Registry("dataset")
+"""Dataset kinds of `--data KIND[:PATH]`: each reader returns train x/y and test x/y as numpy arrays.
+
+To add a dataset, write a reader and register it here with one line (and its name in `loradar_cli.names`).
+"""
+for _kind, _reader in {
     "digits": _read_digits,
     "mnist": _read_mnist_like("MNIST"),
     "fashion-mnist": _read_mnist_like("FashionMNIST"),
@@ -340,7 +347,9 @@ _READERS = {
     "cifar100": _read_cifar100,
     "imagefolder": _read_imagefolder,
     "npz": _read_npz,
-}
+}.items():
+    DATASETS.add(_kind, _reader)
+DATASET_KINDS: tuple[str, ...] = tuple(DATASETS)
 
 
 def download_dataset(kind: str, root: Path) -> None:

@@ -1,6 +1,10 @@
-"""A tiny name -> object registry used for attacks and recipes (unknown names list the valid ones)."""
+"""A tiny name -> object registry behind every name a user picks (unknown names list the valid ones).
 
-from collections.abc import Callable
+To add an entry, decorate it (`@ATTACKS.register("name")`, as timm's `register_model`) in its own module and import
+that module where the registry lives; add the name to `loradar_cli.names` too (a test keeps the two equal).
+"""
+
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from loradar_cli.errors import NotFoundError
@@ -35,3 +39,13 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, name: str, obj: T) -> T:
+        """Register an object that is not a decorated definition (e.g. a record instance)."""
+        return self.register(name)(obj)

@@ -1,9 +1,15 @@
 """Adversarial attacks behind one registry: `build_attack("pgd", eps=8/255)(model, x, y) -> x_adv`.
 
 Importing this package imports torch (the attack modules register themselves on import); torch-free code
-such as CLI option declarations should use `ATTACK_NAMES`, which a test keeps equal to `ATTACKS.names()`.
+such as CLI option declarations uses `loradar_cli.names.ATTACKS`, which a test keeps equal to `ATTACKS.names()`.
+
+To add an attack: write `attacks/<name>.py` with a pydantic config and a class decorated `@register_attack`
+(see `pgd.py`; every module of this package is imported on import), and add its name to
+`loradar_cli.names.ATTACKS`.
 """
 
+import importlib
+import pkgutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +23,16 @@ from loradar_cli.attacks.pgd import PGD, PGDL2, PGDConfig, PGDL2Config
 from loradar_cli.attacks.roa import ROA, ROAConfig
 from loradar_cli.errors import InvalidValueError
 
-ATTACK_NAMES: tuple[str, ...] = ("fgsm", "fia", "pgd", "pgd-l2", "roa")
+
+def _import_attack_modules() -> None:
+    """Import every public module of this package, so an attack registers itself by existing (as timm models do)."""
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_") and info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_attack_modules()
+ATTACK_NAMES: tuple[str, ...] = tuple(ATTACKS.names())
 
 __all__ = [
     "ATTACKS",
@@ -41,7 +56,7 @@ __all__ = [
     "route_options",
 ]
 
-_MODULES = (fgsm, fia, pgd, roa)  # imported for their registrations
+_MODULES = (fgsm, fia, pgd, roa)
 
 
 def attack_names() -> list[str]:

@@ -1,4 +1,4 @@
-"""FIA: feature importance-aware attack, L-inf (methods.md §5.2).
+"""FIA: feature importance-aware attack, L-inf.
 
 Wang, Guo, Zhang, Liu, Qin, Ren, "Feature Importance-aware Transferable Adversarial Attacks", ICCV 2021,
 arXiv:2107.14185; official code `hcguoO0/FIA` (TensorFlow).

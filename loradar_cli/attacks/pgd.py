@@ -1,7 +1,7 @@
 """PGD with L-inf and L2 threat models, with random starts and restarts.
 
 Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards Deep Learning Models Resistant to Adversarial Attacks",
-ICLR 2018, arXiv:1706.06083 (methods.md §0 and §6.1).
+ICLR 2018, arXiv:1706.06083.
 Threat models: "pgd" ||x_adv - x||_inf <= eps; "pgd-l2" ||x_adv - x||_2 <= eps per sample; x_adv in [0, 1].
 Defaults [paper, CIFAR-10 training]: L-inf eps 8/255, alpha 2/255, 10 steps, uniform random start.
 L2 defaults (eps 0.5, alpha 0.1) follow torchattacks' PGDL2 and the RobustBench L2 track.

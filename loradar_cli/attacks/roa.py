@@ -1,4 +1,4 @@
-"""ROA: rectangular occlusion attack, a physically realisable sticker (methods.md §5.3).
+"""ROA: rectangular occlusion attack, a physically realisable sticker.
 
 Wu, Tong, Vorobeychik, "Defending Against Physically Realizable Attacks on Image Classification",
 ICLR 2020, arXiv:1909.09552; official code `tongwu2020/phattacks` (`ROA/ROA.py`).

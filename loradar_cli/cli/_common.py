@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from loradar_cli import names
 from loradar_cli.errors import InvalidValueError, LoradarError
 
 console = Console(stderr=True)
@@ -28,7 +29,8 @@ DataOpt = Annotated[
     str,
     typer.Option(
         "--data",
-        help="digits | mnist:DIR | fashion-mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR | npz:FILE",
+        help=f"Dataset spec KIND or KIND:PATH, KIND one of {names.choices(names.DATASETS)} "
+        "(e.g. digits, mnist:DIR, cifar10:DIR, imagefolder:DIR, npz:FILE).",
     ),
 ]
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use only the first N examples of the split.")]

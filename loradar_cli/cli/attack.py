@@ -5,6 +5,7 @@ from typing import Annotated
 
 import typer
 
+from loradar_cli import names
 from loradar_cli.cli._common import (
     AlphaOpt,
     AttackOptOpt,
@@ -30,7 +31,7 @@ from loradar_cli.cli._tables import kv_table
 @run_command
 def attack_cli(
     base: Annotated[str, typer.Option("--base", help="Base model in the store.")],
-    attack: Annotated[str, typer.Option("--attack", help="fgsm, pgd, pgd-l2, roa, fia.")],
+    attack: Annotated[str, typer.Option("--attack", help=f"Attack: {names.choices(names.ATTACKS)}.")],
     out: Annotated[Path, typer.Option("--out", help="Output .safetensors file.")],
     adapter: Annotated[str | None, typer.Option("--adapter", help="Attack the base with this adapter applied.")] = None,
     data: DataOpt = "digits",

@@ -4,6 +4,7 @@ from typing import Annotated
 
 import typer
 
+from loradar_cli import names
 from loradar_cli.cli._combine import (
     AdvSetsOpt,
     BaseOpt,
@@ -37,7 +38,8 @@ def ensemble_vote_cli(
         list[str] | None,
         typer.Option(
             "--method",
-            help="majority (ties by summed probability), weighted, soft or route; repeatable [default: majority].",
+            help=f"{names.choices(names.ENSEMBLE_METHODS)} (majority breaks ties by summed probability); "
+            "repeatable [default: majority].",
         ),
     ] = None,
     weights: WeightsOpt = None,

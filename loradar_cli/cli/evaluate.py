@@ -5,6 +5,7 @@ from typing import Annotated
 
 import typer
 
+from loradar_cli import names
 from loradar_cli.cli._combine import IdentifierOpt, WeightsOpt, parse_weights
 from loradar_cli.cli._common import (
     AlphaOpt,
@@ -41,7 +42,9 @@ def eval_cli(
     no_base: Annotated[bool, typer.Option("--no-base", help="Skip the base row when adapters are given.")] = False,
     vote: Annotated[
         list[str] | None,
-        typer.Option("--vote", help="Add an ensemble row: majority, weighted or soft vote of --members; repeatable."),
+        typer.Option(
+            "--vote", help=f"Add an ensemble row: {names.choices(names.VOTE_METHODS)} vote of --members; repeatable."
+        ),
     ] = None,
     route: Annotated[bool, typer.Option("--route", help="Add an identify-then-route row over --members.")] = False,
     members: Annotated[

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from loradar_cli import names
 from loradar_cli.cli._combine import (
     AdvSetsOpt,
     BaseOpt,
@@ -70,7 +71,11 @@ def identify_cli(
     ] = None,
     mode: Annotated[
         str,
-        typer.Option("--mode", help="rule (most confident adapter, with a margin) or calibrated (needs --identifier)."),
+        typer.Option(
+            "--mode",
+            help=f"{names.choices(names.IDENTIFY_MODES)}: rule picks the most confident adapter (with a margin); "
+            "calibrated needs --identifier.",
+        ),
     ] = "rule",
     identifier: Annotated[str | None, typer.Option("--identifier", help="Fitted identifier (calibrated mode).")] = None,
     margin: Annotated[

@@ -4,6 +4,7 @@ from typing import Annotated
 
 import typer
 
+from loradar_cli import names
 from loradar_cli.cli._combine import BaseOpt, layers_table, parse_weights, weights_table
 from loradar_cli.cli._common import (
     JsonOpt,
@@ -24,7 +25,10 @@ def merge_cli(
     adapters: Annotated[list[str], typer.Argument(help="Adapters to merge ('-' reads names from stdin).")],
     name: Annotated[str, typer.Option("--name", help="Name of the merged adapter.")],
     method: Annotated[
-        str, typer.Option("--method", help="tts (AMT test-time scores), linear, ties or cat.")
+        str,
+        typer.Option(
+            "--method", help=f"{names.choices(names.MERGE_METHODS)} (tts: AMT test-time scores on --support)."
+        ),
     ] = "linear",
     base: BaseOpt = None,
     weights: Annotated[
@@ -75,7 +79,7 @@ def merge_cli(
             augment=augment,
             seed=seed,
         )
-        if method == "tts" and support
+        if support
         else None
     )
     meta, report = merge_adapters(

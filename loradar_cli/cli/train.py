@@ -4,6 +4,7 @@ from typing import Annotated
 
 import typer
 
+from loradar_cli import names
 from loradar_cli.cli._common import (
     AlphaOpt,
     AttackOptOpt,
@@ -30,10 +31,14 @@ from loradar_cli.cli._tables import kv_table
 @run_command
 def train_cli(
     base: Annotated[str, typer.Option("--base", help="Base model in the store.")],
-    attack: Annotated[str, typer.Option("--attack", help="Attack to specialise against: fgsm, pgd, pgd-l2, roa, fia.")],
+    attack: Annotated[
+        str, typer.Option("--attack", help=f"Attack to specialise against: {names.choices(names.ATTACKS)}.")
+    ],
     name: Annotated[str, typer.Option("--name", help="Name of the new adapter.")],
     data: DataOpt = "digits",
-    recipe: Annotated[str, typer.Option("--recipe", help="loradar (clean + adversarial batch) or pgd-at.")] = "loradar",
+    recipe: Annotated[
+        str, typer.Option("--recipe", help=f"Training recipe: {names.choices(names.RECIPES)}.")
+    ] = "loradar",
     eps: EpsOpt = None,
     alpha: AlphaOpt = None,
     steps: StepsOpt = None,
@@ -50,7 +55,7 @@ def train_cli(
     targets: Annotated[
         str | None,
         typer.Option(
-            "--targets", help="Preset (block-conv1, convs, attn-mlp, all), regex or comma list of module suffixes."
+            "--targets", help=f"Preset ({names.choices(names.TARGET_PRESETS)}), regex or comma list of module suffixes."
         ),
     ] = None,
     train_head: Annotated[bool, typer.Option("--train-head/--frozen-head")] = True,

@@ -26,20 +26,18 @@ from loradar_cli.lora.inject import head_tensors
 from loradar_cli.models import ImageClassifier
 from loradar_cli.ops.merge import (
     DEFAULT_TIES_DENSITY,
+    MERGE_METHODS,
+    MergeMethod,
     TTSResult,
     augment_support,
     cat_merge,
     check_compatible,
-    linear_merge,
     merge_heads,
     refactor,
-    ties_merge,
     tts_scores,
 )
 from loradar_cli.store.meta import AdapterMeta, BaseMeta
 from loradar_cli.store.store import Adapter, Store
-
-MERGE_METHODS = ("tts", "linear", "ties", "cat")
 
 
 @dataclass(frozen=True)
@@ -70,9 +68,8 @@ def merge_adapters(
     tts: TTSOptions | None = None,
     overwrite: bool = False,
 ) -> tuple[AdapterMeta, dict[str, Any]]:
-    """Merge adapters in ΔW space (tts, linear, ties, cat) into a new adapter; returns its metadata and a report."""
-    if method not in MERGE_METHODS:
-        raise InvalidValueError(f"unknown merge method {method!r} (valid: {', '.join(MERGE_METHODS)})")
+    """Merge adapters with a registered method (`MERGE_METHODS`) into a new adapter; returns its metadata and a report."""
+    spec = _merge_method(method)
     if rank is not None and rank < 1:
         raise InvalidValueError(f"--rank must be >= 1, got {rank}")
     store.check_free("adapter", name, overwrite)
@@ -80,18 +77,17 @@ def merge_adapters(
     deltas = [adapter_deltas(a) for a in members.adapters]
     check_compatible(deltas, members.names)
     report: dict[str, Any] = {"name": name, "method": method, "parents": members.names}
-    w = _merge_weights(members, method, weights, tts, report)
+    w = _merge_weights(members, spec, weights, tts, report)
     report["weights"] = w
-    if method == "cat":
-        layers = _cat_layers(members, w)
+    if spec.merge is None:
+        layers = _cat_layers(members, w, spec.name)
         report["layers"] = {n: {"rank": layer.rank, "energy": 1.0, "rel_error": 0.0} for n, layer in layers.items()}
     else:
-        merged = ties_merge(deltas, w, density) if method == "ties" else linear_merge(deltas, w)
-        layers, report["layers"] = _refactor_all(merged, members, rank)
-        if method == "ties":
+        layers, report["layers"] = _refactor_all(spec.merge(deltas, w, density), members, rank)
+        if spec.uses_density:
             report["density"] = density
     report["rank"] = rank
-    head_w = _ties_head_weights(w) if method == "ties" else w
+    head_w = spec.head_weights(w)
     head_name, head = _merged_head(members, head_w)
     report["head"] = (
         None if head_name is None else {"module": head_name, "rule": "h0 + sum_i w_i (h_i - h0)", "weights": head_w}
@@ -104,33 +100,34 @@ def merge_adapters(
     return meta, report
 
 
+def _merge_method(method: str) -> MergeMethod:
+    """The registered merge method, or an InvalidValueError listing the valid ones."""
+    if method not in MERGE_METHODS:
+        raise InvalidValueError(f"unknown merge method {method!r} (valid: {', '.join(MERGE_METHODS)})")
+    return MERGE_METHODS.get(method)
+
+
 def _merge_weights(
-    members: Members, method: str, weights: Sequence[float] | None, tts: TTSOptions | None, report: dict[str, Any]
+    members: Members, spec: MergeMethod, weights: Sequence[float] | None, tts: TTSOptions | None, report: dict[str, Any]
 ) -> list[float]:
-    """The merge weights: AMT scores for tts, else the given ones or the method's default."""
+    """The merge weights: test-time scores for a scored method, else the given ones or the method's default."""
     k = len(members.adapters)
-    if method == "tts":
+    if spec.scored:
         if tts is None:
-            raise InvalidValueError("--method tts needs a support set (--support SPEC or an adversarial-set file)")
+            raise InvalidValueError(f"merge method {spec.name!r} needs a support set (a data spec or adversarial set)")
         if weights is not None:
-            raise InvalidValueError("--weights cannot be combined with --method tts (the scores set the weights)")
+            raise InvalidValueError(f"merge method {spec.name!r} sets its own weights from scores; give no weights")
         result, support = tts_merge_weights(members, tts)
         report["scores"] = _score_rows(members.names, result)
         report["tts"] = {"lam": result.lam, "beta": result.beta, "top_k": result.top_k}
         report["support"] = support
         return list(result.weight)
     if weights is None:
-        return [1.0] * k if method == "ties" else [1.0 / k] * k
+        return spec.default_weights(k)
     values = [float(v) for v in weights]
     if len(values) != k or not all(math.isfinite(v) for v in values):
         raise InvalidValueError(f"need {k} finite weights (one per adapter), got {values}")
     return values
-
-
-def _ties_head_weights(weights: Sequence[float]) -> list[float]:
-    """TIES averages agreeing entries, so its heads are averaged too: weights scaled to sum 1 (if they can be)."""
-    total = sum(weights)
-    return [w / total for w in weights] if total != 0.0 else list(weights)
 
 
 def _score_rows(names: Sequence[str], result: TTSResult) -> list[dict[str, Any]]:
@@ -192,12 +189,13 @@ def _refactor_layer(name: str, delta: Tensor, groups: int, cap: int) -> tuple[Te
     return a, b, info
 
 
-def _cat_layers(members: Members, weights: Sequence[float]) -> dict[str, Layer]:
+def _cat_layers(members: Members, weights: Sequence[float], method: str) -> dict[str, Layer]:
     """Exact concatenation of the members' factors (rank Σ rᵢ, scale 1)."""
     for adapter in members.adapters:
         if adapter.meta.dense_deltas:
             raise IncompatibleError(
-                f"--method cat needs LoRA factors; {adapter.meta.name!r} has dense deltas", hint="use --method linear"
+                f"merge method {method!r} needs LoRA factors; {adapter.meta.name!r} has dense deltas",
+                hint="use --method linear",
             )
     merged = cat_merge(
         [{n: factors_of(layer) for n, layer in adapter_layers(a).items()} for a in members.adapters], weights

@@ -1,14 +1,15 @@
-"""Merging LoRA adapters in ΔW space (ecosystem.md §6.2): linear, TIES, exact concatenation, SVD re-factoring.
+"""Merging LoRA adapters in ΔW space: linear, TIES, exact concatenation, SVD re-factoring; the merge registry.
 
 Every adapter is a dict `deltas: {module name: ΔW}` with ΔW already scaled (ΔW = s·B·A; Linear [out, in],
-Conv2d [out, in/g, kh, kw]). Merging ΔW directly avoids PEFT's factor-wise `linear` cross terms (§3.6: relative
-error 1.00); weights [1, 0, …] reproduce the first adapter exactly. Factors use PEFT's layout: Linear A [r, in],
-B [out, r]; Conv2d A [r, in/g, kh, kw], B [out, r/g, 1, 1]. AMT's test-time scoring (methods.md §1.8) lives in
+Conv2d [out, in/g, kh, kw]). Merging ΔW directly avoids the cross terms of a factor-wise linear merge (averaging A
+and B separately); weights [1, 0, …] reproduce the first adapter exactly. Factors use PEFT's layout: Linear A [r, in],
+B [out, r]; Conv2d A [r, in/g, kh, kw], B [out, r/g, 1, 1]. AMT's test-time scoring lives in
 `ops.tts` and is re-exported here.
 """
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -19,9 +20,12 @@ from loradar_cli.errors import IncompatibleError, InvalidValueError
 from loradar_cli.lora.layers import conv_delta
 from loradar_cli.ops._linalg import ENERGY_TOL, check_weights, energy_fraction, flatten, numerical_rank, svd64
 from loradar_cli.ops.tts import TTSResult, augment_support, tts_scores
+from loradar_cli.registry import Registry
 
 __all__ = [
+    "MERGE_METHODS",
     "LoraFactors",
+    "MergeMethod",
     "RefactorInfo",
     "TTSResult",
     "augment_support",
@@ -247,3 +251,75 @@ def merge_heads(heads_list: Sequence[Mapping[str, Tensor]], weights: Sequence[fl
     check_compatible(heads_list, names=[f"head #{i}" for i in range(len(heads_list))])
     w = check_weights(weights, len(heads_list), what="heads")
     return {key: _weighted_sum([h[key] for h in heads_list], w) for key in heads_list[0]}
+
+
+# ---------------------------------------------------------------- the merge-method registry
+
+DeltaMerge = Callable[[Sequence[Mapping[str, Tensor]], Sequence[float], float], dict[str, Tensor]]
+
+
+def _uniform(k: int) -> list[float]:
+    return [1.0 / k] * k
+
+
+def _ones(k: int) -> list[float]:
+    return [1.0] * k
+
+
+def _sum_to_one(weights: Sequence[float]) -> list[float]:
+    """Weights scaled to sum 1 (if they can be): for methods that average rather than add."""
+    total = sum(weights)
+    return [w / total for w in weights] if total != 0.0 else list(weights)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One way of merging adapters, everything the merge job needs to know about it.
+
+    `merge(deltas_list, weights, density)` combines ΔWs (re-factored by SVD afterwards); None means the method
+    concatenates the LoRA factors exactly instead. `default_weights(k)` applies when the user gives none;
+    `head_weights` maps the merge weights to the classifier heads' weights; `scored` methods take their weights
+    from AMT's test-time scores on a support set, never from the user.
+    """
+
+    name: str
+    summary: str
+    merge: DeltaMerge | None
+    default_weights: Callable[[int], list[float]] = _uniform
+    head_weights: Callable[[Sequence[float]], list[float]] = list
+    scored: bool = False
+    uses_density: bool = False
+
+
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
+
+
+def register_merge_method(method: MergeMethod) -> MergeMethod:
+    """Add a merge method (and its name to `loradar_cli.names.MERGE_METHODS`)."""
+    return MERGE_METHODS.add(method.name, method)
+
+
+def _linear(deltas_list: Sequence[Mapping[str, Tensor]], weights: Sequence[float], density: float) -> dict[str, Tensor]:
+    return linear_merge(deltas_list, weights)
+
+
+register_merge_method(MergeMethod("linear", "task arithmetic Σ wᵢ·ΔWᵢ (exact in ΔW space)", _linear))
+register_merge_method(
+    MergeMethod(
+        "tts",
+        "AMT test-time scores on a support set weight a linear merge (Liu et al.)",
+        _linear,
+        scored=True,
+    )
+)
+register_merge_method(
+    MergeMethod(
+        "ties",
+        "TIES-Merging: trim, elect sign, disjoint mean (Yadav et al., NeurIPS 2023)",
+        ties_merge,
+        default_weights=_ones,
+        head_weights=_sum_to_one,
+        uses_density=True,
+    )
+)
+register_merge_method(MergeMethod("cat", "exact concatenation of the LoRA factors (rank Σ rᵢ)", None))

@@ -61,7 +61,7 @@ def trim_deltas(
 def full_weight_trim(w0: Tensor, delta: Tensor, keep: float) -> tuple[Tensor, FullTrimInfo]:
     """AMT trim: W = W0 + ΔW (conv flattened), keep its top q = ⌊keep·min(d)⌋ triplets, return trimmed(W) − W0.
 
-    Exact float64 SVD (AMT's code uses a randomised `svd_lowrank`; methods.md §1.9 allows the exact one).
+    Exact float64 SVD (AMT's code uses a randomised `svd_lowrank`; the exact one gives the same triplets, deterministically).
     q must be >= 1; the returned ΔW has the shape and dtype of `delta` and is dense in general.
     """
     if tuple(w0.shape) != tuple(delta.shape):

@@ -1,4 +1,6 @@
-"""AMT test-time scoring of pool members (methods.md §1.8, "Algorithm 2" as in the authors' code).
+"""AMT test-time scoring of pool members ("Algorithm 2" as in the authors' code).
+
+Yang, Liu & Wei, "Mixture of Adversarial LoRAs: Boosting Robust Generalization in Meta-Tuning", NeurIPS 2024.
 
 Each adapter i is scored on a labelled support set by how compact (C_i) and how separated (V_i) the augmented
 support features are around the clean-support class prototypes; the top-k scores become merge weights.

@@ -1,18 +1,21 @@
-"""Ensemble votes over K attack-specific adapters (LoRADAR, methods.md §5.1); probs are [K, B, C] softmax outputs."""
+"""Ensemble votes over K attack-specific adapters (the LoRADAR ensemble); probs are [K, B, C] softmax outputs."""
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from loradar_cli.errors import InvalidValueError
+from loradar_cli.registry import Registry
 
 __all__ = [
     "DEFAULT_RELIABILITY_KEYS",
     "VOTE_METHODS",
     "Reliability",
+    "VoteMethod",
     "majority_vote",
     "normalise_weights",
     "reliability_weights",
@@ -21,7 +24,6 @@ __all__ = [
     "weighted_vote",
 ]
 
-VOTE_METHODS = ("majority", "weighted", "soft")
 DEFAULT_RELIABILITY_KEYS = ("val_robust_acc", "robust_acc", "val_acc")
 
 
@@ -63,16 +65,33 @@ def soft_vote(probs: Tensor) -> Tensor:
     return probs.to(torch.float64).mean(dim=0).argmax(dim=-1)
 
 
+@dataclass(frozen=True)
+class VoteMethod:
+    """A registered vote: `decide(probs [K, B, C], weights or None) -> labels [B]`; some need one weight per voter."""
+
+    name: str
+    summary: str
+    decide: Callable[[Tensor, Sequence[float] | Tensor | None], Tensor]
+    needs_weights: bool = False
+
+
+VOTE_METHODS: Registry[VoteMethod] = Registry("vote method")
+for _method in (
+    VoteMethod("majority", "the class most voters predict", lambda probs, _: majority_vote(probs)),
+    VoteMethod("soft", "argmax of the mean probability", lambda probs, _: soft_vote(probs)),
+    VoteMethod("weighted", "argmax of the weighted mean probability", weighted_vote, needs_weights=True),
+):
+    VOTE_METHODS.add(_method.name, _method)
+
+
 def vote(probs: Tensor, method: str, weights: Sequence[float] | Tensor | None = None) -> Tensor:
-    """Dispatch to one of VOTE_METHODS; "weighted" needs weights (e.g. from `reliability_weights`)."""
-    dispatch: Mapping[str, Callable[[Tensor], Tensor]] = {"majority": majority_vote, "soft": soft_vote}
-    if method == "weighted":
-        if weights is None:
-            raise InvalidValueError("the weighted vote needs one weight per adapter")
-        return weighted_vote(probs, weights)
-    if method not in dispatch:
+    """Decide with a registered vote method; "weighted" needs weights (e.g. from `reliability_weights`)."""
+    if method not in VOTE_METHODS:
         raise InvalidValueError(f"unknown vote method {method!r} (valid: {', '.join(VOTE_METHODS)})")
-    return dispatch[method](probs)
+    spec = VOTE_METHODS.get(method)
+    if spec.needs_weights and weights is None:
+        raise InvalidValueError(f"the {method} vote needs one weight per adapter")
+    return spec.decide(probs, weights)
 
 
 class Reliability(BaseModel):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from loradar_cli.attacks import ATTACK_NAMES, ATTACKS, Attack, attack_names, build_attack
+from loradar_cli.attacks import ATTACKS, Attack, attack_names, build_attack
 from loradar_cli.errors import InvalidValueError, NotFoundError
 
 from .conftest import changed_box
@@ -32,8 +32,18 @@ def assert_within_threat_model(attack: Attack, x_adv: Tensor, x: Tensor) -> None
             assert box is not None and box[0] <= h and box[1] <= w
 
 
-def test_names_constant_matches_registry() -> None:
-    assert ATTACK_NAMES == tuple(ATTACKS.names()) == tuple(attack_names())
+def test_every_module_of_the_package_registers_its_attack() -> None:
+    """Attacks register by existing: each public module of loradar_cli.attacks contributes one name."""
+    import pkgutil
+
+    import loradar_cli.attacks as package
+
+    modules = [
+        m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_") and m.name != "base"
+    ]
+    registered_modules = {cls.__module__.rsplit(".", 1)[1] for cls in map(ATTACKS.get, ATTACKS.names())}
+    assert registered_modules == set(modules)
+    assert tuple(attack_names()) == tuple(ATTACKS.names())
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())

@@ -11,7 +11,7 @@ from loradar_cli.combine import (
 from loradar_cli.data import load_data
 from loradar_cli.errors import IncompatibleError, InvalidValueError
 from loradar_cli.loading import load_model
-from loradar_cli.ops.merge import augment_support, tts_scores
+from loradar_cli.ops.merge import MERGE_METHODS, augment_support, tts_scores
 from tests.combine.conftest import NAMES, base_plus, delta_of, head_of
 
 
@@ -60,14 +60,55 @@ def test_merge_at_lower_rank_keeps_the_stated_energy(pool):
         np.testing.assert_allclose(stored[layer].flatten(1).numpy(), s[0] * np.outer(u[:, 0], vt[0]), atol=1e-5)
 
 
-def test_ties_merge_stores_a_valid_adapter(pool, x):
-    meta, report = merge_adapters(pool, ["a", "b"], name="mties", method="ties", density=0.5)
+def test_ties_merge_stores_the_ties_of_the_members_deltas(pool, x):
+    _, report = merge_adapters(pool, ["a", "b"], name="mties", method="ties", density=0.5)
     assert report["weights"] == [1.0, 1.0] and report["density"] == 0.5
     ha, hb = head_of(pool, "a"), head_of(pool, "b")
     torch.testing.assert_close(head_of(pool, "mties")["weight"], (ha["weight"] + hb["weight"]) / 2)  # heads averaged
-    assert all(info["rank"] <= 4 for info in report["layers"].values())
+    da, db, stored = delta_of(pool, "a"), delta_of(pool, "b"), delta_of(pool, "mties")
+    for layer in da:
+        ties = _numpy_ties([da[layer].numpy(), db[layer].numpy()], 0.5).reshape(da[layer].shape[0], -1)
+        k = report["layers"][layer]["rank"]  # TIES output is full rank: stored as its best rank-k approximation
+        u, s, vt = np.linalg.svd(ties, full_matrices=False)
+        assert k == 4 and report["layers"][layer]["energy"] == pytest.approx((s[:k] ** 2).sum() / (s**2).sum())
+        best = (u[:, :k] * s[:k]) @ vt[:k]
+        np.testing.assert_allclose(stored[layer].reshape(best.shape).numpy(), best, atol=1e-5)
+
+
+def _numpy_ties(deltas: list[np.ndarray], density: float) -> np.ndarray:
+    """TIES (Yadav et al., NeurIPS 2023) on one layer, written independently: trim, elect sign, disjoint mean."""
+    flat = np.stack([d.reshape(-1) for d in deltas])
+    k = max(1, int(density * flat.shape[1] + 1e-9))
+    trimmed = np.zeros_like(flat)
+    for i, row in enumerate(flat):
+        keep = np.argsort(-np.abs(row), kind="stable")[:k]
+        trimmed[i, keep] = row[keep]
+    sign = np.where(trimmed.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(trimmed) == sign
+    count = agree.sum(0)
+    merged = np.where(count > 0, (trimmed * agree).sum(0) / np.maximum(count, 1), 0.0)
+    return merged.reshape(deltas[0].shape)
+
+
+@pytest.mark.parametrize("method", MERGE_METHODS.names())
+def test_every_merge_method_stores_a_valid_adapter(pool, x, method):
+    """Contract over the registry: one-hot weights give the first adapter back; scored methods give a valid merge."""
+    spec = MERGE_METHODS.get(method)
+    options = {"tts": TTSOptions(support="digits", shots=2)} if spec.scored else {"weights": [1, 0], "density": 1.0}
+    meta, report = merge_adapters(pool, ["a", "b"], name=f"contract-{method}", method=method, **options)
+    assert meta.parents == ["a", "b"] and meta.combination["method"] == method
     with torch.no_grad():
-        assert torch.isfinite(load_model(pool, "tiny", meta.name)(x)).all()
+        got = load_model(pool, "tiny", meta.name)(x)
+        if spec.scored:
+            weights = report["weights"]
+            assert len(weights) == 2 and all(w >= 0 for w in weights) and sum(weights) == pytest.approx(1.0)
+            da, db = delta_of(pool, "a"), delta_of(pool, "b")
+            expected = {k: weights[0] * da[k] + weights[1] * db[k] for k in da}
+            for layer, delta in delta_of(pool, meta.name).items():
+                torch.testing.assert_close(delta, expected[layer], atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(got, load_model(pool, "tiny", "a")(x), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(got).all()
 
 
 def test_incompatible_adapters_are_refused(pool):

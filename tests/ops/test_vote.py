@@ -1,10 +1,11 @@
 """ops.vote: hand-made probability tables (with ties), weights, and batched vs naive loop equality."""
 
+import numpy as np
 import pytest
 import torch
 
 from loradar_cli.errors import InvalidValueError
-from loradar_cli.ops.vote import majority_vote, reliability_weights, soft_vote, vote, weighted_vote
+from loradar_cli.ops.vote import VOTE_METHODS, majority_vote, reliability_weights, soft_vote, vote, weighted_vote
 
 # K = 4 adapters, B = 3 inputs, C = 3 classes.
 PROBS = torch.tensor(
@@ -44,7 +45,7 @@ def test_weighted_vote_rejects_bad_weights(weights):
 
 
 def test_vote_dispatch_errors():
-    with pytest.raises(InvalidValueError, match="majority, weighted, soft"):
+    with pytest.raises(InvalidValueError, match=", ".join(VOTE_METHODS.names())):
         vote(PROBS, "borda")
     with pytest.raises(InvalidValueError, match="weight"):
         vote(PROBS, "weighted")
@@ -92,3 +93,30 @@ def test_reliability_weights():
     assert rel.uniform_fallback and rel.key is None and rel.weights == pytest.approx([1 / 3] * 3)
     rel = reliability_weights([{"val_acc": 0.0}, {"val_acc": 0.0}])
     assert rel.uniform_fallback and rel.weights == [0.5, 0.5]
+
+
+def _numpy_mean_argmax(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return np.einsum("k,kbc->bc", weights / weights.sum(), probs).argmax(-1)
+
+
+@pytest.mark.parametrize("method", VOTE_METHODS.names())
+def test_every_vote_method_is_a_permutation_invariant_decision(method):
+    """Contract over the registry: labels [B] in range, unanimity wins, voter order does not matter."""
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.rand(5, 7, 4, generator=gen, dtype=torch.float64).softmax(-1)
+    weights = torch.rand(5, generator=gen, dtype=torch.float64) + 0.1
+    pred = vote(probs, method, weights)
+    assert pred.shape == (7,) and pred.dtype == torch.long and bool(((pred >= 0) & (pred < 4)).all())
+    order = torch.randperm(5, generator=gen)
+    assert torch.equal(vote(probs[order], method, weights[order]), pred)
+    unanimous = torch.nn.functional.one_hot(torch.tensor([2, 0, 3]), 4).double().expand(5, 3, 4) * 0.7 + 0.075
+    assert vote(unanimous, method, weights).tolist() == [2, 0, 3]
+
+
+def test_soft_and_weighted_votes_match_numpy():
+    gen = torch.Generator().manual_seed(4)
+    probs = torch.rand(4, 50, 6, generator=gen, dtype=torch.float64).softmax(-1)
+    weights = torch.rand(4, generator=gen, dtype=torch.float64)
+    assert vote(probs, "soft").numpy().tolist() == _numpy_mean_argmax(probs.numpy(), np.ones(4)).tolist()
+    expected = _numpy_mean_argmax(probs.numpy(), weights.numpy())
+    assert vote(probs, "weighted", weights).numpy().tolist() == expected.tolist()
