@@ -1,6 +1,5 @@
 """`merge`: ΔW-space merges (linear, ties, cat) and AMT's test-time scored merge (tts) into a new adapter."""
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from loradar_cli.errors import IncompatibleError, InvalidValueError
 from loradar_cli.loading import build_model, model_data
 from loradar_cli.lora.inject import head_tensors
 from loradar_cli.models import ImageClassifier
+from loradar_cli.ops._linalg import check_weights
 from loradar_cli.ops.merge import (
     DEFAULT_TIES_DENSITY,
     MERGE_METHODS,
@@ -124,10 +124,7 @@ def _merge_weights(
         return list(result.weight)
     if weights is None:
         return spec.default_weights(k)
-    values = [float(v) for v in weights]
-    if len(values) != k or not all(math.isfinite(v) for v in values):
-        raise InvalidValueError(f"need {k} finite weights (one per adapter), got {values}")
-    return values
+    return check_weights(weights, k)
 
 
 def _score_rows(names: Sequence[str], result: TTSResult) -> list[dict[str, Any]]:

@@ -40,11 +40,18 @@ def energy_fraction(s: Tensor, k: int) -> float:
     return 1.0 if total == 0.0 else float((s[:k] * s[:k]).sum()) / total
 
 
-def check_weights(weights: Sequence[float], n: int, what: str = "adapters") -> list[float]:
-    """Validate one finite weight per item and return them as Python floats."""
-    values = [float(w) for w in weights]
+def check_weights(
+    weights: Sequence[float] | Tensor, n: int, what: str = "adapters", *, convex: bool = False
+) -> list[float]:
+    """The one weight validator: one finite weight per item, as Python floats.
+
+    `convex` also requires them >= 0 and not all zero (votes and mixtures, which are normalised to sum 1).
+    """
+    values = [float(w) for w in (weights.flatten().tolist() if isinstance(weights, Tensor) else weights)]
     if len(values) != n:
         raise InvalidValueError(f"got {len(values)} weights for {n} {what}")
     if not all(math.isfinite(w) for w in values):
         raise InvalidValueError(f"weights must be finite, got {values}")
+    if convex and (any(w < 0 for w in values) or sum(values) == 0.0):
+        raise InvalidValueError(f"weights must be >= 0 and not all zero, got {values}")
     return values

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from loradar_cli.errors import InvalidValueError
+from loradar_cli.ops._linalg import check_weights
 from loradar_cli.registry import Registry
 
 __all__ = [
@@ -44,11 +45,7 @@ def majority_vote(probs: Tensor) -> Tensor:
 
 def normalise_weights(weights: Sequence[float] | Tensor, k: int) -> Tensor:
     """K non-negative, finite, not-all-zero weights scaled to sum 1 (float64)."""
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-    if w.numel() != k:
-        raise InvalidValueError(f"got {w.numel()} weights for {k} adapters")
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) == 0.0:
-        raise InvalidValueError(f"vote weights must be finite, >= 0 and not all zero, got {w.tolist()}")
+    w = torch.tensor(check_weights(weights, k, convex=True), dtype=torch.float64)
     return w / w.sum()
 
 
