@@ -21,6 +21,7 @@ from loradar_cli.cli._common import (
     progress_bar,
     run_command,
 )
+from loradar_cli.cli._options import positive
 from loradar_cli.cli._tables import kv_table
 
 
@@ -30,7 +31,7 @@ def finetune_cli(
     model: Annotated[str, typer.Option("--model", help="timm model name, e.g. resnet18, test_resnet.")] = "test_resnet",
     data: DataOpt = "digits",
     epochs: Annotated[int, typer.Option("--epochs", min=0, help="0 stores the (checkpoint) weights unfitted.")] = 5,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 2e-3,
+    lr: Annotated[float, typer.Option("--lr", callback=positive)] = 2e-3,
     batch_size: BatchOpt = 128,
     head_only: Annotated[bool, typer.Option("--head-only", help="Train only the classifier head.")] = False,
     pretrained: Annotated[
