@@ -57,6 +57,9 @@ def finetune_cli(
 ) -> None:
     """Fit a base model on clean data and store it (weights, timm name and kwargs, mean/std, fingerprint)."""
     from loradar_cli.jobs.finetune import finetune_base
+    from loradar_cli.models import check_model_kwargs
+
+    model_kwargs = check_model_kwargs(parse_key_values(model_kwarg, "--model-kwarg"))
 
     with progress_bar(not quiet) as progress:
         meta = finetune_base(
@@ -70,7 +73,7 @@ def finetune_cli(
             head_only=head_only,
             pretrained=pretrained,
             checkpoint=checkpoint,
-            model_kwargs=parse_key_values(model_kwarg, "--model-kwarg"),
+            model_kwargs=model_kwargs,
             img_size=img_size,
             in_chans=in_chans,
             limit=limit,
