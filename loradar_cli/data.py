@@ -8,6 +8,7 @@ seeded slice of the training set.
 import gzip
 import pickle
 import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from loradar_cli.errors import CorruptError, InvalidValueError, NotFoundError
+from loradar_cli.errors import CorruptError, InvalidValueError, LoradarWarning, NotFoundError, ProvenanceWarning
 from loradar_cli.registry import Registry
 
 SPLITS = ("train", "val", "test")
@@ -59,8 +60,12 @@ def load_data(
     channels: int | None = None,
     size: int | tuple[int, int] | None = None,
     download: bool = False,
+    report_limit: bool = True,
 ) -> ImageData:
-    """Load one split of a dataset spec, converted to `channels` and resized to `size` when given."""
+    """Load one split of a dataset spec, converted to `channels` and resized to `size` when given.
+
+    A `limit` beyond the split is reported as a warning unless `report_limit` is off (a cap, not a request).
+    """
     if split not in SPLITS:
         raise InvalidValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if limit is not None and limit < 1:
@@ -69,13 +74,77 @@ def load_data(
     if download and arg:
         download_dataset(kind, Path(arg))
     train_x, train_y, test_x, test_y = DATASETS.get(kind)(Path(arg) if arg else None)
+    train_x, train_y = check_arrays(train_x, train_y, f"{spec} (train)")
+    test_x, test_y = check_arrays(test_x, test_y, f"{spec} (test)", allow_empty=True)
     x, y = _split(train_x, train_y, test_x, test_y, split, seed)
+    if report_limit and limit is not None and limit > len(y):
+        warnings.warn(
+            f"--limit {limit} is more than the {len(y)} examples of {spec} {split}; using all {len(y)}",
+            LoradarWarning,
+            stacklevel=2,
+        )
     if limit is not None:
         x, y = x[:limit], y[:limit]
     num_classes = int(max(int(train_y.max()), int(test_y.max() if len(test_y) else 0)) + 1)
     images = to_tensor_images(x)
     images = convert_images(images, channels=channels, size=size)
     return ImageData(images, torch.as_tensor(y, dtype=torch.long), num_classes, spec)
+
+
+def check_arrays(x: np.ndarray, y: np.ndarray, what: str, *, allow_empty: bool = False) -> tuple[np.ndarray, ...]:
+    """Images and labels as a reader returned them, checked: numeric NHW/NHWC/NCHW images in range, one
+    non-negative integer label per image. Returns the labels as int64; anything else is `CorruptError`."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype.kind not in "uif" or x.ndim not in (3, 4):
+        raise CorruptError(f"{what}: images must be a numeric array of 3 or 4 dimensions, got {x.dtype} {x.shape}")
+    if y.ndim != 1 or y.dtype.kind not in "uifb" or y.dtype.kind == "b":
+        raise CorruptError(f"{what}: labels must be a 1-D integer array, got {y.dtype} of shape {y.shape}")
+    if len(x) != len(y):
+        raise CorruptError(f"{what}: {len(x)} images but {len(y)} labels")
+    if not len(y) and not allow_empty:
+        raise CorruptError(f"{what} holds no examples")
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise CorruptError(f"{what}: labels must be whole numbers (found NaN, infinite or fractional values)")
+    if len(y) and y.min() < 0:
+        raise CorruptError(f"{what}: labels must be >= 0, found {y.min()}")
+    if x.dtype.kind == "f" and len(x) and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+        raise CorruptError(f"{what}: float images must be finite and in [0, 1] (uint8 images may be 0..255)")
+    if x.dtype.kind in "iu" and x.dtype != np.uint8 and len(x) and (x.min() < 0 or x.max() > 255):
+        raise CorruptError(f"{what}: integer images must be in 0..255")
+    if x.dtype.kind in "iu" and x.dtype != np.uint8:
+        x = x.astype(np.uint8)
+    return x, y.astype(np.int64)
+
+
+def check_provenance(
+    data: ImageData, *, dataset: str, num_classes: int, mean: list[float], std: list[float], stats: bool = True
+) -> None:
+    """Warn (ProvenanceWarning, an error under --strict) when data does not look like what a base was fitted on.
+
+    Checks the dataset kind, the number of classes and, unless the base uses pretrained statistics, the
+    per-channel mean and std of the images against the base's (a mean off by more than 0.15, or a std off by
+    more than a factor of 2, means a different distribution, and accuracy on it means little).
+    """
+    problems = []
+    kind, base_kind = parse_spec(data.name)[0], dataset.partition(":")[0]
+    if kind != base_kind:
+        problems.append(f"the base was fitted on {base_kind}, this is {kind}")
+    if data.num_classes != num_classes:
+        problems.append(f"{data.num_classes} classes here, {num_classes} in the base")
+    if stats and len(data) > 1 and len(mean) == data.x.shape[1]:
+        here_mean, here_std = channel_stats(data.x)
+        mean_gap = max(abs(a - b) for a, b in zip(here_mean, mean, strict=True))
+        std_ratio = max(max(a / b, b / a) for a, b in zip(here_std, std, strict=True))
+        if mean_gap > 0.15 or std_ratio > 2:
+            problems.append(f"image mean/std {_fmt(here_mean)}/{_fmt(here_std)} vs the base's {_fmt(mean)}/{_fmt(std)}")
+    if problems:
+        warnings.warn(
+            f"{data.name} does not match the base's data: {'; '.join(problems)}", ProvenanceWarning, stacklevel=2
+        )
+
+
+def _fmt(values: list[float]) -> str:
+    return ",".join(f"{v:.2f}" for v in values)
 
 
 def _split(
@@ -106,14 +175,19 @@ def to_tensor_images(x: np.ndarray) -> Tensor:
 def convert_images(x: Tensor, *, channels: int | None = None, size: int | tuple[int, int] | None = None) -> Tensor:
     """Grayscale<->RGB conversion (repeat / ITU-R 601 luma) and bilinear resizing with antialiasing."""
     if channels is not None and x.shape[1] != channels:
-        if x.shape[1] == 1:
+        if x.shape[1] == 1 and channels == 3:
             x = x.expand(-1, channels, -1, -1).contiguous()
         elif x.shape[1] == 3 and channels == 1:
             x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
         else:
-            raise InvalidValueError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
+            raise InvalidValueError(
+                f"cannot convert {x.shape[1]}-channel images to {channels} channels",
+                hint="loradar converts between grayscale (1) and RGB (3) only",
+            )
     if size is not None:
-        hw = (size, size) if isinstance(size, int) else tuple(size)
+        hw = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else (size,)
+        if len(hw) != 2 or not all(isinstance(v, int) and v >= 1 for v in hw):
+            raise InvalidValueError(f"image size must be whole numbers >= 1, got {size}")
         if tuple(x.shape[-2:]) != hw:
             x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
     return x
@@ -151,18 +225,25 @@ def _find(root: Path, names: tuple[str, ...], subdirs: tuple[str, ...]) -> Path:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An idx file (gzip or plain): big-endian header, magic 0x0803 images / 0x0801 labels."""
+    """An idx file (gzip or plain): big-endian header, magic 0x0803 images / 0x0801 labels, unsigned bytes.
+
+    The header's dimensions must account for every byte after it: a short or long file is `CorruptError`.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
         zero, dtype, ndim = struct.unpack(">HBB", data[:4])
         if zero != 0 or dtype != 0x08:
-            raise ValueError("bad magic")
+            raise ValueError("bad magic (only unsigned-byte idx files are supported)")
+        if not 1 <= ndim <= 4:
+            raise ValueError(f"{ndim} dimensions (1 to 4 expected)")
         dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-        array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-        return array[: int(np.prod(dims))].reshape(dims)
-    except (OSError, ValueError, struct.error) as err:
+        count, offset = int(np.prod(dims, dtype=np.int64)), 4 + 4 * ndim
+        if len(data) - offset != count:
+            raise ValueError(f"the header says {dims} = {count} bytes, the file holds {len(data) - offset}")
+        return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+    except (OSError, ValueError, EOFError, struct.error) as err:
         raise CorruptError(f"cannot read idx file {path}: {err}") from None
 
 
@@ -179,6 +260,11 @@ def _read_mnist_like(folder: str) -> Reader:
                 "t10k-labels-idx1-ubyte",
             )
         ]
+        for images, labels, which in ((parts[0], parts[1], "train"), (parts[2], parts[3], "t10k")):
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                raise CorruptError(
+                    f"{which} idx files under {root}: images {images.shape} and labels {labels.shape} do not pair up"
+                )
         return parts[0], parts[1].astype(np.int64), parts[2], parts[3].astype(np.int64)
 
     return reader
@@ -295,8 +381,7 @@ def _read_image_dir(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.nd
     for label, cls in enumerate(classes):
         for path in sorted((folder / cls).glob("*")):
             if path.suffix.lower() in _IMAGE_SUFFIXES:
-                with Image.open(path) as img:
-                    images.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+                images.append(_read_image(path))
                 labels.append(label)
     if not images:
         raise NotFoundError(f"no images in {folder}")
@@ -305,6 +390,17 @@ def _read_image_dir(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.nd
         size = min(s[0] for s in shapes), min(s[1] for s in shapes)
         images = [np.asarray(Image.fromarray(im).resize(size[::-1])) for im in images]
     return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """One image file as RGB uint8; a file PIL cannot decode is `CorruptError` naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
+        raise CorruptError(f"cannot decode image {path}: {type(err).__name__}") from None
 
 
 def _read_imagefolder(root: Path | None) -> tuple[np.ndarray, ...]:
@@ -321,17 +417,25 @@ def _read_npz(path: Path | None) -> tuple[np.ndarray, ...]:
     assert path is not None
     if not path.is_file():
         raise NotFoundError(f"npz file {path} does not exist")
+    keys = ({"x_train", "y_train", "x_test", "y_test"}, {"x", "y"})
     try:
-        with np.load(path) as z:
-            if {"x_train", "y_train", "x_test", "y_test"} <= set(z.files):
-                return z["x_train"], z["y_train"].astype(np.int64), z["x_test"], z["y_test"].astype(np.int64)
-            if {"x", "y"} <= set(z.files):
-                x, y = z["x"], z["y"].astype(np.int64)
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise CorruptError(f"{path} is a single .npy array, not an npz archive")
+            if keys[0] <= set(z.files):
+                return z["x_train"], z["y_train"], z["x_test"], z["y_test"]
+            if keys[1] <= set(z.files):
+                x, y = z["x"], z["y"]
                 n_test = len(y) // 5
                 return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
-    except (OSError, ValueError) as err:
-        raise CorruptError(f"cannot read {path}: {err}") from None
-    raise CorruptError(f"{path} needs arrays x_train/y_train/x_test/y_test (or x/y)")
+            found = ", ".join(z.files) or "nothing"
+    except CorruptError:
+        raise
+    except Exception as err:  # empty, truncated or pickled archives raise EOFError, BadZipFile, ValueError, ...
+        raise CorruptError(
+            f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from None
+    raise CorruptError(f"{path} needs arrays x_train/y_train/x_test/y_test (or x/y); it holds {found}")
 
 
 DATASETS: Registry[Reader] = Registry("dataset")

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import torch
 
-from loradar_cli.data import ImageData, load_data
+from loradar_cli.data import ImageData, check_provenance, load_data
 from loradar_cli.errors import IncompatibleError, InvalidValueError
 from loradar_cli.lora.inject import PEFT_PREFIX, inject_lora, load_lora_state_dict
 from loradar_cli.lora.layers import LoraLayer
@@ -81,11 +81,28 @@ def resolve_base_for(store: Store, adapters: Sequence[str], base_name: str | Non
 
 
 def model_data(
-    spec: str, split: str, base: BaseMeta, *, seed: int = 0, limit: int | None = None, download: bool = False
+    spec: str,
+    split: str,
+    base: BaseMeta,
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+    download: bool = False,
+    report_limit: bool = True,
 ) -> ImageData:
-    """A split converted to the base's channels and input size."""
+    """A split converted to the base's channels and input size; data unlike the base's own is warned about."""
     c, h, w = base.input_size
-    data = load_data(spec, split, seed=seed, limit=limit, channels=c, size=(h, w), download=download)
+    data = load_data(
+        spec, split, seed=seed, limit=limit, channels=c, size=(h, w), download=download, report_limit=report_limit
+    )
     if data.num_classes > base.num_classes:
         raise InvalidValueError(f"{spec} has {data.num_classes} classes but base {base.name!r} has {base.num_classes}")
+    check_provenance(
+        data,
+        dataset=base.dataset,
+        num_classes=base.num_classes,
+        mean=base.mean,
+        std=base.std,
+        stats=not base.pretrained,
+    )
     return data

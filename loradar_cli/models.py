@@ -5,7 +5,11 @@ mean/std) and a sha256 fingerprint of its weights that adapters are bound to.
 """
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import logging
+import math
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +43,81 @@ class ImageClassifier(nn.Module):
         return self.model(self.normalize(x))
 
 
+# kwargs loradar sets itself (or through a dedicated option): a --model-kwarg may not override them
+RESERVED_KWARGS = {
+    "num_classes": "the data's classes set it",
+    "in_chans": "use --in-chans",
+    "pretrained": "use --pretrained",
+    "checkpoint_path": "use --checkpoint FILE",
+    "pretrained_cfg": "use --pretrained",
+    "pretrained_cfg_overlay": "use --checkpoint FILE",
+    "features_only": "loradar needs a classifier",
+}
+HUB_HOST = "huggingface.co"
+
+
+def check_model_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Refuse kwargs loradar owns, and check the common numeric ones (rates in [0, 1), img_size whole >= 1)."""
+    out = dict(kwargs)
+    for key, value in out.items():
+        if key in RESERVED_KWARGS:
+            raise InvalidValueError(f"model kwarg {key} is set by loradar", hint=RESERVED_KWARGS[key])
+        if key.endswith("_rate") and not _is_number(value, lambda v: 0 <= v < 1):
+            raise InvalidValueError(f"model kwarg {key} must be a number in [0, 1), got {value!r}")
+        if key == "img_size":
+            sides = value if isinstance(value, (list, tuple)) and len(value) == 2 else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sides):
+                raise InvalidValueError(f"model kwarg img_size must be a whole number >= 1 (or two), got {value!r}")
+    return out
+
+
+def _is_number(value: Any, test: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and test(value)
+
+
 def create_timm_model(
     name: str, *, num_classes: int, in_chans: int, pretrained: bool = False, kwargs: Mapping[str, Any] | None = None
 ) -> nn.Module:
-    """timm.create_model with a clear error for unknown names (pretrained weights need network access)."""
+    """timm.create_model with one-line errors: unknown names, rejected kwargs, pretrained weights out of reach."""
     import timm
 
     if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
         raise NotFoundError(f"unknown timm model {name!r}", hint=f"similar: {', '.join(close)}" if close else None)
+    kwargs = check_model_kwargs(kwargs or {})
     try:
-        return timm.create_model(
-            name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **dict(kwargs or {})
-        )
-    except TypeError as err:
-        raise InvalidValueError(f"timm model {name!r} rejected its arguments: {err}") from None
+        with _hub(pretrained):
+            return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except Exception as err:  # timm and its builders raise TypeError, ValueError, AssertionError, RuntimeError, ...
+        detail = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        if pretrained and isinstance(err, OSError):
+            raise NotFoundError(
+                f"cannot get timm's pretrained weights for {name!r} ({detail[:160]})",
+                hint="--pretrained needs network access or the Hugging Face cache; --checkpoint FILE uses local weights",
+            ) from None
+        raise InvalidValueError(f"timm model {name!r} rejected its arguments: {detail[:200]}") from None
+
+
+@contextmanager
+def _hub(pretrained: bool) -> Iterator[None]:
+    """Quiet Hugging Face Hub downloads; offline (cache only, no minute of retries) when the hub is unreachable."""
+    if not pretrained:
+        yield
+        return
+    import huggingface_hub.constants as hub
+
+    logger = logging.getLogger("huggingface_hub")
+    offline, level = hub.HF_HUB_OFFLINE, logger.level
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=3).close()
+    except OSError:
+        hub.HF_HUB_OFFLINE = True
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = offline
+        logger.setLevel(level)
 
 
 def pretrained_stats(model: nn.Module, in_chans: int) -> tuple[list[float], list[float]] | None:

@@ -9,7 +9,9 @@ To add an attack: write `attacks/<name>.py` with a pydantic config and a class d
 """
 
 import importlib
+import math
 import pkgutil
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -65,7 +67,11 @@ def attack_names() -> list[str]:
 
 
 def build_attack(name: str, **options: Any) -> Attack[Any]:
-    """The attack registered as `name` with its config built from `options` (errors as one-line LoradarErrors)."""
+    """The attack registered as `name` with its config built from `options` (errors as one-line LoradarErrors).
+
+    Unknown keys are refused with the valid ones listed; a boolean for a number and any non-finite number are
+    refused too (pydantic would read `true` as 1 and accept `inf` for a `ge=0` budget).
+    """
     cls = ATTACKS.get(name)
     fields = cls.config_cls.model_fields
     unknown = sorted(set(options) - set(fields))
@@ -73,11 +79,23 @@ def build_attack(name: str, **options: Any) -> Attack[Any]:
         raise InvalidValueError(
             f"unknown option(s) {', '.join(unknown)} for attack {name!r}; valid: {', '.join(fields)}"
         )
+    for key, value in options.items():
+        if isinstance(value, bool) and bool not in _types(fields[key].annotation):
+            raise InvalidValueError(f"invalid options for attack {name!r}: {key} must be a number, got {value!r}")
     try:
         config = cls.config_cls(**options)
     except ValidationError as err:
         raise InvalidValueError(f"invalid options for attack {name!r}: {_one_line(err)}") from None
+    for key, value in config:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidValueError(f"invalid options for attack {name!r}: {key} must be finite, got {value}")
     return cls(config)
+
+
+def _types(annotation: Any) -> set[Any]:
+    """The plain types a field annotation admits (`int | None` -> {int, NoneType})."""
+    args = typing.get_args(annotation)
+    return {annotation} if not args else {t for arg in args for t in _types(arg)}
 
 
 def _one_line(err: ValidationError) -> str:
@@ -94,10 +112,28 @@ def attack_fields(name: str) -> set[str]:
 def route_options(
     names: Sequence[str], shared: Mapping[str, Any], specific: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, dict[str, Any]]:
-    """Per attack: shared options it accepts, then `name.key=value` options for it alone."""
+    """Per attack: shared options it accepts, then `name.key=value` options for it alone.
+
+    A shared option that none of the named attacks accepts, and a per-attack key its attack does not have, are
+    refused with the valid keys listed: an ignored option would silently run a different attack than asked.
+    """
+    fields = {name: attack_fields(name) for name in names}
+    for key, value in shared.items():
+        if value is not None and not any(key in f for f in fields.values()):
+            valid = "; ".join(f"{n}: {', '.join(sorted(f))}" for n, f in fields.items()) or "no attack was named"
+            raise InvalidValueError(
+                f"attack option {key!r} applies to none of {', '.join(names) or '(none)'}", hint=f"valid: {valid}"
+            )
+    for name, options in specific.items():
+        if name not in fields:
+            raise InvalidValueError(f"attack option for {name!r}, which is not among {', '.join(names) or '(none)'}")
+        unknown = sorted(set(options) - fields[name])
+        if unknown:
+            raise InvalidValueError(
+                f"unknown option(s) {', '.join(unknown)} for attack {name!r}; valid: {', '.join(sorted(fields[name]))}"
+            )
     routed: dict[str, dict[str, Any]] = {}
     for name in names:
-        fields = attack_fields(name)
-        routed[name] = {k: v for k, v in shared.items() if k in fields and v is not None}
+        routed[name] = {k: v for k, v in shared.items() if k in fields[name] and v is not None}
         routed[name].update(specific.get(name, {}))
     return routed

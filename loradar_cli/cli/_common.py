@@ -5,7 +5,9 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -14,17 +16,35 @@ import typer
 from rich.console import Console
 
 from loradar_cli import names
-from loradar_cli.errors import InvalidValueError, LoradarError
+from loradar_cli.errors import (
+    INTERNAL_EXIT_CODE,
+    INTERRUPTED_EXIT_CODE,
+    IncompatibleError,
+    InvalidValueError,
+    LoradarError,
+    LoradarWarning,
+    ProvenanceWarning,
+)
+
+try:  # Typer >= 0.26 vendors Click as typer._click; its exceptions are not the click package's
+    from typer import _click as click
+except ImportError:  # pragma: no cover - older Typer runs on the click package
+    import click  # type: ignore[no-redef]
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+SEED_MAX = 2**64 - 1  # torch.manual_seed and numpy's default_rng accept [0, 2^64)
+PROGRESS_SECONDS = 5.0  # plain-line progress: at most one line per stage this often
+_state = {"strict": False}
 
 StoreOpt = Annotated[
     Path | None,
     typer.Option("--store", help="Adapter store folder [env LORADAR_STORE; default ./adapters].", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs stay on stderr).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for splits, initialisation and random starts.")]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for splits, initialisation and random starts.")
+]
 DataOpt = Annotated[
     str,
     typer.Option(
@@ -33,13 +53,13 @@ DataOpt = Annotated[
         "(e.g. digits, mnist:DIR, cifar10:DIR, imagefolder:DIR, npz:FILE).",
     ),
 ]
-LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use only the first N examples of the split.")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Use only the first N examples of the split.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing entry of that name.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables on stderr.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size.", min=1)]
 EpsOpt = Annotated[str | None, typer.Option("--eps", help="Perturbation budget in pixel units, e.g. 8/255 or 0.3.")]
 AlphaOpt = Annotated[str | None, typer.Option("--alpha", help="Step size in pixel units, e.g. 2/255.")]
-StepsOpt = Annotated[int | None, typer.Option("--steps", help="Attack iterations.")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="Attack iterations.")]
 AttackOptOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -48,23 +68,113 @@ AttackOptOpt = Annotated[
 ]
 
 
+def set_strict(strict: bool) -> None:
+    """--strict (a root option): data-provenance warnings become errors."""
+    _state["strict"] = strict
+
+
 def run_command(func: F) -> F:
-    """Turn library errors into one stderr line and an exit code; Ctrl-C into exit 130."""
+    """The one error path: every failure becomes one stderr line and an exit code, never a traceback.
+
+    LoradarError subclasses exit with their class's code, any other exception is an internal error (exit 70;
+    LORADAR_DEBUG=1 re-raises it for the traceback), Ctrl-C exits 130. Float options are checked finite here,
+    so no command can forget it; loradar's warnings print as one `warning:` line each.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(os.environ.get("LORADAR_DEBUG"))
         try:
-            return func(*args, **kwargs)
+            with _warnings_on_stderr(debug):
+                check_finite_options(kwargs)
+                return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except click.ClickException as err:
+            _fail(err.format_message(), err.exit_code)
         except LoradarError as err:
-            if os.environ.get("LORADAR_DEBUG"):
+            if debug:
                 raise
-            console.print(f"[bold red]error:[/] {err.one_line()}", highlight=False, soft_wrap=True)
-            raise typer.Exit(err.exit_code) from None
+            _fail(err.one_line(), err.exit_code)
+        except ProvenanceWarning as err:
+            if debug:
+                raise
+            _fail(f"{err} (--strict)", IncompatibleError.exit_code)
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted:[/] nothing was written", highlight=False)
-            raise typer.Exit(130) from None
+            _fail("interrupted; no partial file was left behind", INTERRUPTED_EXIT_CODE, prefix="interrupted")
+        except Exception as err:
+            if debug:
+                raise
+            known = known_error(err)
+            if known is not None:
+                _fail(known.one_line(), known.exit_code)
+            _fail(
+                f"internal error: {describe_exception(err)} (set LORADAR_DEBUG=1 for the traceback)", INTERNAL_EXIT_CODE
+            )
 
     return wrapper  # type: ignore[return-value]
+
+
+def _fail(message: str, code: int, prefix: str = "error") -> None:
+    console.print(f"[bold red]{prefix}:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True, markup=True)
+    raise typer.Exit(code)
+
+
+def describe_exception(err: BaseException) -> str:
+    """`Type: first line of the message`, short enough for one line."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def known_error(err: Exception) -> LoradarError | None:
+    """Exceptions with a known user-level cause (memory, non-finite maths) as LoradarErrors; None otherwise."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    if names & {"MemoryError", "OutOfMemoryError"}:
+        return LoradarError(
+            f"out of memory ({describe_exception(err)})", hint="use a smaller --batch-size, --rank or --limit"
+        )
+    if "LinAlgError" in names or "_LinAlgError" in names:
+        return IncompatibleError(
+            f"a matrix decomposition failed ({describe_exception(err)})",
+            hint="an adapter may hold NaN or infinite values",
+        )
+    return None
+
+
+def check_finite_options(kwargs: Mapping[str, Any]) -> None:
+    """Every float option (and list of floats) must be finite: `inf` and `nan` parse as floats but mean nothing."""
+    for name, value in kwargs.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise InvalidValueError(f"{option_flag(name)} must be a finite number, got {item}")
+
+
+def option_flag(name: str) -> str:
+    """The flag a parameter was declared with (`lora_alpha` -> `--lora-alpha`), from the running Click command."""
+    ctx = click.get_current_context(silent=True)
+    for param in ctx.command.params if ctx is not None else []:
+        if param.name == name and param.opts:
+            return max(param.opts, key=len)
+    return "--" + name.replace("_", "-")
+
+
+@contextmanager
+def _warnings_on_stderr(debug: bool) -> Iterator[None]:
+    """loradar warnings as one `warning:` line each (errors under --strict); other libraries' warnings hidden."""
+
+    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        if issubclass(category, LoradarWarning) or debug:
+            console.print(f"[yellow]warning:[/] {' '.join(str(message).split())}", highlight=False, soft_wrap=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always" if debug else "ignore")
+        warnings.simplefilter("always", LoradarWarning)
+        if _state["strict"]:
+            warnings.simplefilter("error", ProvenanceWarning)
+        warnings.showwarning = show
+        yield
 
 
 def number(text: str) -> float:
@@ -93,24 +203,40 @@ def parse_fraction(text: str | None, what: str = "--eps", *, allow_zero: bool = 
 
 
 def parse_value(text: str) -> Any:
-    """Option values: JSON scalars where they parse (true, 3, 0.5, "x"), fractions like 8/255, else the string."""
+    """Option values: JSON scalars where they parse (true, 3, 0.5, "x"), fractions like 8/255, else the string.
+
+    Non-finite numbers (`1e400`, `Infinity`, `NaN`) are refused: no option means anything with them.
+    """
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         pass
+    else:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidValueError(f"{text!r} is not a finite number")
+        return value
     try:
         return number(text)
     except ValueError:
+        if text.strip().lower() in ("inf", "+inf", "-inf", "nan", "infinity", "-infinity"):
+            raise InvalidValueError(f"{text!r} is not a finite number") from None
         return text
 
 
 def parse_key_values(items: list[str] | None, what: str) -> dict[str, Any]:
+    """KEY=VALUE items -> a dict (values through `parse_value`); a key given twice is refused."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
         if not sep or not key:
             raise InvalidValueError(f"{what} expects KEY=VALUE, got {item!r}")
-        out[key.strip().replace("-", "_")] = parse_value(value)
+        if key in out:
+            raise InvalidValueError(f"{what} {key} is given twice")
+        try:
+            out[key] = parse_value(value)
+        except InvalidValueError as err:
+            raise InvalidValueError(f"{what} {key}: {err.message}") from None
     return out
 
 
@@ -122,14 +248,19 @@ def attack_options(
 
     shared: dict[str, Any] = {"eps": parse_fraction(eps), "alpha": parse_fraction(alpha, "--alpha"), "steps": steps}
     specific: dict[str, dict[str, Any]] = {}
-    for key, value in parse_key_values(extra, "--attack-opt").items():
-        attack, dot, field = key.partition(".")
-        if dot:
-            if attack not in names:
-                raise InvalidValueError(f"--attack-opt {key}: attack {attack!r} is not among {', '.join(names)}")
-            specific.setdefault(attack, {})[field] = value
-        else:
-            shared[key] = value
+    for item in extra or []:
+        key, sep, text = item.partition("=")
+        attack, dot, field = key.strip().rpartition(".")
+        field = field.replace("-", "_")
+        if not sep or not field or (dot and not attack):
+            raise InvalidValueError(f"--attack-opt expects KEY=VALUE or ATTACK.KEY=VALUE, got {item!r}")
+        value = parse_key_values([f"{field}={text}"], "--attack-opt")[field]
+        target = specific.setdefault(attack, {}) if dot else shared
+        if dot and attack not in names:
+            raise InvalidValueError(f"--attack-opt {key}: attack {attack!r} is not among {', '.join(names)}")
+        if field in target and (dot or field not in ("eps", "alpha", "steps") or target[field] is not None):
+            raise InvalidValueError(f"--attack-opt {key} is given twice")
+        target[field] = value
     return route_options(names, shared, specific)
 
 
@@ -140,6 +271,7 @@ def emit_json(data: Any) -> None:
 
 
 def open_store(path: Path | None) -> "Any":
+    """The store at `path` (or LORADAR_STORE, or ./adapters); a root that is not a folder is refused."""
     from loradar_cli.store.store import Store
 
     return Store(path)
@@ -147,9 +279,16 @@ def open_store(path: Path | None) -> "Any":
 
 @contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
-    """A transient rich progress bar on stderr; yields a (stage, done, total) callback."""
+    """Progress on stderr: a transient rich bar on a terminal, else plain lines; yields a (stage, done, total) callback.
+
+    A 12-minute job whose stderr goes to a file must still show that it is alive, so off a terminal one line per
+    stage is written every few seconds (and when the stage ends), with its rate.
+    """
     if not enabled:
         yield lambda stage, done, total: None
+        return
+    if not console.is_terminal:
+        yield PlainProgress(console.print)
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -171,6 +310,40 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], Non
         yield update
 
 
+class PlainProgress:
+    """(stage, done, total) -> a line `stage: done/total (p %), r/s, t s` at most every `interval` s, and at the end."""
+
+    def __init__(
+        self,
+        write: Callable[..., None],
+        interval: float = PROGRESS_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.write, self.interval, self.clock = write, interval, clock
+        self.started: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = self.clock()
+        start = self.started.setdefault(stage, now)
+        if done < total and now - self.last.get(stage, start) < self.interval:
+            return
+        self.last[stage] = now
+        elapsed = now - start
+        rate = f", {done / elapsed:.1f}/s" if elapsed > 0 else ""
+        share = f" ({100 * done / total:.0f} %)" if total else ""
+        self.write(f"{stage}: {done}/{total}{share}{rate}, {elapsed:.0f} s", highlight=False, soft_wrap=True)
+
+
+def print_table(renderable: Any) -> None:
+    """Print a rich table on stderr; off a terminal as wide as its content needs, so no name is cut at 80 columns."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    width = max(console.width, console.measure(renderable).maximum)
+    console.print(renderable, width=width, crop=False)
+
+
 def read_names(names: list[str]) -> list[str]:
     """Adapter arguments; '-' reads further names from stdin (one per line or a JSON document with 'name')."""
     out: list[str] = []
@@ -186,9 +359,19 @@ def read_names(names: list[str]) -> list[str]:
 
 
 def _names_from_text(text: str) -> list[str]:
+    """One name per line, or a JSON document (a name, a list, or objects with 'name' such as `--json` output)."""
     stripped = text.strip()
-    if stripped.startswith(("{", "[")):
+    if not stripped.startswith(("{", "[")):
+        return [line.strip() for line in stripped.splitlines() if line.strip()]
+    try:
         data = json.loads(stripped)
-        items = data if isinstance(data, list) else [data]
-        return [item["name"] if isinstance(item, dict) else str(item) for item in items]
-    return [line.strip() for line in stripped.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise InvalidValueError(f"stdin is not valid JSON: {err.msg} at line {err.lineno}") from None
+    items = data if isinstance(data, list) else [data]
+    names = []
+    for item in items:
+        name = item.get("name") if isinstance(item, dict) else item
+        if not isinstance(name, str) or not name:
+            raise InvalidValueError("JSON on stdin must hold names or objects with a 'name' string")
+        names.append(name)
+    return names

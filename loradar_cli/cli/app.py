@@ -1,8 +1,11 @@
 """The `loradar` command: a Typer app whose commands import torch only when they run."""
 
+import sys
+
 import typer
 
 from loradar_cli import __version__
+from loradar_cli.cli._common import click, console, set_strict
 from loradar_cli.cli.attack import attack_cli
 from loradar_cli.cli.browse import list_cli, show_cli
 from loradar_cli.cli.ensemble_vote import ensemble_vote_cli
@@ -35,8 +38,12 @@ def root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Data that does not match a base's classes or image statistics is an error."
+    ),
 ) -> None:
     """Train, attack, evaluate and combine robust LoRA adapters."""
+    set_strict(strict)
 
 
 app.command("quickstart")(quickstart_cli)
@@ -52,5 +59,26 @@ app.command("ensemble-vote")(ensemble_vote_cli)
 app.add_typer(identify_app, name="identify-attack")
 
 
+def run(args: list[str] | None = None) -> int:
+    """Run the CLI on `args` and return the exit code; Click's usage errors become one stderr line too."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="loradar", standalone_mode=False)
+    except typer.Exit as done:
+        return done.exit_code
+    except typer.Abort:
+        console.print("[bold red]interrupted:[/] no partial file was left behind", highlight=False)
+        return 130
+    except click.ClickException as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # `loradar` alone: the help, as Click prints it
+            console.print(err.format_message(), highlight=False, markup=False)
+            return err.exit_code
+        where = f" (see: {err.ctx.command_path} --help)" if getattr(err, "ctx", None) is not None else ""
+        message = " ".join(err.format_message().split())
+        console.print(f"[bold red]error:[/] {message}{where}", highlight=False, soft_wrap=True)
+        return err.exit_code
+    return result if isinstance(result, int) else 0
+
+
 def main() -> None:
-    app()
+    sys.exit(run())

@@ -21,6 +21,7 @@ from loradar_cli.cli._common import (
     progress_bar,
     run_command,
 )
+from loradar_cli.cli._options import positive
 from loradar_cli.cli._tables import kv_table
 
 
@@ -30,7 +31,7 @@ def finetune_cli(
     model: Annotated[str, typer.Option("--model", help="timm model name, e.g. resnet18, test_resnet.")] = "test_resnet",
     data: DataOpt = "digits",
     epochs: Annotated[int, typer.Option("--epochs", min=0, help="0 stores the (checkpoint) weights unfitted.")] = 5,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 2e-3,
+    lr: Annotated[float, typer.Option("--lr", callback=positive)] = 2e-3,
     batch_size: BatchOpt = 128,
     head_only: Annotated[bool, typer.Option("--head-only", help="Train only the classifier head.")] = False,
     pretrained: Annotated[
@@ -56,6 +57,9 @@ def finetune_cli(
 ) -> None:
     """Fit a base model on clean data and store it (weights, timm name and kwargs, mean/std, fingerprint)."""
     from loradar_cli.jobs.finetune import finetune_base
+    from loradar_cli.models import check_model_kwargs
+
+    model_kwargs = check_model_kwargs(parse_key_values(model_kwarg, "--model-kwarg"))
 
     with progress_bar(not quiet) as progress:
         meta = finetune_base(
@@ -69,7 +73,7 @@ def finetune_cli(
             head_only=head_only,
             pretrained=pretrained,
             checkpoint=checkpoint,
-            model_kwargs=parse_key_values(model_kwarg, "--model-kwarg"),
+            model_kwargs=model_kwargs,
             img_size=img_size,
             in_chans=in_chans,
             limit=limit,

@@ -32,6 +32,7 @@ from loradar_cli.cli._common import (
     read_names,
     run_command,
 )
+from loradar_cli.cli._options import positive
 
 DEFAULT_COMMAND = "predict"
 
@@ -144,7 +145,7 @@ def identify_fit_cli(
         str, typer.Option("--clean", help="base: add the base model's outputs as features; none.")
     ] = "base",
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Full-batch optimiser steps.")] = 300,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 0.05,
+    lr: Annotated[float, typer.Option("--lr", callback=positive)] = 0.05,
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 1e-3,
     base: BaseOpt = None,
     limit: LimitOpt = None,

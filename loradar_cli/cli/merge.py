@@ -18,6 +18,7 @@ from loradar_cli.cli._common import (
     read_names,
     run_command,
 )
+from loradar_cli.cli._options import fraction, non_negative, unit_interval
 
 
 @run_command
@@ -43,7 +44,9 @@ def merge_cli(
             help="Keep at most R singular triplets per layer (default: exact, at most the sum of ranks).",
         ),
     ] = None,
-    density: Annotated[float, typer.Option("--density", help="ties: fraction of each ΔW's entries kept.")] = 0.2,
+    density: Annotated[
+        float, typer.Option("--density", callback=fraction, help="ties: fraction of each ΔW's entries kept.")
+    ] = 0.2,
     support: Annotated[
         str | None,
         typer.Option(
@@ -53,8 +56,12 @@ def merge_cli(
     ] = None,
     support_split: Annotated[str, typer.Option("--support-split", help="tts: split of a data-spec support.")] = "val",
     shots: Annotated[int, typer.Option("--shots", min=1, help="tts: support examples per class.")] = 5,
-    lam: Annotated[float, typer.Option("--lam", help="tts: score = lam·C − (1 − lam)·V.")] = 0.6,
-    beta: Annotated[float, typer.Option("--beta", help="tts: weight = exp(−beta·(1 − score)).")] = 1.0,
+    lam: Annotated[
+        float, typer.Option("--lam", callback=unit_interval, help="tts: score = lam·C − (1 − lam)·V.")
+    ] = 0.6,
+    beta: Annotated[
+        float, typer.Option("--beta", callback=non_negative, help="tts: weight = exp(−beta·(1 − score)).")
+    ] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="tts: keep the k best-scored adapters.")] = 2,
     augment: Annotated[
         bool, typer.Option("--augment/--no-augment", help="tts: score on an augmented copy of the support (AMT).")

@@ -25,6 +25,7 @@ from loradar_cli.cli._common import (
     progress_bar,
     run_command,
 )
+from loradar_cli.cli._options import non_blank, positive
 from loradar_cli.cli._tables import kv_table
 
 
@@ -47,15 +48,19 @@ def train_cli(
         bool, typer.Option("--static-attack", help="Craft attacks once against the base.")
     ] = False,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
+    lr: Annotated[float, typer.Option("--lr", callback=positive)] = 1e-3,
     step_size: Annotated[int, typer.Option("--step-size", min=1, help="StepLR period in epochs.")] = 10,
     batch_size: BatchOpt = 128,
     rank: Annotated[int, typer.Option("--rank", "-r", min=1)] = 4,
-    lora_alpha: Annotated[float | None, typer.Option("--lora-alpha", help="Default: the rank (scale 1).")] = None,
+    lora_alpha: Annotated[
+        float | None, typer.Option("--lora-alpha", callback=positive, help="Default: the rank (scale 1).")
+    ] = None,
     targets: Annotated[
         str | None,
         typer.Option(
-            "--targets", help=f"Preset ({names.choices(names.TARGET_PRESETS)}), regex or comma list of module suffixes."
+            "--targets",
+            callback=non_blank,
+            help=f"Preset ({names.choices(names.TARGET_PRESETS)}), regex or comma list of module suffixes.",
         ),
     ] = None,
     train_head: Annotated[bool, typer.Option("--train-head/--frozen-head")] = True,

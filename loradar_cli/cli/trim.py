@@ -16,6 +16,7 @@ from loradar_cli.cli._common import (
     read_names,
     run_command,
 )
+from loradar_cli.cli._options import fraction
 
 
 @run_command
@@ -26,7 +27,7 @@ def trim_cli(
     energy: Annotated[
         float | None,
         typer.Option(
-            "--energy", min=0.0, max=1.0, help="Keep the fewest triplets holding this fraction of each ΔW's Σσ²."
+            "--energy", callback=fraction, help="Keep the fewest triplets holding this fraction of each ΔW's Σσ²."
         ),
     ] = None,
     full_weight: Annotated[
@@ -38,7 +39,7 @@ def trim_cli(
         ),
     ] = False,
     keep: Annotated[
-        float, typer.Option("--keep", min=0.0, max=1.0, help="--full-weight: fraction p of min(d_out, d_in) kept.")
+        float, typer.Option("--keep", callback=fraction, help="--full-weight: fraction p of min(d_out, d_in) kept.")
     ] = 0.7,
     layers: Annotated[
         str | None,

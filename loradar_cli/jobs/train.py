@@ -40,7 +40,7 @@ def train_and_store_adapter(
     stored = store.load_base(base)
     attack_fn = build_attack(attack, **dict(attack_options or {}))
     train = model_data(data, "train", stored.meta, seed=config.seed, limit=limit)
-    val = model_data(data, "val", stored.meta, seed=config.seed, limit=val_limit)
+    val = model_data(data, "val", stored.meta, seed=config.seed, limit=val_limit, report_limit=False)
     model = build_model(stored)
     spec = lora_spec_for(model, r=r, lora_alpha=lora_alpha, targets=targets, train_head=train_head)
     torch.manual_seed(config.seed)

