@@ -142,7 +142,7 @@ def test_wrong_base_and_corrupt_adapter_leave_store_unchanged(tiny):
     assert result.exit_code == 1 and "trained on base 'tiny'" in result.stderr
     (store.adapter_dir(adapter.name) / "adapter_model.safetensors").write_bytes(b"garbage")
     result = invoke("eval", "--store", str(store.root), "--adapter", adapter.name)
-    assert result.exit_code == 1 and "not a readable safetensors" in result.stderr
+    assert result.exit_code == 1 and "does not match its sha256" in result.stderr
     assert sorted(p.name for p in store.root.rglob("*")) == before
 
 
