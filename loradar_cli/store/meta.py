@@ -41,6 +41,7 @@ class BaseMeta(_Meta):
     metrics: dict[str, float] = Field(default_factory=dict)
     seed: int | None = None
     fingerprint: str
+    origin: dict[str, Any] = Field(default_factory=dict)
 
 
 class AdapterMeta(_Meta):

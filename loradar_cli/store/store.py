@@ -194,6 +194,20 @@ class Store:
     def has_base(self, name: str) -> bool:
         return self.has("base", name)
 
+    def resolve_kind(self, name: str, kind: str | None = None) -> str:
+        """The kind of the entry called `name`: `kind` if given, else the only kind holding that name."""
+        if kind is not None:
+            if kind not in KINDS:
+                raise InvalidValueError(f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+            return kind
+        kinds = self.kinds_of(name)
+        if not kinds:
+            every = sorted({n for k in KINDS for n in self.names(k)})
+            raise NotFoundError(f"no entry {name!r} in {self.root}", hint=_suggest(name, every))
+        if len(kinds) > 1:
+            raise InvalidValueError(f"{name!r} names a {' and a '.join(kinds)}; pass --kind")
+        return kinds[0]
+
     def kinds_of(self, name: str) -> list[str]:
         """Every kind that has an entry called `name` (names are unique per kind only)."""
         out = []
@@ -316,28 +330,9 @@ class Store:
         return _parse_meta(data, self.entry_dir(kind, name) / spec.meta_file, spec.meta_model)
 
     def _load(self, kind: str, name: str, *, legacy: bool = False) -> tuple[Any, dict[str, Any]]:
-        """Metadata and every file of an entry, fully checked: hashes, schema, tensors, config agreement."""
-        spec = KINDS[kind]
-        folder = self.entry_dir(kind, name)
-        files = self.read_files(kind, name, spec.files, legacy=legacy)
-        meta = _parse_meta(files[spec.meta_file], folder / spec.meta_file, spec.meta_model)
-        if getattr(meta, "name", name) != name:
-            raise CorruptError(f"{folder / spec.meta_file} names {meta.name!r}, not {name!r}")
-        tensors = _parse_tensors(files[spec.weights_file], folder / spec.weights_file)
-        label = f"{kind} {name!r}"
-        if kind == "base":
-            if weights_fingerprint(tensors) != meta.fingerprint:
-                raise CorruptError(f"{label}: weights do not match their recorded sha256 fingerprint")
-        else:
-            recorded = meta.tensors_sha256
-            if recorded and weights_fingerprint(tensors) != recorded:
-                raise CorruptError(f"{label}: tensors do not match their recorded sha256")
-        if kind == "adapter":
-            check_peft_config(meta, files[ADAPTER_CONFIG], folder / ADAPTER_CONFIG)
-            check_adapter_tensors(meta, tensors, label)
-        else:
-            _check_finite(tensors, label)
-        return meta, tensors
+        """Metadata and tensors of an entry, fully checked: hashes, schema, tensors, config agreement."""
+        files = self.read_files(kind, name, KINDS[kind].files, legacy=legacy)
+        return check_entry_files(kind, name, files, self.entry_dir(kind, name))
 
     # ------------------------------------------------------------------ bases
     def save_base(self, meta: BaseMeta, state: Mapping[str, Tensor], *, overwrite: bool = False) -> Path:
@@ -397,8 +392,9 @@ class Store:
 
     def load_identifier(self, name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """The JSON metadata (as stored, every field kept) and tensors of an identifier, fully checked."""
-        meta, tensors = self._load("identifier", name)
-        return meta.model_dump(mode="json", exclude_unset=True), tensors
+        files = self.read_files("identifier", name, KINDS["identifier"].files)
+        _, tensors = check_entry_files("identifier", name, files, self.identifier_dir(name))
+        return json.loads(files[IDENTIFIER_META]), tensors
 
     # ------------------------------------------------------------------ dependencies
     def references(self) -> list[Ref]:
@@ -567,6 +563,32 @@ class Store:
         finally:
             if not mine or kind != "store":
                 lock.release(path)
+
+
+def check_entry_files(kind: str, name: str, files: Mapping[str, bytes], folder: Path) -> tuple[Any, dict[str, Any]]:
+    """Parse and check an entry's file contents (already matched to its manifest): schema, name, tensors."""
+    spec = KINDS[kind]
+    for filename in spec.files:
+        if filename not in files:
+            raise CorruptError(f"{folder / filename} is missing")
+    meta = _parse_meta(files[spec.meta_file], folder / spec.meta_file, spec.meta_model)
+    if getattr(meta, "name", name) != name:
+        raise CorruptError(f"{folder / spec.meta_file} names {meta.name!r}, not {name!r}")
+    tensors = _parse_tensors(files[spec.weights_file], folder / spec.weights_file)
+    label = f"{kind} {name!r}"
+    if kind == "base":
+        if weights_fingerprint(tensors) != meta.fingerprint:
+            raise CorruptError(f"{label}: weights do not match their recorded sha256 fingerprint")
+    else:
+        recorded = meta.tensors_sha256
+        if recorded and weights_fingerprint(tensors) != recorded:
+            raise CorruptError(f"{label}: tensors do not match their recorded sha256")
+    if kind == "adapter":
+        check_peft_config(meta, files[ADAPTER_CONFIG], folder / ADAPTER_CONFIG)
+        check_adapter_tensors(meta, tensors, label)
+    else:
+        _check_finite(tensors, label)
+    return meta, tensors
 
 
 def _valid(name: str, kind: str) -> bool:
