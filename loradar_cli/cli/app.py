@@ -13,9 +13,12 @@ from loradar_cli.cli.evaluate import eval_cli
 from loradar_cli.cli.finetune import finetune_cli
 from loradar_cli.cli.identify_attack import identify_app
 from loradar_cli.cli.merge import merge_cli
+from loradar_cli.cli.mv import mv_cli
 from loradar_cli.cli.quickstart import quickstart_cli
+from loradar_cli.cli.rm import rm_cli
 from loradar_cli.cli.train import train_cli
 from loradar_cli.cli.trim import trim_cli
+from loradar_cli.cli.verify import verify_cli
 
 app = typer.Typer(
     name="loradar",
@@ -53,6 +56,9 @@ app.command("attack")(attack_cli)
 app.command("eval")(eval_cli)
 app.command("list")(list_cli)
 app.command("show")(show_cli)
+app.command("rm")(rm_cli)
+app.command("mv")(mv_cli)
+app.command("verify")(verify_cli)
 app.command("merge")(merge_cli)
 app.command("trim")(trim_cli)
 app.command("ensemble-vote")(ensemble_vote_cli)

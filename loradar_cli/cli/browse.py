@@ -1,63 +1,84 @@
-"""`loradar list` and `loradar show`: browse the store."""
+"""`loradar list` and `loradar show`: browse the store (bases, adapters, identifiers) and adapters' lineage."""
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from loradar_cli.cli._common import JsonOpt, StoreOpt, console, emit_json, open_store, run_command
 from loradar_cli.cli._tables import pct
 
+KIND_HELP = "base, adapter or identifier"
+
 
 @run_command
-def list_cli(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
-    """List bases and adapters in the store."""
-    the_store = open_store(store)
-    bases = [the_store.base_meta(n) for n in the_store.base_names()]
-    adapters = [the_store.adapter_meta(n) for n in the_store.adapter_names()]
+def list_cli(
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+    kind: Annotated[str | None, typer.Option("--kind", help=f"Only this kind: {KIND_HELP}.")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Only entries of this base (and the base).")] = None,
+    attack: Annotated[str | None, typer.Option("--attack", help="Only adapters specialised to this attack.")] = None,
+    recipe: Annotated[
+        str | None, typer.Option("--recipe", help="Only adapters of this recipe or combination (linear, trim...).")
+    ] = None,
+) -> None:
+    """List the store's entries: names one per line on stdout, a table on stderr (or --json)."""
+    from loradar_cli.jobs.browse import list_entries
+
+    report = list_entries(open_store(store), kind=kind, base=base, attack=attack, recipe=recipe)
+    for problem in report.skipped:
+        console.print(f"[yellow]skipped:[/] {problem} (run loradar verify)", highlight=False, soft_wrap=True)
     if json_out:
-        emit_json(
-            {
-                "store": str(the_store.root),
-                "bases": [b.model_dump(mode="json") for b in bases],
-                "adapters": [a.model_dump(mode="json") for a in adapters],
-            }
-        )
+        emit_json(report.as_json())
         return
-    table = Table(title=f"store {the_store.root}")
-    for col in ("name", "kind", "model", "attack / data", "layers", "val clean", "val robust"):
-        table.add_column(col)
-    for b in bases:
-        table.add_row(b.name, "base", b.timm_model, b.dataset, "", pct(b.metrics.get("val_clean_acc")), "")
-    for a in adapters:
-        kind = a.recipe or a.combination.get("method", "derived")
-        table.add_row(
-            a.name,
-            kind,
-            a.timm_model,
-            a.attack or "",
-            str(len(a.lora.targets)),
-            pct(a.metrics.get("val_clean_acc")),
-            pct(a.metrics.get("val_robust_acc")),
-        )
-    console.print(table)
+    for row in report.rows:
+        print(row.name)
+    _print_table(report)
+
+
+def _print_table(report: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"store {report.store}")
+    for col in ("name", "kind", "model", "base", "recipe", "attack / data", "val clean", "val robust"):
+        table.add_column(col, no_wrap=True, justify="right" if col.startswith("val") else "left")
+    for r in report.rows:
+        table.add_row(r.name, r.kind, r.model, r.base, r.recipe, r.attack, pct(r.val_clean), pct(r.val_robust))
+    _wide_console().print(table, crop=False)
+
+
+def _wide_console() -> Any:
+    """The stderr console; piped or redirected, one as wide as the content (rich would cut at 80 columns)."""
+    from rich.console import Console
+
+    return console if console.is_terminal else Console(stderr=True, width=10_000, no_color=True)
 
 
 @run_command
 def show_cli(
-    name: Annotated[str, typer.Argument(help="Adapter or base name.")],
+    name: Annotated[str, typer.Argument(help="Adapter, base or identifier name.")],
+    kind: Annotated[str | None, typer.Option("--kind", help=f"{KIND_HELP} (when two kinds share the name).")] = None,
     store: StoreOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show the full metadata of an adapter (or base)."""
+    """Print an entry's metadata (JSON on stdout) and, for adapters, its lineage as a tree on stderr."""
+    from loradar_cli.jobs.browse import lineage, show_entry
+
     the_store = open_store(store)
-    meta = (
-        the_store.adapter_meta(name)
-        if the_store.has_adapter(name) or not the_store.has_base(name)
-        else the_store.base_meta(name)
-    )
-    data = meta.model_dump(mode="json")
+    resolved, data = show_entry(the_store, name, kind)
     if json_out:
         emit_json(data)
         return
-    console.print_json(data=data)
+    if resolved == "adapter":
+        _wide_console().print(_tree(lineage(the_store, name)), crop=False)
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _tree(node: Any, tree: Any = None) -> Any:
+    from rich.tree import Tree
+
+    label = node.label if node.how is None else f"{node.how}: {node.label}"
+    branch = Tree(label, highlight=False) if tree is None else tree.add(label, highlight=False)
+    for child in node.children:
+        _tree(child, branch)
+    return branch

@@ -10,7 +10,7 @@ from loradar_cli.lora.spec import LoraSpec
 
 SCHEMA_VERSION = 1
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-RESERVED_NAMES = frozenset({"bases", "identifiers"})
+RESERVED_NAMES = frozenset({"bases", "identifiers", "loradar-store.json"})
 
 
 def now() -> datetime:
@@ -41,6 +41,7 @@ class BaseMeta(_Meta):
     metrics: dict[str, float] = Field(default_factory=dict)
     seed: int | None = None
     fingerprint: str
+    origin: dict[str, Any] = Field(default_factory=dict)
 
 
 class AdapterMeta(_Meta):
@@ -61,6 +62,29 @@ class AdapterMeta(_Meta):
     dense_deltas: list[str] = Field(default_factory=list)
     seed: int | None = None
     tensors_sha256: str = ""
+
+
+class IdentifierMeta(BaseModel):
+    """A stored attack identifier: the fields the store relies on; the identifier's own fields pass through."""
+
+    model_config = ConfigDict(frozen=True, extra="allow", protected_namespaces=())
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: Name
+    members: list[str] = Field(min_length=1)
+    mode: str | None = None
+    features: list[str] | None = None
+    base: str | None = None
+    base_fingerprint: str | None = None
+    tensors_sha256: str | None = None
+
+
+def newer_schema(raw: object) -> int | None:
+    """The schema_version of parsed metadata if it is newer than this code reads (so the error can name it)."""
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        return version
+    return None
 
 
 def peft_config(meta: AdapterMeta) -> dict[str, Any]:

@@ -1,14 +1,18 @@
-"""Store: `<root>/<adapter>/` in PEFT's layout plus loradar.json, bases in `<root>/bases/<name>/`.
+"""Store: adapters in `<root>/<name>/` (PEFT layout + loradar.json), bases in `<root>/bases/<name>/`, attack
+identifiers in `<root>/identifiers/<name>/`; every entry holds a manifest.json with the sha256 of each file.
 
-Every write goes to a hidden temporary folder first and is renamed into place, so an interrupted or failed
-write never leaves a half-written entry. Reads verify the metadata schema and the tensors' sha256.
+Writes build a hidden `.tmp-<name>-*` folder and swap it into place in one atomic rename (renameat2
+RENAME_EXCHANGE when replacing), under a per-entry flock, so readers see the old entry or the new one, never a
+mix, and two writers of one name never both succeed. Readers skip hidden names; the next writer removes the
+leftovers of killed writers (and puts back an entry a kill left aside). No path under the root that is a
+symbolic link is followed.
 """
 
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,9 +20,29 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from torch import Tensor
 
-from loradar_cli.errors import CorruptError, ExistsError, InvalidValueError, NotFoundError
+from loradar_cli.errors import CorruptError, ExistsError, IncompatibleError, InvalidValueError, NotFoundError
+from loradar_cli.files import dir_mode, exchange, make_temp_dir, read_file, write_new_file
 from loradar_cli.models import weights_fingerprint
-from loradar_cli.store.meta import RESERVED_NAMES, AdapterMeta, BaseMeta, Name, peft_config
+from loradar_cli.store import lock
+from loradar_cli.store.manifest import (
+    MANIFEST,
+    STORE_FORMAT,
+    STORE_MARKER,
+    check_format,
+    check_hash,
+    json_bytes,
+    manifest_bytes,
+    parse_manifest,
+)
+from loradar_cli.store.meta import (
+    RESERVED_NAMES,
+    AdapterMeta,
+    BaseMeta,
+    IdentifierMeta,
+    Name,
+    newer_schema,
+    peft_config,
+)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -28,7 +52,33 @@ BASE_META = "base.json"
 IDENTIFIER_WEIGHTS = "identifier.safetensors"
 IDENTIFIER_META = "identifier.json"
 DEFAULT_STORE = Path("adapters")
+LEFTOVER_PREFIXES = (".tmp-", ".old-", ".rm-")
+PEFT_PREFIX = "base_model.model."
+DENSE_SUFFIX = "weight_delta"
 M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of store entry: where it lives and which files make it."""
+
+    key: str
+    folder: str | None
+    meta_file: str
+    weights_file: str
+    meta_model: type[BaseModel]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        extra = (ADAPTER_CONFIG,) if self.key == "adapter" else ()
+        return (self.meta_file, *extra, self.weights_file)
+
+
+KINDS: dict[str, Kind] = {
+    "base": Kind("base", "bases", BASE_META, BASE_WEIGHTS, BaseMeta),
+    "adapter": Kind("adapter", None, ADAPTER_META, ADAPTER_WEIGHTS, AdapterMeta),
+    "identifier": Kind("identifier", "identifiers", IDENTIFIER_META, IDENTIFIER_WEIGHTS, IdentifierMeta),
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +91,15 @@ class Adapter:
 class Base:
     meta: BaseMeta
     state: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Ref:
+    """`source` (kind, name) needs `target` (kind, name) as its `relation` (base, parent, member)."""
+
+    source: tuple[str, str]
+    target: tuple[str, str]
+    relation: str
 
 
 def default_root() -> Path:
@@ -61,184 +120,590 @@ def check_name(name: str, what: str = "adapter") -> str:
     return name
 
 
+def leftover_name(entry: str) -> str | None:
+    """The entry name inside a `.tmp-<name>-XXXXXXXX` / `.old-` / `.rm-` folder name, else None."""
+    for prefix in LEFTOVER_PREFIXES:
+        if entry.startswith(prefix):
+            name, dash, _ = entry[len(prefix) :].rpartition("-")
+            return name if dash and name else None
+    return None
+
+
 class Store:
-    """Bases and adapters under one root folder."""
+    """Bases, adapters and identifiers under one root folder."""
 
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root is not None else default_root()
 
     # ------------------------------------------------------------------ paths and listing
+    def kind_dir(self, kind: str) -> Path:
+        folder = KINDS[kind].folder
+        return self.root / folder if folder else self.root
+
+    def entry_dir(self, kind: str, name: str) -> Path:
+        return self.kind_dir(kind) / check_name(name, kind)
+
     def adapter_dir(self, name: str) -> Path:
-        return self.root / check_name(name)
+        return self.entry_dir("adapter", name)
 
     def base_dir(self, name: str) -> Path:
-        return self.root / "bases" / check_name(name, "base")
+        return self.entry_dir("base", name)
+
+    def identifier_dir(self, name: str) -> Path:
+        return self.entry_dir("identifier", name)
+
+    def names(self, kind: str) -> list[str]:
+        """Entries of a kind, skipping hidden folders (temporary and aside copies), links and invalid names."""
+        folder = self.kind_dir(kind)
+        if folder != self.root and folder.is_symlink():
+            return []
+        try:
+            children = list(folder.iterdir()) if folder.is_dir() else []
+        except OSError:
+            return []
+        meta_file = KINDS[kind].meta_file
+        out = []
+        for p in children:
+            if p.name.startswith(".") or p.is_symlink() or not (p / meta_file).is_file():
+                continue
+            if kind == "adapter" and p.name in RESERVED_NAMES:
+                continue
+            try:
+                check_name(p.name, kind)
+            except InvalidValueError:
+                continue
+            out.append(p.name)
+        return sorted(out)
 
     def adapter_names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if (p / ADAPTER_META).is_file())
+        return self.names("adapter")
 
     def base_names(self) -> list[str]:
-        bases = self.root / "bases"
-        return sorted(p.name for p in bases.iterdir() if (p / BASE_META).is_file()) if bases.is_dir() else []
+        return self.names("base")
+
+    def identifier_names(self) -> list[str]:
+        return self.names("identifier")
+
+    def has(self, kind: str, name: str) -> bool:
+        folder = self.entry_dir(kind, name)
+        return not folder.is_symlink() and (folder / KINDS[kind].meta_file).is_file()
 
     def has_adapter(self, name: str) -> bool:
-        return (self.adapter_dir(name) / ADAPTER_META).is_file()
+        return self.has("adapter", name)
 
     def has_base(self, name: str) -> bool:
-        return (self.base_dir(name) / BASE_META).is_file()
+        return self.has("base", name)
+
+    def resolve_kind(self, name: str, kind: str | None = None) -> str:
+        """The kind of the entry called `name`: `kind` if given, else the only kind holding that name."""
+        if kind is not None:
+            if kind not in KINDS:
+                raise InvalidValueError(f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+            return kind
+        kinds = self.kinds_of(name)
+        if not kinds:
+            every = sorted({n for k in KINDS for n in self.names(k)})
+            raise NotFoundError(f"no entry {name!r} in {self.root}", hint=_suggest(name, every))
+        if len(kinds) > 1:
+            raise InvalidValueError(f"{name!r} names a {' and a '.join(kinds)}; pass --kind")
+        return kinds[0]
+
+    def kinds_of(self, name: str) -> list[str]:
+        """Every kind that has an entry called `name` (names are unique per kind only)."""
+        out = []
+        for kind in KINDS:
+            try:
+                if self.has(kind, name):
+                    out.append(kind)
+            except InvalidValueError:
+                continue
+        return out
 
     def check_free(self, what: str, name: str, overwrite: bool = False) -> Path:
         """The folder a new base, adapter or identifier will be written to: a valid name, free unless `overwrite`.
 
-        Commands call this before any work, so a taken name fails at once rather than after training.
+        Commands call this before any work, so a taken name fails at once rather than after training; it also
+        claims the name for this process, so a concurrent writer of the same name fails at once too.
         """
-        folders = {"adapter": self.adapter_dir, "base": self.base_dir, "identifier": self.identifier_dir}
-        target = folders[what](name)
+        target = self.entry_dir(what, name)
         self._refuse_taken(target, what, overwrite)
+        self._check_no_links(what)
+        if self.root.is_dir():
+            lock.claim(lock.lock_path(self.root, what, name), f"{what} {name!r}")
         return target
 
     def _refuse_taken(self, target: Path, what: str, overwrite: bool) -> None:
-        if target.exists() and not overwrite:
+        if (target.exists() or target.is_symlink()) and not overwrite:
             raise ExistsError(f"{what} {target.name!r} already exists in {self.root}", hint="pass --overwrite")
+
+    def _check_no_links(self, kind: str) -> None:
+        folder = self.kind_dir(kind)
+        if folder != self.root and folder.is_symlink():
+            raise CorruptError(f"{folder} is a symbolic link; the store never follows links out of its root")
+
+    # ------------------------------------------------------------------ store format
+    def store_format(self) -> int:
+        """1 for a store written by loradar 0.1 (or empty), else the format in loradar-store.json."""
+        marker = self.root / STORE_MARKER
+        if not marker.is_file() or marker.is_symlink():
+            return 1
+        try:
+            doc = json.loads(read_file(marker))
+        except (OSError, ValueError):
+            raise CorruptError(f"{marker} is not readable JSON") from None
+        return check_format(doc.get("format") if isinstance(doc, dict) else None, f"store {self.root}")
+
+    def _ensure_format(self) -> None:
+        """Before a write: create the root, and migrate a format-1 store by giving each intact entry a manifest."""
+        if not self.root.exists():
+            self.root.mkdir(parents=True)
+            os.chmod(self.root, dir_mode())
+        elif not self.root.is_dir():
+            raise InvalidValueError(f"store {self.root} is not a folder")
+        if self.store_format() >= STORE_FORMAT:
+            return
+        with self._claimed("store", "format", "the store"):
+            if self.store_format() >= STORE_FORMAT:
+                return
+            for kind in KINDS:
+                for name in self.names(kind):
+                    self._migrate_entry(kind, name)
+            marker = self.root / STORE_MARKER
+            tmp = marker.with_name(f".tmp-{STORE_MARKER}-{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            write_new_file(tmp, json_bytes({"format": STORE_FORMAT}))
+            os.replace(tmp, marker)
+
+    def _migrate_entry(self, kind: str, name: str) -> None:
+        """Add manifest.json to a format-1 entry whose legacy checks pass (a damaged one is left for verify)."""
+        folder = self.entry_dir(kind, name)
+        if (folder / MANIFEST).exists():
+            return
+        try:
+            self._load(kind, name, legacy=True)
+            files = {f: read_file(folder / f) for f in KINDS[kind].files}
+        except (CorruptError, IncompatibleError, OSError):
+            return
+        tmp = folder / f".tmp-{MANIFEST}-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        write_new_file(tmp, manifest_bytes(kind, name, files))
+        os.replace(tmp, folder / MANIFEST)
+
+    # ------------------------------------------------------------------ reading
+    def read_files(self, kind: str, name: str, filenames: Iterable[str], *, legacy: bool = False) -> dict[str, bytes]:
+        """Bytes of an entry's files, each checked against the entry's manifest (format-1 entries: unchecked)."""
+        folder = self.entry_dir(kind, name)
+        self._check_no_links(kind)
+        if folder.is_symlink():
+            raise CorruptError(f"{folder} is a symbolic link; the store never follows links out of its root")
+        if not (folder / KINDS[kind].meta_file).is_file():
+            raise NotFoundError(f"no {kind} {name!r} in {self.root}", hint=_suggest(name, self.names(kind)))
+        hashes = self._manifest(kind, name, legacy=legacy)
+        out: dict[str, bytes] = {}
+        for filename in filenames:
+            path = folder / filename
+            try:
+                data = read_file(path)
+            except FileNotFoundError:
+                raise CorruptError(f"{path} is missing") from None
+            except OSError as err:
+                raise CorruptError(f"cannot read {path}: {err.strerror or type(err).__name__}") from None
+            out[filename] = data if hashes is None else check_hash(data, hashes.get(filename), path)
+        return out
+
+    def _manifest(self, kind: str, name: str, *, legacy: bool = False) -> dict[str, str] | None:
+        path = self.entry_dir(kind, name) / MANIFEST
+        try:
+            data = read_file(path)
+        except FileNotFoundError:
+            if legacy or self.store_format() < STORE_FORMAT:
+                return None
+            raise CorruptError(f"{kind} {name!r} has no {MANIFEST}; its files cannot be checked") from None
+        except OSError as err:
+            raise CorruptError(f"cannot read {path}: {err.strerror or type(err).__name__}") from None
+        return parse_manifest(data, path, kind, name)
+
+    def meta(self, kind: str, name: str) -> Any:
+        """The validated metadata of an entry of any kind (its file checked against the manifest)."""
+        spec = KINDS[kind]
+        data = self.read_files(kind, name, [spec.meta_file])[spec.meta_file]
+        return _parse_meta(data, self.entry_dir(kind, name) / spec.meta_file, spec.meta_model)
+
+    def _load(self, kind: str, name: str, *, legacy: bool = False) -> tuple[Any, dict[str, Any]]:
+        """Metadata and tensors of an entry, fully checked: hashes, schema, tensors, config agreement."""
+        files = self.read_files(kind, name, KINDS[kind].files, legacy=legacy)
+        return check_entry_files(kind, name, files, self.entry_dir(kind, name))
 
     # ------------------------------------------------------------------ bases
     def save_base(self, meta: BaseMeta, state: Mapping[str, Tensor], *, overwrite: bool = False) -> Path:
         meta = meta.model_copy(update={"fingerprint": weights_fingerprint(state)})
-        files = {BASE_META: _json_bytes(meta.model_dump(mode="json"))}
-        return self._write(self.base_dir(meta.name), files, {BASE_WEIGHTS: state}, overwrite, "base")
+        files = {BASE_META: json_bytes(meta.model_dump(mode="json")), BASE_WEIGHTS: _tensor_bytes(state)}
+        return self.write_entry("base", meta.name, files, overwrite=overwrite)
 
     def base_meta(self, name: str) -> BaseMeta:
-        folder = self.base_dir(name)
-        if not (folder / BASE_META).is_file():
-            raise NotFoundError(f"no base {name!r} in {self.root}", hint=_suggest(name, self.base_names()))
-        return _read_meta(folder / BASE_META, BaseMeta)
+        return self.meta("base", name)
 
     def load_base(self, name: str) -> Base:
-        meta = self.base_meta(name)
-        state = _read_tensors(self.base_dir(name) / BASE_WEIGHTS)
-        if weights_fingerprint(state) != meta.fingerprint:
-            raise CorruptError(f"base {name!r}: weights do not match their recorded sha256 fingerprint")
+        meta, state = self._load("base", name)
         return Base(meta, state)
 
     # ------------------------------------------------------------------ adapters
     def save_adapter(self, meta: AdapterMeta, tensors: Mapping[str, Tensor], *, overwrite: bool = False) -> Path:
         meta = meta.model_copy(update={"tensors_sha256": weights_fingerprint(tensors)})
+        check_adapter_tensors(meta, tensors, f"adapter {meta.name!r}")
         files = {
-            ADAPTER_META: _json_bytes(meta.model_dump(mode="json")),
-            ADAPTER_CONFIG: _json_bytes(peft_config(meta)),
+            ADAPTER_META: json_bytes(meta.model_dump(mode="json")),
+            ADAPTER_CONFIG: json_bytes(peft_config(meta)),
+            ADAPTER_WEIGHTS: _tensor_bytes(tensors),
         }
-        return self._write(self.adapter_dir(meta.name), files, {ADAPTER_WEIGHTS: tensors}, overwrite, "adapter")
+        return self.write_entry("adapter", meta.name, files, overwrite=overwrite)
 
     def adapter_meta(self, name: str) -> AdapterMeta:
-        folder = self.adapter_dir(name)
-        if not (folder / ADAPTER_META).is_file():
-            raise NotFoundError(f"no adapter {name!r} in {self.root}", hint=_suggest(name, self.adapter_names()))
-        return _read_meta(folder / ADAPTER_META, AdapterMeta)
+        return self.meta("adapter", name)
 
     def load_adapter(self, name: str) -> Adapter:
-        meta = self.adapter_meta(name)
-        tensors = _read_tensors(self.adapter_dir(name) / ADAPTER_WEIGHTS)
-        if weights_fingerprint(tensors) != meta.tensors_sha256:
-            raise CorruptError(f"adapter {name!r}: tensors do not match their recorded sha256")
+        meta, tensors = self._load("adapter", name)
         return Adapter(meta, tensors)
 
     def delete_adapter(self, name: str) -> None:
-        folder = self.adapter_dir(name)
-        if not folder.is_dir():
-            raise NotFoundError(f"no adapter {name!r} in {self.root}")
-        shutil.rmtree(folder)
+        self.remove("adapter", name, force=True)
 
     # ------------------------------------------------------------------ attack identifiers
-    def identifier_dir(self, name: str) -> Path:
-        return self.root / "identifiers" / check_name(name, "identifier")
-
-    def identifier_names(self) -> list[str]:
-        folder = self.root / "identifiers"
-        return sorted(p.name for p in folder.iterdir() if (p / IDENTIFIER_META).is_file()) if folder.is_dir() else []
-
     def save_identifier(
         self, name: str, meta: Mapping[str, Any], tensors: Mapping[str, Tensor], *, overwrite: bool = False
     ) -> Path:
         """Write `<root>/identifiers/<name>/` (JSON metadata + safetensors weights) atomically."""
-        files = {IDENTIFIER_META: _json_bytes(dict(meta))}
-        return self._write(self.identifier_dir(name), files, {IDENTIFIER_WEIGHTS: tensors}, overwrite, "identifier")
+        raw = {"name": name, **dict(meta)}
+        try:
+            checked = IdentifierMeta.model_validate(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise InvalidValueError(
+                f"identifier {name!r}: {'.'.join(map(str, first['loc']))}: {first['msg']}"
+            ) from None
+        if checked.name != name:
+            raise InvalidValueError(f"identifier metadata names {checked.name!r}, not {name!r}")
+        _check_finite(tensors, f"identifier {name!r}")
+        files = {IDENTIFIER_META: json_bytes(raw), IDENTIFIER_WEIGHTS: _tensor_bytes(tensors)}
+        return self.write_entry("identifier", name, files, overwrite=overwrite)
+
+    def identifier_meta(self, name: str) -> IdentifierMeta:
+        return self.meta("identifier", name)
 
     def load_identifier(self, name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """The raw JSON metadata and tensors of a stored identifier (the caller validates them)."""
-        folder = self.identifier_dir(name)
-        if not (folder / IDENTIFIER_META).is_file():
-            raise NotFoundError(f"no identifier {name!r} in {self.root}", hint=_suggest(name, self.identifier_names()))
+        """The JSON metadata (as stored, every field kept) and tensors of an identifier, fully checked."""
+        files = self.read_files("identifier", name, KINDS["identifier"].files)
+        _, tensors = check_entry_files("identifier", name, files, self.identifier_dir(name))
+        return json.loads(files[IDENTIFIER_META]), tensors
+
+    # ------------------------------------------------------------------ dependencies
+    def references(self) -> list[Ref]:
+        """Every link between entries: adapters on their base and parents, identifiers on members and base."""
+        refs: list[Ref] = []
+        for name in self.names("adapter"):
+            meta = self._quiet_meta("adapter", name)
+            if meta is None:
+                continue
+            refs.append(Ref(("adapter", name), ("base", meta.base), "base"))
+            refs.extend(Ref(("adapter", name), ("adapter", p), "parent") for p in meta.parents if p != name)
+        for name in self.names("identifier"):
+            meta = self._quiet_meta("identifier", name)
+            if meta is None:
+                continue
+            if meta.base:
+                refs.append(Ref(("identifier", name), ("base", meta.base), "base"))
+            members = [m for m in meta.members if not m.startswith(":")]
+            refs.extend(Ref(("identifier", name), ("adapter", m), "member") for m in members)
+        return refs
+
+    def dependents(self, kind: str, name: str) -> list[Ref]:
+        return [r for r in self.references() if r.target == (kind, name)]
+
+    def _quiet_meta(self, kind: str, name: str) -> Any:
         try:
-            meta = json.loads((folder / IDENTIFIER_META).read_bytes())
-        except (OSError, ValueError) as err:
-            raise CorruptError(f"cannot read {folder / IDENTIFIER_META}: {type(err).__name__}") from None
-        return meta, _read_tensors(folder / IDENTIFIER_WEIGHTS)
+            return self.meta(kind, name)
+        except (CorruptError, IncompatibleError, NotFoundError):
+            return None
+
+    # ------------------------------------------------------------------ remove and rename
+    def remove(self, kind: str, name: str, *, force: bool = False) -> list[Ref]:
+        """Delete an entry in one rename (then free its files); refuse while others depend on it unless `force`.
+
+        Returns the links it broke (empty unless forced).
+        """
+        folder = self.entry_dir(kind, name)
+        if not self.has(kind, name):
+            raise NotFoundError(f"no {kind} {name!r} in {self.root}", hint=_suggest(name, self.names(kind)))
+        self._ensure_format()
+        with self._claimed(kind, name, f"{kind} {name!r}"):
+            broken = _refuse_dependents(self.dependents(kind, name), force, f"remove {kind} {name!r}")
+            trash = make_temp_dir(folder.parent, f".rm-{name}-")
+            os.replace(folder, trash / "entry")
+            shutil.rmtree(trash, ignore_errors=True)
+        return broken
+
+    def rename(self, kind: str, old: str, new: str, *, force: bool = False) -> list[Ref]:
+        """Rename an entry (its metadata and manifest rewritten under the new name); refuse to break dependents."""
+        if old == new:
+            raise InvalidValueError(f"{kind} {old!r} already has that name")
+        target = self.entry_dir(kind, new)
+        meta, _ = self._load(kind, old)
+        self._ensure_format()
+        with self._claimed(kind, old, f"{kind} {old!r}"), self._claimed(kind, new, f"{kind} {new!r}"):
+            self._refuse_taken(target, kind, False)
+            broken = _refuse_dependents(self.dependents(kind, old), force, f"rename {kind} {old!r}")
+            spec = KINDS[kind]
+            files = self.read_files(kind, old, spec.files)
+            raw = json.loads(files[spec.meta_file])
+            raw["name"] = new
+            files[spec.meta_file] = json_bytes(raw)
+            if kind == "adapter":
+                files[ADAPTER_CONFIG] = json_bytes(peft_config(meta.model_copy(update={"name": new})))
+            self._install(kind, new, files, overwrite=False)
+            trash = make_temp_dir(self.kind_dir(kind), f".rm-{old}-")
+            os.replace(self.entry_dir(kind, old), trash / "entry")
+            shutil.rmtree(trash, ignore_errors=True)
+        return broken
 
     # ------------------------------------------------------------------ atomic write
-    def _write(
-        self,
-        target: Path,
-        files: Mapping[str, bytes],
-        tensor_files: Mapping[str, Mapping[str, Tensor]],
-        overwrite: bool,
-        what: str,
-    ) -> Path:
-        self._refuse_taken(target, what, overwrite)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    def write_entry(self, kind: str, name: str, files: Mapping[str, bytes], *, overwrite: bool = False) -> Path:
+        """Write an entry from file contents (a manifest is added): all of it appears at once, or none of it."""
+        target = self.entry_dir(kind, name)
+        self._refuse_taken(target, kind, overwrite)
+        self._ensure_format()
+        self._check_no_links(kind)
+        with self._claimed(kind, name, f"{kind} {name!r}"):
+            return self._install(kind, name, files, overwrite=overwrite)
+
+    def _install(self, kind: str, name: str, files: Mapping[str, bytes], *, overwrite: bool) -> Path:
+        """Stage the files in a hidden folder and rename it into place (the caller holds the entry's claim)."""
+        target = self.entry_dir(kind, name)
+        parent = target.parent
+        if not parent.exists():
+            parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(parent, dir_mode())
+        self.clean_leftovers(kind)
+        self._refuse_taken(target, kind, overwrite)
+        if target.is_symlink():
+            raise CorruptError(f"{target} is a symbolic link; the store never follows links out of its root")
+        tmp = make_temp_dir(parent, f".tmp-{name}-")
         try:
-            write_safetensors_files(tmp, tensor_files)
             for filename, data in files.items():
-                (tmp / filename).write_bytes(data)
-            if target.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
-                os.replace(target, trash / target.name)
-                os.replace(tmp, target)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        except BaseException:
+                write_new_file(tmp / filename, data)
+            write_new_file(tmp / MANIFEST, manifest_bytes(kind, name, files))
+            _fsync_dir(tmp)
+            if not target.exists():
+                os.rename(tmp, target)
+            elif not exchange(tmp, target):
+                aside = make_temp_dir(parent, f".old-{name}-")
+                os.replace(target, aside / "entry")  # a kill here leaves it aside; the next writer puts it back
+                os.rename(tmp, target)
+                tmp = aside
+            _fsync_dir(parent)
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
+
+    def leftovers(self, kind: str | None = None) -> list[Path]:
+        """Hidden `.tmp-`/`.old-`/`.rm-` folders and files that killed writers left behind."""
+        out: list[Path] = []
+        folders = {self.kind_dir(k) for k in ([kind] if kind else KINDS)}
+        for folder in sorted(folders):
+            if not folder.is_dir() or (folder != self.root and folder.is_symlink()):
+                continue
+            out.extend(sorted(p for p in folder.iterdir() if p.name.startswith(LEFTOVER_PREFIXES)))
+        for k in [kind] if kind else list(KINDS):
+            for name in self.names(k):
+                entry = self.entry_dir(k, name)
+                out.extend(sorted(p for p in entry.iterdir() if p.name.startswith(LEFTOVER_PREFIXES)))
+        return out
+
+    def clean_leftovers(self, kind: str | None = None) -> list[Path]:
+        """Remove leftovers no live writer owns (an aside copy whose entry is gone is put back); returns them."""
+        cleaned = []
+        for path in self.leftovers(kind):
+            owner_kind = self._kind_of_folder(path.parent)
+            name = leftover_name(path.name)
+            if owner_kind is None:  # inside an entry: a manifest or marker file being replaced
+                owner_kind, name = self._kind_of_folder(path.parent.parent), path.parent.name
+            if owner_kind is None or name is None or not _valid(name, owner_kind):
+                continue
+            claim_path = lock.lock_path(self.root, owner_kind, name)
+            mine = lock.held(claim_path)
+            if not mine and not lock.try_claim(claim_path):
+                continue  # a live writer is using it
+            try:
+                target = self.entry_dir(owner_kind, name)
+                saved = path / "entry"
+                if path.name.startswith(".old-") and not target.exists() and saved.is_dir():
+                    os.rename(saved, target)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                cleaned.append(path)
+            finally:
+                if not mine:
+                    lock.release(claim_path)
+        return cleaned
+
+    def _kind_of_folder(self, folder: Path) -> str | None:
+        for key in KINDS:
+            if self.kind_dir(key) == folder:
+                return key
+        return None
+
+    @contextmanager
+    def _claimed(self, kind: str, name: str, what: str) -> Iterator[None]:
+        path = lock.lock_path(self.root, kind, name)
+        mine = lock.held(path)
+        lock.claim(path, what)
+        try:
+            yield
+        finally:
+            if not mine or kind != "store":
+                lock.release(path)
+
+
+def check_entry_files(kind: str, name: str, files: Mapping[str, bytes], folder: Path) -> tuple[Any, dict[str, Any]]:
+    """Parse and check an entry's file contents (already matched to its manifest): schema, name, tensors."""
+    spec = KINDS[kind]
+    for filename in spec.files:
+        if filename not in files:
+            raise CorruptError(f"{folder / filename} is missing")
+    meta = _parse_meta(files[spec.meta_file], folder / spec.meta_file, spec.meta_model)
+    if getattr(meta, "name", name) != name:
+        raise CorruptError(f"{folder / spec.meta_file} names {meta.name!r}, not {name!r}")
+    tensors = _parse_tensors(files[spec.weights_file], folder / spec.weights_file)
+    label = f"{kind} {name!r}"
+    if kind == "base":
+        if weights_fingerprint(tensors) != meta.fingerprint:
+            raise CorruptError(f"{label}: weights do not match their recorded sha256 fingerprint")
+    else:
+        recorded = meta.tensors_sha256
+        if recorded and weights_fingerprint(tensors) != recorded:
+            raise CorruptError(f"{label}: tensors do not match their recorded sha256")
+    if kind == "adapter":
+        check_peft_config(meta, files[ADAPTER_CONFIG], folder / ADAPTER_CONFIG)
+        check_adapter_tensors(meta, tensors, label)
+    else:
+        _check_finite(tensors, label)
+    return meta, tensors
+
+
+def _valid(name: str, kind: str) -> bool:
+    try:
+        check_name(name, kind)
+    except InvalidValueError:
+        return False
+    return True
+
+
+def _refuse_dependents(refs: list[Ref], force: bool, action: str) -> list[Ref]:
+    if refs and not force:
+        raise IncompatibleError(
+            f"cannot {action}: {describe_refs(refs)}", hint="pass --force to do it anyway and orphan them"
+        )
+    return refs
+
+
+def describe_refs(refs: Iterable[Ref]) -> str:
+    """'adapter 'm' uses it as parent, identifier 'w' uses it as member'."""
+    return ", ".join(f"{r.source[0]} {r.source[1]!r} uses it as {r.relation}" for r in refs)
+
+
+def check_peft_config(meta: AdapterMeta, data: bytes, path: Path) -> None:
+    """adapter_config.json (what PEFT reads) must say what loradar.json says."""
+    try:
+        config = json.loads(data)
+    except ValueError:
+        raise CorruptError(f"{path} is not JSON") from None
+    if not isinstance(config, dict):
+        raise CorruptError(f"{path} is not a PEFT config")
+    expected = json.loads(json.dumps(peft_config(meta)))
+    wrong = [key for key, value in expected.items() if key != "inference_mode" and config.get(key) != value]
+    if wrong:
+        raise CorruptError(f"{path} disagrees with {ADAPTER_META} on {', '.join(wrong)}")
+
+
+def check_adapter_tensors(meta: AdapterMeta, tensors: Mapping[str, Tensor], label: str) -> None:
+    """Every factor the spec names is there with its rank, nothing else is, and every value is finite."""
+    spec = meta.lora
+    expected: set[str] = set()
+    for module in spec.targets:
+        a_key, b_key = f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
+        expected |= {a_key, b_key}
+        a, b = tensors.get(a_key), tensors.get(b_key)
+        if a is None or b is None:
+            raise CorruptError(f"{label}: factors of {module!r} are missing")
+        r = spec.rank_of(module)
+        if a.dim() not in (2, 4) or b.dim() != a.dim() or a.shape[0] != r or b.shape[1] != r:
+            raise CorruptError(
+                f"{label}: {module!r} factors have shapes {tuple(a.shape)} and {tuple(b.shape)}, not rank {r}"
+            )
+    expected |= {f"{PEFT_PREFIX}{module}.{DENSE_SUFFIX}" for module in meta.dense_deltas}
+    head = f"{PEFT_PREFIX}{spec.head}." if spec.head else None
+    extra = sorted(k for k in set(tensors) - expected if not (head and k.startswith(head)))
+    missing = sorted(k for k in expected if k not in tensors)
+    if extra or missing:
+        raise CorruptError(f"{label}: tensors do not match its LoRA spec (missing {missing[:2]}, extra {extra[:2]})")
+    _check_finite(tensors, label)
+
+
+def _check_finite(tensors: Mapping[str, Tensor], label: str) -> None:
+    import torch
+
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CorruptError(f"{label}: tensor {key!r} holds NaN or infinite values")
+
+
+def _tensor_bytes(tensors: Mapping[str, Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return save(clean, metadata={"format": "pt"})
 
 
 def write_safetensors_files(folder: Path, tensor_files: Mapping[str, Mapping[str, Tensor]]) -> None:
-    from safetensors.torch import save_file
-
+    """Write each tensor mapping as a safetensors file in `folder` (files created with the umask's mode)."""
     for filename, tensors in tensor_files.items():
-        clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(clean, str(folder / filename), metadata={"format": "pt", "loradar.schema_version": "1"})
+        write_new_file(folder / filename, _tensor_bytes(tensors))
 
 
-def _json_bytes(data: object) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+def _parse_tensors(data: bytes, path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load
 
-
-def _read_tensors(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CorruptError(f"{path} is missing")
     try:
-        return load_file(str(path))
+        return load(data)
     except Exception as err:
         raise CorruptError(f"{path} is not a readable safetensors file ({type(err).__name__})") from None
 
 
-def _read_meta(path: Path, model: type[M]) -> M:
+def _parse_meta(data: bytes, path: Path, model: type[M]) -> M:
     try:
-        return model.model_validate_json(path.read_bytes())
+        raw = json.loads(data)
+    except ValueError:
+        raise CorruptError(f"{path} is not JSON") from None
+    version = newer_schema(raw)
+    if version is not None:
+        raise IncompatibleError(
+            f"{path} has schema version {version}, newer than this loradar reads (1)", hint="upgrade loradar"
+        )
+    try:
+        return model.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        if where == "schema_version":
-            raise CorruptError(f"{path} has a newer schema version", hint="upgrade loradar") from None
         raise CorruptError(f"{path} is invalid: {where}: {first['msg']}") from None
-    except OSError as err:
-        raise CorruptError(f"cannot read {path}: {err}") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _suggest(name: str, names: list[str]) -> str | None:

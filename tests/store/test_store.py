@@ -5,6 +5,7 @@ import torch
 
 from loradar_cli.errors import CorruptError, ExistsError, IncompatibleError, InvalidValueError, NotFoundError
 from loradar_cli.loading import load_model
+from loradar_cli.store.manifest import MANIFEST
 from loradar_cli.store.store import ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS
 from tests.conftest import make_adapter, make_base
 
@@ -20,7 +21,7 @@ def test_round_trip_reproduces_logits_exactly(tiny):
 def test_layout_is_peft_and_metadata_validates(tiny):
     store, _, adapter, _ = tiny
     folder = store.adapter_dir(adapter.name)
-    assert {p.name for p in folder.iterdir()} == {ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_META}
+    assert {p.name for p in folder.iterdir()} == {ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_META, MANIFEST}
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     assert config["peft_type"] == "LORA" and config["target_modules"] == adapter.lora.targets
     assert config["modules_to_save"] == ["fc"]
@@ -81,10 +82,11 @@ def test_existing_name_needs_overwrite_and_failed_write_leaves_nothing(tiny):
 
     class Boom(dict):
         def items(self):
+            yield ADAPTER_META, b"{}"
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        store._write(store.adapter_dir("half"), {}, {"x.safetensors": Boom()}, False, "adapter")
+        store.write_entry("adapter", "half", Boom())
     assert sorted(p.name for p in store.root.iterdir()) == before
 
 
