@@ -10,7 +10,7 @@ RECIPES: tuple[str, ...] = ("loradar", "pgd-at")
 MERGE_METHODS: tuple[str, ...] = ("cat", "linear", "ties", "tts")
 VOTE_METHODS: tuple[str, ...] = ("majority", "soft", "weighted")
 ENSEMBLE_METHODS: tuple[str, ...] = (*VOTE_METHODS, "route")
-IDENTIFY_MODES: tuple[str, ...] = ("calibrated", "rule")
+IDENTIFY_MODES: tuple[str, ...] = ("calibrated", "relative-rule", "rule")
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "digits", "fashion-mnist", "imagefolder", "mnist", "npz")
 TARGET_PRESETS: tuple[str, ...] = ("all", "attn-mlp", "block-conv1", "convs")
 

@@ -107,3 +107,43 @@ def test_votes_stay_robust_under_adaptive_attack_and_attacks_are_identified(mnis
     assert fitted["classes"] == ["clean", "fgsm", "pgd"]
     assert report["accuracy"] > 0.6  # chance is 1/3; measured 0.78
     assert min(row["accuracy"] for row in report["sets"].values()) > 0.5  # measured: 0.69 or more per set
+
+
+FIVE_WAY = {"pgd": PGD_EVAL, "fgsm": {"eps": 0.1}, "roa": {"steps": 10}, "fia": {"eps": 0.1, "steps": 5}}
+
+
+def test_five_way_identification_on_held_out_test_sets(mnist, tmp_path):
+    """The calibrated identifier, fitted on val sets of clean, PGD, FGSM, ROA and FIA inputs crafted against the
+    base, names the family of held-out test inputs at least 85 % of the time (chance: 20 %)."""
+    from loradar_cli.combine import fit_identifier_from_sets, identify_sets
+
+    store, data = mnist
+    sets = {}
+    for split in ("val", "test"):
+        for attack, options in FIVE_WAY.items():
+            sets[split, attack] = tmp_path / f"{split}-{attack}.safetensors"
+            craft_adv_set(
+                store,
+                sets[split, attack],
+                base="mnist-base",
+                attack=attack,
+                data=data,
+                split=split,
+                attack_options=options,
+                limit=100,
+            )
+    _, fitted = fit_identifier_from_sets(
+        store,
+        ["mnist-pgd", "mnist-fgsm"],
+        name="mnist-id5",
+        adv_sets=[sets["val", a] for a in FIVE_WAY],
+        data=data,
+        split="val",
+        limit=100,
+    )
+    report = identify_sets(
+        store, [], identifier="mnist-id5", data=data, limit=100, adv_sets=[sets["test", a] for a in FIVE_WAY]
+    )
+    assert fitted["classes"] == ["clean", "fgsm", "fia", "pgd", "roa"]
+    assert report["accuracy"] >= 0.85
+    assert sum(map(sum, report["confusion"]["matrix"])) == 500

@@ -1,7 +1,7 @@
-"""Shared pieces of the combination commands: weight parsing, result tables, the confusion-matrix plot."""
+"""Shared pieces of the combination commands: weight parsing, result tables, the --plot availability check."""
 
 import importlib.util
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -95,53 +95,3 @@ def vote_table(report: Mapping[str, Any]) -> Table:
     for name in dict.fromkeys([*report["members"], *report["compare"]]):
         table.add_row(name, *(pct(r["adapters"][name]) for r in sets.values()))
     return table
-
-
-def identify_table(report: Mapping[str, Any]) -> Table:
-    """Per input set: the true attack, identification accuracy and what was predicted."""
-    table = Table(title=f"attack identification ({report['mode']})")
-    for col in ("set", "attack", "n", "accuracy (%)", "predicted"):
-        table.add_column(col)
-    for label, row in report["sets"].items():
-        predicted = ", ".join(f"{k}: {v}" for k, v in row["predicted"].items())
-        table.add_row(label, row["attack"], str(row["n"]), pct(row["accuracy"]), predicted)
-    return table
-
-
-def confusion_table(labels: Sequence[str], matrix: Sequence[Sequence[int]], accuracy: float | None) -> Table:
-    """Confusion matrix: rows true attack, columns predicted."""
-    table = Table(title=f"confusion matrix (rows: true, columns: predicted), accuracy {pct(accuracy)} %")
-    table.add_column("true \\ predicted", style="bold")
-    for label in labels:
-        table.add_column(label, justify="right")
-    for label, row in zip(labels, matrix, strict=True):
-        table.add_row(label, *(str(v) for v in row))
-    return table
-
-
-def plot_confusion(path: Path, labels: Sequence[str], matrix: Sequence[Sequence[int]], title: str) -> Path:
-    """Draw the confusion matrix with counts to a PNG (matplotlib, headless backend)."""
-    import matplotlib
-
-    from loradar_cli.files import atomic_path
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(labels), 1.0 + 0.8 * len(labels)))
-    image = ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    peak = max((v for row in matrix for v in row), default=0)
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:  # the temporary name has no suffix: the format comes from the target's
-        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    return path

@@ -1,7 +1,8 @@
 """`loradar identify-attack`: which attack family each input came from (`fit` learns the calibrated identifier)."""
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -14,9 +15,6 @@ from loradar_cli.cli._combine import (
     OutOpt,
     SplitOpt,
     check_plot_available,
-    confusion_table,
-    identify_table,
-    plot_confusion,
 )
 from loradar_cli.cli._common import (
     BatchOpt,
@@ -33,6 +31,10 @@ from loradar_cli.cli._common import (
     run_command,
 )
 from loradar_cli.cli._options import positive
+from loradar_cli.cli._tables import pct
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 DEFAULT_COMMAND = "predict"
 
@@ -71,20 +73,24 @@ def identify_cli(
         ),
     ] = None,
     mode: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--mode",
-            help=f"{names.choices(names.IDENTIFY_MODES)}: rule picks the most confident adapter (with a margin); "
-            "calibrated needs --identifier.",
+            help=f"{names.choices(names.IDENTIFY_MODES)}: calibrated uses a fitted --identifier (the default with "
+            "one); relative-rule picks the most confident member relative to its clean confidence (the default "
+            "without); rule the most confident member.",
         ),
-    ] = "rule",
+    ] = None,
     identifier: Annotated[str | None, typer.Option("--identifier", help="Fitted identifier (calibrated mode).")] = None,
     margin: Annotated[
-        float,
+        float | None,
         typer.Option(
-            "--margin", min=0.0, help="rule: lead over the runner-up needed to name an attack, else 'unknown'."
+            "--margin",
+            min=0.0,
+            help="Rule modes: lead over the runner-up needed to name an attack, else 'unknown' "
+            "(default: 0.1 probability for rule, 0 clean standard deviations for relative-rule).",
         ),
-    ] = 0.1,
+    ] = None,
     clean: CleanOpt = "base",
     base: BaseOpt = None,
     data: OptDataOpt = None,
@@ -124,13 +130,15 @@ def identify_cli(
     )
     confusion = report["confusion"]
     if plot is not None and confusion:
-        plot_confusion(plot, confusion["labels"], confusion["matrix"], f"attack identification ({mode})")
+        written = plot_confusion(plot, confusion, f"attack identification ({report['mode']})")
+        console.print(f"confusion matrix plot: {written}", highlight=False)
     if json_out:
         emit_json(report)
     elif not quiet:
-        console.print(identify_table(report))
+        console.print(sets_table(report))
         if confusion:
-            console.print(confusion_table(confusion["labels"], confusion["matrix"], report["accuracy"]))
+            console.print(confusion_table(confusion, f"confusion matrix, accuracy {pct(report['accuracy'])} %"))
+            console.print(per_class_table(report["per_class"]))
 
 
 @identify_app.command("fit")
@@ -144,6 +152,27 @@ def identify_fit_cli(
     clean: Annotated[
         str, typer.Option("--clean", help="base: add the base model's outputs as features; none.")
     ] = "base",
+    features: Annotated[
+        str,
+        typer.Option(
+            "--features",
+            help="auto (greedy selection of feature groups by cross-validated accuracy) or a comma list of groups; "
+            "`identify-attack features` lists them.",
+        ),
+    ] = "auto",
+    held_out: Annotated[
+        float, typer.Option("--held-out", min=0.05, max=0.9, help="Fraction of each class held out to score the fit.")
+    ] = 0.25,
+    reject_quantile: Annotated[
+        float,
+        typer.Option(
+            "--reject-quantile",
+            min=0.0,
+            max=1.0,
+            help="Answer 'unknown' beyond this quantile of held-out distance / confidence (about 2(1-q) of fitted "
+            "inputs rejected); 1 disables rejection.",
+        ),
+    ] = 0.99,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Full-batch optimiser steps.")] = 300,
     lr: Annotated[float, typer.Option("--lr", callback=positive)] = 0.05,
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 1e-3,
@@ -156,7 +185,7 @@ def identify_fit_cli(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fit the calibrated identifier on adversarial sets labelled by their attack (and clean data) and store it."""
+    """Fit the calibrated identifier on sets labelled by attack (and clean data), score it on a held-out part, store it."""
     from loradar_cli.combine import fit_identifier_from_sets
 
     _, report = fit_identifier_from_sets(
@@ -169,6 +198,9 @@ def identify_fit_cli(
         split=split,
         limit=limit,
         clean=clean,
+        features=[f.strip() for f in features.split(",") if f.strip()],
+        held_out=held_out,
+        reject_quantile=reject_quantile if reject_quantile < 1 else None,
         epochs=epochs,
         lr=lr,
         weight_decay=weight_decay,
@@ -179,7 +211,94 @@ def identify_fit_cli(
     if json_out:
         emit_json(report)
         return
-    if not quiet and report["confusion"]:
-        confusion = report["confusion"]
-        console.print(confusion_table(confusion["labels"], confusion["matrix"], report["accuracy"]))
+    if not quiet:
+        held = report["held_out"]
+        console.print(
+            f"features: {', '.join(report['features'])}\n"
+            f"training accuracy (inputs it was fitted on, n={report['training']['n_fit']}): "
+            f"{pct(report['train_accuracy'])} %\n"
+            f"held-out accuracy (n={held['n']}, not fitted on): {pct(report['held_out_accuracy'])} %, "
+            f"{pct(held['accuracy'])} % with rejection ({pct(held['unknown_rate'])} % unknown)",
+            highlight=False,
+        )
+        console.print(confusion_table(held["confusion"], "held-out confusion matrix (with rejection)"))
+        console.print(per_class_table(held["per_class"], "held-out per-class scores"))
     print(name)
+
+
+@identify_app.command("features")
+@run_command
+def identify_features_cli() -> None:
+    """List the feature groups an identifier can be fitted on."""
+    from loradar_cli.ops.identify_features import IDENTIFY_FEATURES
+
+    for name in IDENTIFY_FEATURES.names():
+        group = IDENTIFY_FEATURES.get(name)
+        print(f"{name}\t{'input' if group.needs_input else 'members'}\t{group.doc}")
+
+
+def sets_table(report: Mapping[str, Any]) -> "Table":
+    """Per input set: the true attack, identification accuracy and what was predicted."""
+    from rich.table import Table
+
+    table = Table(title=f"attack identification ({report['mode']})")
+    for col in ("set", "attack", "n", "accuracy (%)", "predicted"):
+        table.add_column(col)
+    for label, row in report["sets"].items():
+        predicted = ", ".join(f"{k}: {v}" for k, v in row["predicted"].items())
+        table.add_row(label, row["attack"], str(row["n"]), pct(row["accuracy"]), predicted)
+    return table
+
+
+def confusion_table(confusion: Mapping[str, Any], title: str) -> "Table":
+    """Confusion matrix: rows true attack, columns predicted (the last column is 'unknown')."""
+    from rich.table import Table
+
+    table = Table(title=f"{title} (rows: true, columns: predicted)")
+    table.add_column("true \\ predicted", style="bold")
+    for label in confusion["columns"]:
+        table.add_column(label, justify="right")
+    for label, row in zip(confusion["rows"], confusion["matrix"], strict=True):
+        table.add_row(label, *(str(v) for v in row))
+    return table
+
+
+def per_class_table(per_class: Mapping[str, Mapping[str, Any]], title: str = "per-class scores") -> "Table":
+    """Precision, recall and support per true class (precision '-' for a class never predicted)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("class", "precision (%)", "recall (%)", "n"):
+        table.add_column(col, justify="right" if col != "class" else "left")
+    for name, row in per_class.items():
+        table.add_row(name, pct(row["precision"]), pct(row["recall"]), str(row["support"]))
+    return table
+
+
+def plot_confusion(path: Path, confusion: Mapping[str, Any], title: str) -> Path:
+    """Draw the (rows × columns) confusion matrix with counts to an image (matplotlib, headless backend)."""
+    import matplotlib
+
+    from loradar_cli.files import atomic_path
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, columns, matrix = confusion["rows"], confusion["columns"], confusion["matrix"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(columns), 1.0 + 0.8 * len(rows)))
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    peak = max((v for row in matrix for v in row), default=0)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:  # the temporary name has no suffix: the format comes from the target's
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path

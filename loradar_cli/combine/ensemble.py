@@ -51,12 +51,15 @@ class Decision:
     weights: tuple[float, ...] | None = None
     router: Identifier | None = None
 
-    def predict(self, probs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """Class per input, and for `route` the index of the voter that classified it (else None)."""
+    def predict(self, probs: Mapping[str, Tensor], x: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Class per input, and for `route` the index of the voter that classified it (else None).
+
+        `x` (the inputs) is needed by routers whose features read the image.
+        """
         stack = torch.stack([probs[n] for n in self.voters])
         if self.method != "route":
             return vote(stack, self.method, list(self.weights) if self.weights else None), None
-        routed = route_choice(stack, self.voters, self.router, probs)
+        routed = route_choice(stack, self.voters, self.router, probs, x)
         return stack[routed, torch.arange(stack.shape[1])].argmax(dim=-1), routed
 
 
@@ -77,7 +80,7 @@ class EnsembleClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         probs = self.member_probs(x)
-        pred, _ = self.decision.predict(probs)
+        pred, _ = self.decision.predict(probs, x)
         return nn.functional.one_hot(pred, probs[self.names[0]].shape[-1]).to(x.dtype)
 
     def surrogate(self) -> MeanLogits:
@@ -190,7 +193,7 @@ def vote_sets(
     models = ensemble.models
     for s in sets:
         probs = dict(zip(models, ensemble_probs(list(models.values()), s.x, batch_size), strict=True))
-        decided = {m: d.predict(probs) for m, d in ensemble.decisions.items()}
+        decided = {m: d.predict(probs, s.x) for m, d in ensemble.decisions.items()}
         preds = {m: pred for m, (pred, _) in decided.items()}
         routed = decided["route"][1] if "route" in decided else None
         singles = {n: probs[n].argmax(dim=-1) for n in dict.fromkeys([*names, *compare])}
@@ -264,7 +267,11 @@ def _vote_row(
 
 
 def route_choice(
-    stack: Tensor, names: Sequence[str], router: "Identifier | None", probs: Mapping[str, Tensor]
+    stack: Tensor,
+    names: Sequence[str],
+    router: "Identifier | None",
+    probs: Mapping[str, Tensor],
+    x: Tensor | None = None,
 ) -> Tensor:
     """Index of the adapter that classifies each input: the identified attack's adapter, else the most confident."""
     confident = stack.to(torch.float64).max(dim=-1).values.argmax(dim=0)
@@ -273,7 +280,7 @@ def route_choice(
     by_attack: dict[str, int] = {}
     for i, n in enumerate(names):
         by_attack.setdefault(router.meta.member_labels.get(n, n), i)
-    attacks = router.predict(probs)
+    attacks = router.predict(probs, x)
     return torch.tensor(
         [by_attack.get(a, c) for a, c in zip(attacks, confident.tolist(), strict=True)], dtype=torch.long
     )

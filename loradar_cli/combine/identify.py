@@ -1,7 +1,7 @@
-"""Attack identification from adapters' outputs: the LoRADAR rule, and calibrated identifiers fitted and stored."""
+"""Attack identification from adapters' outputs and the inputs: the LoRADAR rule (absolute or relative to each
+member's clean confidence) and calibrated identifiers fitted, with held-out accuracy, and stored."""
 
-import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,28 +23,46 @@ from loradar_cli.combine.members import (
     write_json,
 )
 from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError
+from loradar_cli.loading import model_data
 from loradar_cli.models import weights_fingerprint
 from loradar_cli.ops.identify import (
+    UNKNOWN,
     IdentifierModel,
     accuracy,
-    confusion_matrix,
+    calibrate_rejection,
+    clean_confidence_stats,
     fit_identifier,
+    identify_relative,
     identify_rule,
-    identity_feature_names,
-    identity_features,
+    per_class_scores,
+    select_feature_groups,
+    stratified_split,
 )
+from loradar_cli.ops.identify_features import IDENTIFY_FEATURES, FeatureInputs, compute_features, feature_names
+from loradar_cli.registry import Registry
 from loradar_cli.store.meta import AdapterMeta, BaseMeta, now
 from loradar_cli.store.store import Store
 
-IDENTIFY_MODES = ("rule", "calibrated")
+IDENTIFY_MODES: Registry[str] = Registry("identification mode")
+IDENTIFY_MODES.register("calibrated")("a fitted identifier (identify-attack fit) on input and member features")
+IDENTIFY_MODES.register("relative-rule")(
+    "the member most confident relative to its confidence on clean inputs names the attack"
+)
+IDENTIFY_MODES.register("rule")("the most confident member names the attack (the LoRADAR write-up's rule)")
+
+DEFAULT_MARGINS = {"rule": 0.1, "relative-rule": 0.0}
+"""Lead over the runner-up member needed to name an attack: probability units (rule), clean-std units (relative)."""
 
 
 class IdentifierMeta(BaseModel):
-    """A stored attack identifier: its members (adapters, BASE_MEMBER = the base), classes, base and training."""
+    """A stored attack identifier: members (adapters, BASE_MEMBER = the base), classes, features and provenance.
+
+    Schema 1 identifiers (member confidences only) load as feature group "confidence".
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1] = 1  # the store format (store.meta.SCHEMA_VERSION); older identifiers default their feature groups
     name: str
     base: str
     base_fingerprint: str
@@ -52,6 +70,8 @@ class IdentifierMeta(BaseModel):
     member_labels: dict[str, str]
     classes: list[str]
     feature_names: list[str]
+    feature_groups: list[str] = Field(default_factory=lambda: ["confidence"])
+    clean_confidence: dict[str, list[float]] | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     tensors_sha256: str = ""
     created_at: datetime = Field(default_factory=now)
@@ -59,7 +79,7 @@ class IdentifierMeta(BaseModel):
 
 @dataclass(frozen=True)
 class Identifier:
-    """A loaded identifier: metadata and the logistic-regression model."""
+    """A loaded identifier: metadata and the logistic-regression model (with rejection when fitted)."""
 
     meta: IdentifierMeta
     model: IdentifierModel
@@ -72,9 +92,36 @@ class Identifier:
     def adapter_names(self) -> list[str]:
         return [m for m in self.meta.members if m != BASE_MEMBER]
 
-    def predict(self, probs: Mapping[str, Tensor]) -> list[str]:
-        """Attack label per input from the members' probabilities (keyed by member name)."""
-        return self.model.predict(identity_features(torch.stack([probs[m] for m in self.members])))
+    @property
+    def needs_input(self) -> bool:
+        """Whether its features read the input images (then `x` must be passed)."""
+        return any(IDENTIFY_FEATURES.get(g).needs_input for g in self.meta.feature_groups)
+
+    def features(self, probs: Mapping[str, Tensor], x: Tensor | None = None) -> Tensor:
+        """Feature rows [B, F] from the members' probabilities (keyed by member name) and the inputs [B, C, H, W]."""
+        if x is None and self.needs_input:
+            raise IncompatibleError(
+                f"identifier {self.meta.name!r} reads the inputs (features {', '.join(self.meta.feature_groups)}); "
+                "pass x as well as the members' probabilities"
+            )
+        return compute_features(self.meta.feature_groups, _feature_inputs(self.members, probs, x))
+
+    def probabilities(self, probs: Mapping[str, Tensor], x: Tensor | None = None) -> Tensor:
+        """Soft assignment [B, n_classes] over `meta.classes`, differentiable in probs and x (no rejection)."""
+        return self.model.predict_proba(self.features(probs, x))
+
+    def predict(self, probs: Mapping[str, Tensor], x: Tensor | None = None, *, reject: bool = True) -> list[str]:
+        """Attack label per input ("unknown" where rejected, if `reject` and rejection was fitted)."""
+        return self.model.predict(self.features(probs, x), reject=reject)
+
+
+def _feature_inputs(order: Sequence[str], probs: Mapping[str, Tensor], x: Tensor | None) -> FeatureInputs:
+    """Feature inputs with the members stacked in `order` (the base, if a member, flagged by index)."""
+    missing = [m for m in order if m not in probs]
+    if missing:
+        raise IncompatibleError(f"no probabilities for identifier member {missing[0]!r}")
+    base_index = list(order).index(BASE_MEMBER) if BASE_MEMBER in order else None
+    return FeatureInputs(torch.stack([probs[m] for m in order]), x, base_index, tuple(order))
 
 
 def load_identifier(store: Store, name: str, base: BaseMeta | None = None) -> Identifier:
@@ -120,11 +167,7 @@ def _rule_members(members: Members, clean: str) -> tuple[list[str], list[str], i
     return names, labels, names.index(clean)
 
 
-def _rule_predict(
-    probs: Mapping[str, Tensor], *, order: Sequence[str], labels: Sequence[str], margin: float, clean_index: int | None
-) -> list[str]:
-    """The LoRADAR rule over the members in `order`."""
-    return identify_rule(torch.stack([probs[m] for m in order]), labels, margin=margin, clean_index=clean_index)
+Predict = Callable[[Mapping[str, Tensor], Tensor], list[str]]
 
 
 def identify_sets(
@@ -132,9 +175,9 @@ def identify_sets(
     names: Sequence[str],
     *,
     base: str | None = None,
-    mode: str = "rule",
+    mode: str | None = None,
     identifier: str | None = None,
-    margin: float = 0.1,
+    margin: float | None = None,
     clean: str = "base",
     data: str | None = None,
     split: str = "test",
@@ -144,33 +187,52 @@ def identify_sets(
     batch_size: int = 256,
     out: Path | None = None,
 ) -> dict[str, Any]:
-    """Per input, the attack family it came from (rule or calibrated); accuracy and confusion matrix vs the truth."""
-    if mode not in IDENTIFY_MODES:
-        raise InvalidValueError(f"unknown mode {mode!r} (valid: {', '.join(IDENTIFY_MODES)})")
-    if mode == "calibrated":
-        ident = _calibrated_identifier(store, identifier, names)
-        members = load_members(store, ident.adapter_names, base or ident.meta.base)
+    """Per input, the attack family it came from; accuracy, per-class precision/recall and the confusion matrix.
+
+    `mode` defaults to calibrated with an identifier, else relative-rule; `margin` to the mode's DEFAULT_MARGINS.
+    relative-rule calibrates on the identifier's clean statistics, else on a clean split of --data other than
+    `split` (val, or train when scoring val).
+    """
+    mode = mode or ("calibrated" if identifier else "relative-rule")
+    IDENTIFY_MODES.get(mode)
+    ident = _calibrated_identifier(store, identifier, names) if identifier else None
+    if mode == "calibrated" and ident is None:
+        raise InvalidValueError(
+            "--mode calibrated needs --identifier NAME (fit one with `loradar identify-attack fit`)"
+        )
+    members = load_members(store, list(names) or (ident.adapter_names if ident else []), base or _ident_base(ident))
+    if ident is not None:
         check_identifier_base(ident, members.base.meta)
-        order, predict = ident.members, ident.predict
-        setup: dict[str, Any] = {"identifier": ident.meta.name, "classes": ident.meta.classes}
+    if mode == "calibrated":
+        assert ident is not None
+        order: list[str] = ident.members
+        predict: Predict = ident.predict
+        setup: dict[str, Any] = {"identifier": ident.meta.name, "features": ident.meta.feature_groups}
+        models = member_models(members, order)
     else:
-        members = load_members(store, names, base)
         order, labels, clean_index = _rule_members(members, clean)
-        predict = functools.partial(_rule_predict, order=order, labels=labels, margin=margin, clean_index=clean_index)
+        models = member_models(members, order)
+        margin = DEFAULT_MARGINS[mode] if margin is None else margin
         setup = {"margin": margin, "clean": clean, "labels": dict(zip(order, labels, strict=True))}
-    models = member_models(members, order)
+        if mode == "relative-rule":
+            stats, source = _relative_stats(ident, models, order, members.base.meta, data, split, limit, seed)
+            setup["calibration"] = source
+            predict = _relative_predict(order, labels, stats, margin, clean_index)
+        else:
+            predict = _absolute_predict(order, labels, margin, clean_index)
     sets = input_sets(members.base.meta, data=data, split=split, adv_sets=adv_sets, limit=limit, seed=seed)
     predicted = {
-        s.label: predict(dict(zip(models, ensemble_probs(list(models.values()), s.x, batch_size), strict=True)))
+        s.label: predict(dict(zip(models, ensemble_probs(list(models.values()), s.x, batch_size), strict=True)), s.x)
         for s in sets
     }
     truth = [s.attack for s in sets for _ in range(len(s.y))]
+    classes = ident.meta.classes if ident is not None and mode == "calibrated" else None
     report = {
         "base": members.base.meta.name,
         "members": members.names,
         "mode": mode,
         **setup,
-        **identification_summary(truth, [p for s in sets for p in predicted[s.label]]),
+        **identification_summary(truth, [p for s in sets for p in predicted[s.label]], classes),
         "sets": {s.label: _identify_row(s, predicted[s.label]) for s in sets},
     }
     if out is not None:
@@ -180,8 +242,59 @@ def identify_sets(
     return report
 
 
+def _ident_base(ident: Identifier | None) -> str | None:
+    return ident.meta.base if ident is not None else None
+
+
+def _absolute_predict(order: Sequence[str], labels: Sequence[str], margin: float, clean_index: int | None) -> Predict:
+    """The LoRADAR rule over the members in `order` (the input itself is not read)."""
+
+    def predict(probs: Mapping[str, Tensor], x: Tensor) -> list[str]:
+        return identify_rule(torch.stack([probs[m] for m in order]), labels, margin=margin, clean_index=clean_index)
+
+    return predict
+
+
+def _relative_predict(
+    order: Sequence[str], labels: Sequence[str], stats: tuple[Tensor, Tensor], margin: float, clean_index: int | None
+) -> Predict:
+    """The rule on confidences relative to each member's clean mean and spread."""
+
+    def predict(probs: Mapping[str, Tensor], x: Tensor) -> list[str]:
+        stack = torch.stack([probs[m] for m in order])
+        return identify_relative(stack, labels, *stats, margin=margin, clean_index=clean_index)
+
+    return predict
+
+
+def _relative_stats(
+    ident: Identifier | None,
+    models: Mapping[str, torch.nn.Module],
+    order: Sequence[str],
+    base: BaseMeta,
+    data: str | None,
+    split: str,
+    limit: int | None,
+    seed: int,
+) -> tuple[tuple[Tensor, Tensor], str]:
+    """Clean log-odds mean and std per member: from the identifier if it has them all, else a clean data split."""
+    stored = ident.meta.clean_confidence if ident is not None else None
+    if stored and all(m in stored for m in order):
+        mean, std = torch.tensor([stored[m] for m in order], dtype=torch.float64).unbind(dim=1)
+        return (mean, std), f"identifier {ident.meta.name!r} (its clean fit inputs)" if ident else ""
+    if data is None:
+        raise InvalidValueError(
+            "relative-rule compares confidences with those on clean inputs: give --data (its other split is used) "
+            "or an --identifier fitted with clean data"
+        )
+    other = "train" if split == "val" else "val"
+    clean = model_data(data, other, base, seed=seed, limit=limit)
+    probs = ensemble_probs([models[m] for m in order], clean.x)
+    return clean_confidence_stats(probs), f"{data} split {other} ({len(clean.y)} clean inputs)"
+
+
 def _calibrated_identifier(store: Store, identifier: str | None, names: Sequence[str]) -> Identifier:
-    """The stored identifier for --mode calibrated, checked against the adapters given (if any)."""
+    """The stored identifier named by --identifier, checked against the adapters given (if any)."""
     if not identifier:
         raise InvalidValueError(
             "--mode calibrated needs --identifier NAME (fit one with `loradar identify-attack fit`)"
@@ -208,12 +321,32 @@ def _identify_row(s: "InputSet", predicted: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def identification_summary(truth: Sequence[str], pred: Sequence[str]) -> dict[str, Any]:
-    """Overall accuracy and the confusion matrix (rows: true attack, columns: predicted)."""
+def identification_summary(
+    truth: Sequence[str], pred: Sequence[str], classes: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Accuracy, unknown rate, per-class precision/recall, and the confusion matrix.
+
+    Rows are the true labels present; columns the fitted `classes` (or the predicted labels) and always "unknown"
+    last, so no row is empty and abstentions are visible.
+    """
     if not truth:
-        return {"accuracy": None, "confusion": None}
-    labels, matrix = confusion_matrix(truth, pred)
-    return {"accuracy": accuracy(truth, pred), "confusion": {"labels": labels, "matrix": matrix}}
+        return {"accuracy": None, "unknown_rate": None, "per_class": {}, "confusion": None}
+    rows = sorted(set(truth))
+    columns = [*sorted((set(classes or ()) | set(pred) | set(truth)) - {UNKNOWN}), UNKNOWN]
+    col = {c: j for j, c in enumerate(columns)}
+    row = {r: i for i, r in enumerate(rows)}
+    matrix = [[0] * len(columns) for _ in rows]
+    for t, p in zip(truth, pred, strict=True):
+        matrix[row[t]][col[p]] += 1
+    return {
+        "accuracy": accuracy(truth, pred),
+        "unknown_rate": sum(p == UNKNOWN for p in pred) / len(pred),
+        "per_class": per_class_scores(truth, pred),
+        "confusion": {"rows": rows, "columns": columns, "matrix": matrix},
+    }
+
+
+AUTO_FEATURES = "auto"
 
 
 def fit_identifier_from_sets(
@@ -227,6 +360,9 @@ def fit_identifier_from_sets(
     split: str = "val",
     limit: int | None = None,
     clean: str = "base",
+    features: Sequence[str] = (AUTO_FEATURES,),
+    held_out: float = 0.25,
+    reject_quantile: float | None = 0.99,
     epochs: int = 300,
     lr: float = 0.05,
     weight_decay: float = 1e-3,
@@ -234,25 +370,53 @@ def fit_identifier_from_sets(
     batch_size: int = 256,
     overwrite: bool = False,
 ) -> tuple[IdentifierMeta, dict[str, Any]]:
-    """Fit the calibrated identifier on labelled sets (adversarial sets by attack, --data as clean) and store it."""
+    """Fit the calibrated identifier on labelled sets (adversarial sets by attack, --data as clean) and store it.
+
+    A stratified `held_out` fraction of the inputs is kept out of fitting: feature groups ("auto": greedy
+    selection by 3-fold accuracy on the rest) and weights are fitted on the rest, the rejection thresholds are
+    set on the held-out part at `reject_quantile`, and the report gives training and held-out accuracy.
+    """
     store.check_free("identifier", name, overwrite)
     if clean not in ("base", "none"):
         raise InvalidValueError(f"--clean must be 'base' or 'none' when fitting, got {clean!r}")
+    candidates = _candidate_groups(features)
     members = load_members(store, names, base)
     order = [*members.names, *([BASE_MEMBER] if clean == "base" else [])]
     models = member_models(members, order)
     sets = input_sets(members.base.meta, data=data, split=split, adv_sets=adv_sets, limit=limit, seed=seed)
-    features = torch.cat([identity_features(ensemble_probs([models[m] for m in order], s.x, batch_size)) for s in sets])
+    probs = torch.cat([ensemble_probs([models[m] for m in order], s.x, batch_size) for s in sets], dim=1)
+    inputs = _feature_inputs(order, dict(zip(order, probs, strict=True)), torch.cat([s.x for s in sets]))
+    blocks = {g: compute_features([g], inputs) for g in candidates}
     labels = [s.attack for s in sets for _ in range(len(s.y))]
-    model = fit_identifier(features, labels, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
-    summary = identification_summary(labels, model.predict(features))
+    kept, held = stratified_split(labels, held_out, seed)
+    if not held or len({labels[i] for i in kept}) < 2:
+        raise InvalidValueError("need at least 2 inputs in each of at least 2 classes to hold some out")
+    fit_options = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay}
+    kept_labels, held_labels = [labels[i] for i in kept], [labels[i] for i in held]
+    if list(features) == [AUTO_FEATURES]:
+        groups, history = select_feature_groups(
+            {g: b[kept] for g, b in blocks.items()}, kept_labels, seed=seed, fit_options=fit_options
+        )
+    else:
+        groups, history = candidates, []
+    table = torch.cat([blocks[g] for g in groups], dim=1)
+    model = fit_identifier(table[kept], kept_labels, seed=seed, **fit_options)
+    if reject_quantile is not None:
+        model = calibrate_rejection(model, table[kept], kept_labels, table[held], quantile=reject_quantile)
+    held_pred = model.predict(table[held])
     training = {
         "sets": {s.label: {"attack": s.attack, "n": len(s.y)} for s in sets},
-        "epochs": epochs,
-        "lr": lr,
-        "weight_decay": weight_decay,
+        "split": split,
+        "held_out_fraction": held_out,
+        "n_fit": len(kept),
+        "n_held_out": len(held),
+        "selection": {"candidates": candidates, "folds": 3, "history": history} if history else None,
+        **fit_options,
         "seed": seed,
-        "train_accuracy": summary["accuracy"],
+        "reject_quantile": reject_quantile,
+        "train_accuracy": accuracy(kept_labels, model.predict(table[kept], reject=False)),
+        "held_out_accuracy": accuracy(held_labels, model.predict(table[held], reject=False)),
+        "held_out_accuracy_with_rejection": accuracy(held_labels, held_pred),
     }
     tensors = model.state_dict()
     meta = IdentifierMeta(
@@ -262,16 +426,42 @@ def fit_identifier_from_sets(
         members=order,
         member_labels={a.meta.name: member_label(a.meta) for a in members.adapters},
         classes=model.classes,
-        feature_names=identity_feature_names(len(order)),
+        feature_names=feature_names(groups, inputs),
+        feature_groups=groups,
+        clean_confidence=_clean_confidence(order, probs, labels),
         training=training,
         tensors_sha256=weights_fingerprint(tensors),
     )
     store.save_identifier(name, meta.model_dump(mode="json"), tensors, overwrite=overwrite)
+    held_report = {"n": len(held), **identification_summary(held_labels, held_pred, model.classes)}
     return meta, {
         "name": name,
         "base": meta.base,
         "members": order,
         "classes": model.classes,
-        **summary,
+        "features": groups,
+        "train_accuracy": training["train_accuracy"],
+        "held_out_accuracy": training["held_out_accuracy"],
+        "held_out": held_report,
         "training": training,
     }
+
+
+def _candidate_groups(features: Sequence[str]) -> list[str]:
+    """Feature groups to fit on: all of them for "auto", else the given ones (each checked against the registry)."""
+    if list(features) == [AUTO_FEATURES]:
+        return IDENTIFY_FEATURES.names()
+    if not features:
+        raise InvalidValueError(f"no feature groups given (valid: auto, {', '.join(IDENTIFY_FEATURES.names())})")
+    for g in features:
+        IDENTIFY_FEATURES.get(g)
+    return list(dict.fromkeys(features))
+
+
+def _clean_confidence(order: Sequence[str], probs: Tensor, labels: Sequence[str]) -> dict[str, list[float]] | None:
+    """Per member [mean, std] of clean max-probability log-odds, for relative-rule; None without >= 2 clean inputs."""
+    rows = [i for i, label in enumerate(labels) if label == CLEAN]
+    if len(rows) < 2:
+        return None
+    mean, std = clean_confidence_stats(probs[:, rows])
+    return {m: [float(a), float(b)] for m, a, b in zip(order, mean.tolist(), std.tolist(), strict=True)}

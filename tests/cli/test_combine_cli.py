@@ -164,7 +164,21 @@ def test_ensemble_vote_json_and_table(root, tmp_path):
 
 def test_identify_attack_rule_then_fit_and_calibrated(root):
     adv = str(root / "fgsm.safetensors")
-    rule = invoke(root, "identify-attack", "a", "b", "--data", "digits", "--limit", "8", "--adv-set", adv, "--json")
+    rule = invoke(
+        root,
+        "identify-attack",
+        "a",
+        "b",
+        "--mode",
+        "rule",
+        "--data",
+        "digits",
+        "--limit",
+        "8",
+        "--adv-set",
+        adv,
+        "--json",
+    )
     assert rule.exit_code == 0, rule.stderr
     report = json.loads(rule.stdout)
     assert report["mode"] == "rule" and report["labels"] == {"a": "pgd", "b": "fgsm", ":base": "clean"}

@@ -18,7 +18,13 @@ from loradar_cli.data import load_data
 from loradar_cli.errors import CorruptError, IncompatibleError
 from loradar_cli.loading import load_model
 from loradar_cli.lora.inject import PEFT_PREFIX
-from loradar_cli.ops.identify import identify_rule
+from loradar_cli.ops.identify import (
+    accuracy,
+    clean_confidence_stats,
+    identify_relative,
+    identify_rule,
+    stratified_split,
+)
 from tests.combine.conftest import naive_probs
 
 
@@ -34,14 +40,19 @@ def loud(pool) -> str:
 def test_identify_rule_on_constructed_cases(pool, loud, tmp_path):
     data = load_data("digits", "test", limit=10, channels=1, size=16)
     roa_set = save_adv_set(tmp_path / "roa.safetensors", AdvSet(data.x, data.y, "roa"))
-    report = identify_sets(pool, ["b", loud], data="digits", limit=10, adv_sets=[roa_set])
+    report = identify_sets(pool, ["b", loud], mode="rule", data="digits", limit=10, adv_sets=[roa_set])
     assert report["sets"]["clean"]["predicted"] == {"roa": 10}
     assert report["sets"]["roa.safetensors"]["accuracy"] == 1.0
     assert report["accuracy"] == 0.5
-    assert report["confusion"] == {"labels": ["clean", "roa"], "matrix": [[0, 10], [0, 10]]}
-    as_clean = identify_sets(pool, ["b", loud], clean=loud, data="digits", limit=10)
+    assert report["confusion"] == {
+        "rows": ["clean", "roa"],
+        "columns": ["clean", "roa", "unknown"],
+        "matrix": [[0, 10, 0], [0, 10, 0]],
+    }
+    assert report["per_class"]["roa"] == {"precision": 0.5, "recall": 1.0, "support": 10}
+    as_clean = identify_sets(pool, ["b", loud], mode="rule", clean=loud, data="digits", limit=10)
     assert as_clean["sets"]["clean"]["predicted"] == {"clean": 10} and as_clean["accuracy"] == 1.0
-    undecided = identify_sets(pool, ["b", loud], margin=1.0, data="digits", limit=10)
+    undecided = identify_sets(pool, ["b", loud], mode="rule", margin=1.0, data="digits", limit=10)
     assert undecided["sets"]["clean"]["predicted"] == {"unknown": 10}
 
 
@@ -60,7 +71,7 @@ def adv_files(pool, tmp_path_factory):
 
 
 def test_identify_rule_end_to_end_matches_the_rule_on_naive_probs(pool, adv_files):
-    report = identify_sets(pool, ["a", "b"], adv_sets=adv_files, margin=0.05)
+    report = identify_sets(pool, ["a", "b"], mode="rule", adv_sets=adv_files, margin=0.05)
     from loradar_cli.advset import load_adv_set
 
     for path in adv_files:
@@ -71,31 +82,56 @@ def test_identify_rule_end_to_end_matches_the_rule_on_naive_probs(pool, adv_file
         assert report["sets"][path.name]["predicted"] == counts
 
 
-def test_calibrated_identifier_fit_predict_round_trip_and_route(pool, adv_files, tmp_path):
+def test_relative_rule_matches_the_ops_rule_on_clean_statistics_of_the_other_split(pool, adv_files):
+    from loradar_cli.advset import load_adv_set
+
+    report = identify_sets(pool, ["a", "b"], adv_sets=adv_files[:1], data="digits", split="test", limit=12)
+    assert report["mode"] == "relative-rule" and "split val" in report["calibration"]
+    clean = load_data("digits", "val", limit=12, channels=1, size=16)
+    base = load_model(pool, "tiny")
+    stack = lambda x: torch.cat([naive_probs(pool, ["a", "b"], x), base(x).softmax(-1)[None]])  # noqa: E731
+    mean, std = clean_confidence_stats(stack(clean.x))
+    adv = load_adv_set(adv_files[0])
+    expected = identify_relative(stack(adv.x[:12]), ["pgd", "fgsm", "clean"], mean, std, margin=0.0, clean_index=2)
+    counts = {k: expected.count(k) for k in sorted(set(expected))}
+    assert report["sets"][adv_files[0].name]["predicted"] == counts
+
+
+def test_calibrated_identifier_fit_store_load_predict_reproduces_held_out_and_routes(pool, adv_files, tmp_path):
     meta, fitted = fit_identifier_from_sets(
         pool, ["a", "b"], name="idf", adv_sets=adv_files, data="digits", split="val", limit=24, epochs=150
     )
     assert fitted["classes"] == ["clean", "fgsm", "pgd"] and meta.members == ["a", "b", ":base"]
+    assert meta.feature_groups == fitted["features"] and meta.training["selection"]["history"]
+    assert fitted["held_out"]["n"] == meta.training["n_held_out"] == 18  # a quarter of 24 per class
     assert (pool.root / "identifiers" / "idf" / "identifier.json").is_file()
+    out = tmp_path / "pred.json"
     report = identify_sets(
-        pool, [], mode="calibrated", identifier="idf", adv_sets=adv_files, data="digits", split="val", limit=24
+        pool, [], identifier="idf", adv_sets=adv_files, data="digits", split="val", limit=24, out=out
     )
-    assert report["accuracy"] == pytest.approx(fitted["accuracy"])
-    assert report["confusion"] == fitted["confusion"]
+    assert report["mode"] == "calibrated"
+    saved = json.loads(out.read_text())["sets"]
+    pred = [p for label in ("clean", *(f.name for f in adv_files)) for p in saved[label]["predicted"]]
+    truth = [a for a in ("clean", "fgsm", "pgd") for _ in range(24)]
+    _, held = stratified_split(truth, 0.25, seed=0)
+    assert accuracy([truth[i] for i in held], [pred[i] for i in held]) == pytest.approx(fitted["held_out"]["accuracy"])
     ident = load_identifier(pool, "idf")
-    vote_sets(
-        pool, ["a", "b"], methods=["route"], identifier="idf", adv_sets=adv_files[:1], out=tmp_path / "route.json"
-    )
     from loradar_cli.advset import load_adv_set
 
     adv = load_adv_set(adv_files[0])
     members = [*adapter_models(pool, None, ["a", "b"]), load_model(pool, "tiny")]
     models = dict(zip(["a", "b", ":base"], ensemble_probs(members, adv.x), strict=True))
-    attacks = ident.predict(models)
+    attacks = ident.predict(models, adv.x)
+    assert attacks == saved[adv_files[0].name]["predicted"]
+    soft = ident.probabilities(models, adv.x)
+    assert soft.shape == (24, 3) and torch.allclose(soft.sum(dim=1), torch.ones(24))
+    vote_sets(
+        pool, ["a", "b"], methods=["route"], identifier="idf", adv_sets=adv_files[:1], out=tmp_path / "route.json"
+    )
     confident = torch.stack([models["a"], models["b"]]).max(-1).values.argmax(0).tolist()
     expected = [{"pgd": "a", "fgsm": "b"}.get(atk, ["a", "b"][c]) for atk, c in zip(attacks, confident, strict=True)]
-    saved = json.loads((tmp_path / "route.json").read_text())["sets"]["fgsm.safetensors"]
-    assert saved["routed_to"] == expected
+    routed = json.loads((tmp_path / "route.json").read_text())["sets"]["fgsm.safetensors"]
+    assert routed["routed_to"] == expected
     with pytest.raises(IncompatibleError, match="fitted on adapters"):
         identify_sets(pool, ["b", "a"], mode="calibrated", identifier="idf", data="digits", limit=4)
     (pool.identifier_dir("idf") / "identifier.safetensors").write_bytes(b"garbage")

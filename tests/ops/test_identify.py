@@ -2,18 +2,27 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError
 from loradar_cli.ops.identify import (
+    UNKNOWN,
     IdentifierModel,
     accuracy,
+    calibrate_rejection,
+    clean_confidence_stats,
     confusion_matrix,
     fit_identifier,
+    identify_relative,
     identify_rule,
     identity_feature_names,
     identity_features,
+    per_class_scores,
+    relative_confidence,
+    select_feature_groups,
+    stratified_split,
 )
 
 LABELS = ["clean", "pgd", "fia"]
@@ -110,3 +119,77 @@ def test_confusion_matrix_and_accuracy_hand_list():
         confusion_matrix(true, pred, ["clean", "pgd", "fia"])
     with pytest.raises(InvalidValueError):
         accuracy(true, pred[:-1])
+
+
+def test_relative_rule_hand_case():
+    # members: pgd adapter, fgsm adapter, base (clean member); max probabilities per input
+    conf = torch.tensor([[0.90, 0.99, 0.95], [0.99, 0.90, 0.95], [0.999, 0.999, 0.999]], dtype=torch.float64)
+    probs = torch.stack([conf, 1 - conf], dim=-1)
+    odds = lambda p: math.log(p / (1 - p))  # noqa: E731
+    mean = torch.tensor([odds(0.9), odds(0.99), odds(0.999)], dtype=torch.float64)
+    std = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    scores = relative_confidence(probs, mean, std)
+    expected = [[(odds(c) - m) / s for c in row] for row, m, s in zip(conf.tolist(), mean, std, strict=True)]
+    torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64))
+    # input 0: every member at its usual -> pgd (0), base (2) tie at 0 -> lowest index wins with margin < 0
+    # input 1: pgd +2.2 (0.99 vs 0.9), fgsm (0.9 vs 0.99)/2 = -1.1, base 0 -> pgd; input 2: base +0 vs pgd +2.2, ...
+    labels = identify_relative(probs, ["pgd", "fgsm", "clean-member"], mean, std, margin=-1.0, clean_index=2)
+    best = scores.argmax(dim=0).tolist()
+    assert labels == [["pgd", "fgsm", "clean"][i] for i in best]
+    assert best[1] == 0
+    # the absolute rule on the same inputs is fooled by the base's constant 0.999 on input 0 and 1
+    assert identify_rule(probs, ["pgd", "fgsm", "base"], margin=0.0, clean_index=2)[:2] == ["clean", "clean"]
+    lead = scores.sort(dim=0, descending=True).values
+    margin = float((lead[0] - lead[1]).min()) + 1e-9
+    assert UNKNOWN in identify_relative(probs, ["pgd", "fgsm", "base"], mean, std, margin=margin)
+
+
+def test_clean_confidence_stats_are_mean_and_std_of_log_odds():
+    conf = torch.tensor([[0.6, 0.7, 0.8, 0.9]], dtype=torch.float64)
+    probs = torch.stack([conf, 1 - conf], dim=-1)
+    mean, std = clean_confidence_stats(probs)
+    odds = np.log(conf.numpy() / (1 - conf.numpy()))[0]
+    assert mean.item() == pytest.approx(odds.mean()) and std.item() == pytest.approx(odds.std(ddof=1))
+    zero = relative_confidence(probs, mean, std).mean()
+    assert zero.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_rejection_answers_unknown_for_a_class_left_out_of_fitting():
+    x, y = _clusters(80, seed=0)
+    far = torch.tensor([0.0, 0.0, 0.0, 1.0, 6.0, 5.0]) + 0.6 * torch.randn(
+        40, 6, generator=torch.Generator().manual_seed(3)
+    )
+    kept, held = stratified_split(y, 0.25, seed=0)
+    model = fit_identifier(x[kept], [y[i] for i in kept], epochs=150)
+    model = calibrate_rejection(model, x[kept], [y[i] for i in kept], x[held], quantile=0.99)
+    assert model.predict(far) == [UNKNOWN] * 40  # a fourth family, never fitted
+    assert model.predict(far, reject=False) != [UNKNOWN] * 40
+    x_test, y_test = _clusters(40, seed=1)
+    pred = model.predict(x_test)
+    assert pred.count(UNKNOWN) <= 6 and accuracy(y_test, pred) >= 0.9
+    restored = IdentifierModel.from_tensors(model.state_dict(), model.classes)
+    assert restored.predict(far) == [UNKNOWN] * 40 and restored.predict(x_test) == pred
+    # the distance is the smallest mean squared z-score to a class, by hand for one row
+    z = (x_test[:1] - model.mean) / model.std
+    by_hand = min(((z - model.class_mean[c]) / model.class_std[c]).pow(2).mean().item() for c in range(3))
+    assert model.distance(x_test[:1]).item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_stratified_split_and_per_class_scores():
+    labels = ["a"] * 8 + ["b"] * 4 + ["c"]
+    kept, held = stratified_split(labels, 0.25, seed=0)
+    assert sorted(kept + held) == list(range(13))
+    assert [labels[i] for i in held].count("a") == 2 and [labels[i] for i in held].count("b") == 1
+    assert "c" not in [labels[i] for i in held]
+    scores = per_class_scores(["a", "a", "b", "b"], ["a", "b", "b", UNKNOWN])
+    assert scores["a"] == {"precision": 1.0, "recall": 0.5, "support": 2}
+    assert scores["b"] == {"precision": 0.5, "recall": 0.5, "support": 2}
+    assert per_class_scores(["a", "b"], ["b", "b"])["a"]["precision"] is None
+
+
+def test_select_feature_groups_keeps_the_informative_group():
+    x, y = _clusters(40, seed=0)
+    noise = torch.randn(len(y), 4, generator=torch.Generator().manual_seed(9))
+    groups, history = select_feature_groups({"noise": noise, "signal": x[:, :3]}, y, fit_options={"epochs": 80})
+    assert groups[0] == "signal" and history[0]["cv_accuracy"] >= 0.9
+    assert len(history) == len(groups)
