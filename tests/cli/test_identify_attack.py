@@ -96,8 +96,11 @@ def test_fit_human_output_labels_held_out_and_training(root):
     ],
 )
 def test_bad_input_is_one_line(root, args, message):
+    from loradar_cli.errors import EXIT_CODES
+
     result = invoke(root, *args)
-    assert result.exit_code == 1 and message in result.stderr
+    assert result.exit_code in {EXIT_CODES["InvalidValueError"], EXIT_CODES["NotFoundError"]}, result.stderr
+    assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
 
 
