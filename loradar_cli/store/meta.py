@@ -10,7 +10,7 @@ from loradar_cli.lora.spec import LoraSpec
 
 SCHEMA_VERSION = 1
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-RESERVED_NAMES = frozenset({"bases", "identifiers"})
+RESERVED_NAMES = frozenset({"bases", "identifiers", "pools"})
 
 
 def now() -> datetime:
