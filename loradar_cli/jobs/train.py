@@ -138,9 +138,7 @@ def train_pool(
         if key == "eps" and "alpha" not in (attack_options or {}) and isinstance(value, (int, float)):
             options["alpha"] = value / 4  # methods: α_i = ε_i / 4 per pool member
         members.append(
-            train_and_store_adapter(
-                store, member, attack=attack, attack_options=options, overwrite=overwrite, **kwargs
-            )
+            train_and_store_adapter(store, member, attack=attack, attack_options=options, overwrite=overwrite, **kwargs)
         )
     manifest = PoolManifest(
         name=name, key=key, values=[text for text, _ in values], members=names, recipe=members[0].recipe

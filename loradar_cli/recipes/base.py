@@ -101,4 +101,3 @@ def build_recipe(name: str, options: Mapping[str, Any] | None = None) -> Recipe:
         raise InvalidValueError(
             f"invalid option for recipe {name!r}: {where}: {first['msg']} (got {first['input']!r})"
         ) from None
-

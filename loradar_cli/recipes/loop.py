@@ -210,7 +210,9 @@ def train_epoch(
     steps = batches(len(train), config.batch_size, run.generator)
     for i, idx in enumerate(steps):
         x, y = train.x[idx], train.y[idx]
-        batch_attack = Precomputed(getattr(attack, "config", None), static_adv[idx]) if static_adv is not None else attack
+        batch_attack = (
+            Precomputed(getattr(attack, "config", None), static_adv[idx]) if static_adv is not None else attack
+        )
         adapter_train_mode(model)
         out = recipe.step(model, x, y, batch_attack)
         run.optimizer.zero_grad(set_to_none=True)
