@@ -3,6 +3,7 @@
 No printing here: progress goes through an optional callback so the CLI can draw a bar on stderr.
 """
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ class EpochStats:
     loss: float
     val_clean_acc: float
     val_robust_acc: float
+    seconds: float = 0.0  # wall time of the epoch's training pass (validation excluded)
 
 
 @dataclass
@@ -170,15 +172,18 @@ def train_adapter(
     if saved is not None:
         run.load_state_dict(saved, recipe)
     for epoch in range(len(run.result.history) + 1, config.epochs + 1):
+        start = time.perf_counter()
         recipe.on_epoch_start(model, epoch)
         loss = train_epoch(model, recipe, attack, train, static_adv, run, config, epoch, progress)
         recipe.on_epoch_end(model, epoch)
+        seconds = time.perf_counter() - start
         run.scheduler.step()
         stats = EpochStats(
             epoch,
             loss,
             accuracy(model, val.x, val.y),
             accuracy(model, adversarial(attack, model, val.x, val.y, config.batch_size), val.y),
+            seconds,
         )
         best = run.result.best if run.result.best_epoch else None
         run.result.history.append(stats)
