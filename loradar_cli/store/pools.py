@@ -7,12 +7,16 @@ pool by name (`pool:NAME` or the bare name when no adapter has it), expanding to
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loradar_cli.errors import CorruptError, ExistsError, NotFoundError
 from loradar_cli.files import atomic_path
 from loradar_cli.store.meta import Name, now
+
+if TYPE_CHECKING:
+    from loradar_cli.store.store import Store
 
 POOLS_DIR = "pools"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -71,14 +75,13 @@ def load_pool(root: Path, name: str) -> PoolManifest:
         raise CorruptError(f"{path} is not a valid pool manifest ({type(err).__name__})") from None
 
 
-def expand_pools(root: Path, names: list[str], adapters: set[str]) -> list[str]:
+def expand_pools(store: "Store", names: list[str]) -> list[str]:
     """Adapter names with every `pool:NAME`, or bare pool name that is not an adapter, replaced by its members."""
     out: list[str] = []
     for name in names:
-        pool = name.removeprefix("pool:")
-        bare_pool = name not in adapters and _NAME.fullmatch(name) is not None and pool_path(root, name).is_file()
-        if name.startswith("pool:") or bare_pool:
-            out.extend(load_pool(root, pool).members)
+        bare_pool = _NAME.fullmatch(name) is not None and pool_path(store.root, name).is_file()
+        if name.startswith("pool:") or (bare_pool and not store.has_adapter(name)):
+            out.extend(load_pool(store.root, name.removeprefix("pool:")).members)
         else:
             out.append(name)
     return out

@@ -95,3 +95,26 @@ def test_the_loss_is_taken_at_the_perturbed_factors(store):
         out = build_recipe("amt", {"gamma": gamma}).step(model, data.x, data.y, build_attack("fgsm", eps=0.1))
         grads.append(torch.autograd.grad(out.loss, lora_factors(model.model)[0])[0])
     assert not torch.allclose(grads[0], grads[1])
+
+
+def test_pool_trains_one_member_per_budget_and_merge_accepts_it(store):
+    from typer.testing import CliRunner
+
+    from loradar_cli.cli.app import app
+    from loradar_cli.jobs.train import train_pool
+    from loradar_cli.store.pools import load_pool
+
+    base = make_base(store)
+    config = TrainConfig(recipe="amt", epochs=1, batch_size=16, seed=0)
+    values = [("0.05", 0.05), ("1/10", 0.1)]
+    manifest, members = train_pool(
+        store, "P", "eps", values, attack="pgd", attack_options={"steps": 2}, base=base.name, data="digits",
+        config=config, r=2, limit=16, val_limit=8,
+    )  # fmt: skip
+    assert manifest == load_pool(store.root, "P") and manifest.members == ["P-eps-0.05", "P-eps-1_10"]
+    for meta, eps in zip(members, (0.05, 0.1), strict=True):
+        assert meta.attack_config["config"]["eps"] == pytest.approx(eps)
+        assert meta.attack_config["config"]["alpha"] == pytest.approx(eps / 4)
+    out = CliRunner().invoke(app, ["merge", "P", "--name", "pm", "--store", str(store.root), "--json"])
+    assert out.exit_code == 0, out.output
+    assert store.adapter_meta("pm").parents == manifest.members

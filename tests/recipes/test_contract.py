@@ -55,3 +55,19 @@ def test_recipe_trains_one_step_and_reloads_exactly(store, name):
     store.save_adapter(meta, tensors)
     x = load_data("digits", "test", limit=16, channels=1, size=16).x
     assert torch.equal(model.eval()(x), load_model(store, base.name, meta.name)(x))
+    _check_peft_loads(store, base.name, meta.name, model, x)
+
+
+def _check_peft_loads(store, base: str, adapter: str, model, x) -> None:
+    """PEFT, on the plain timm base, reproduces the trained model (the stored adapter is a plain LoRA)."""
+    try:
+        import peft
+    except ImportError:
+        return
+    import timm
+
+    net = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    net.load_state_dict(store.load_base(base).state)
+    theirs = peft.PeftModel.from_pretrained(net, str(store.adapter_dir(adapter))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(model.normalize(x)), model(x), rtol=1e-5, atol=1e-5)
