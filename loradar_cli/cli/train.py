@@ -163,13 +163,15 @@ def train_cli(
     if json_out:
         emit_json(meta.model_dump(mode="json"))
         return
+    is_base = not hasattr(meta, "lora")  # recipes whose result is a full model (autolora) store a base
     if not quiet:
         console.print(
             kv_table(
-                f"adapter {meta.name}",
+                f"{'base' if is_base else 'adapter'} {meta.name}",
                 {
-                    "attack": meta.attack,
-                    "layers": len(meta.lora.targets),
+                    "stored as": "a base (use it with --base)" if is_base else "an adapter",
+                    "attack": attack,
+                    "layers": "all (full model)" if is_base else len(meta.lora.targets),
                     "best epoch": int(meta.metrics["best_epoch"]),
                     "val clean acc": meta.metrics["val_clean_acc"],
                     "val robust acc": meta.metrics["val_robust_acc"],

@@ -16,13 +16,13 @@ from loradar_cli.loading import build_model, model_data
 from loradar_cli.lora.init import init_lora
 from loradar_cli.lora.inject import classifier_name, default_targets, inject_lora, select_targets
 from loradar_cli.lora.spec import LoraSpec
-from loradar_cli.lora.state import adapter_tensors
+from loradar_cli.lora.state import adapter_tensors, base_state
 from loradar_cli.metrics import Progress
 from loradar_cli.models import ImageClassifier
 from loradar_cli.recipes.base import build_recipe
 from loradar_cli.recipes.checkpoint import Checkpoint
 from loradar_cli.recipes.loop import TrainConfig, train_adapter
-from loradar_cli.store.meta import AdapterMeta
+from loradar_cli.store.meta import AdapterMeta, BaseMeta
 from loradar_cli.store.pools import PoolManifest, check_pool_free, save_pool
 from loradar_cli.store.store import Store
 
@@ -50,25 +50,26 @@ def train_and_store_adapter(
     overwrite: bool = False,
     resume: bool = False,
     progress: Progress | None = None,
-) -> AdapterMeta:
+) -> AdapterMeta | BaseMeta:
     """Train an adapter on a frozen base and store it (nothing is written if training fails).
 
+    A recipe whose output is a full model (AutoLoRa) is stored as a new base instead, with its provenance.
     The run state is checkpointed after every epoch in a hidden folder beside the entry; `resume` continues
     from it (same options required) and the folder is removed once the adapter is stored.
     """
-    store.check_free("adapter", name, overwrite)
     config = config or TrainConfig()
     recipe = build_recipe(config.recipe, config.recipe_options)
+    store.check_free(recipe.output, name, overwrite)
     stored = store.load_base(base)
     attack_fn = build_attack(attack, **dict(attack_options or {}))
     train = model_data(data, "train", stored.meta, seed=config.seed, limit=limit)
     val = model_data(data, "val", stored.meta, seed=config.seed, limit=val_limit)
     model = build_model(stored)
+    targets = targets or recipe.default_targets
     spec = lora_spec_for(model, r=r, lora_alpha=lora_alpha, targets=targets, train_head=train_head)
     torch.manual_seed(config.seed)
     layers = inject_lora(model.model, spec)
     init_lora(layers, recipe.lora_init)
-    recipe.prepare(model)
     recipe_config = {**config.model_dump(), "recipe_options": recipe.config.model_dump(mode="json")}
     run_options = [stored.meta.fingerprint, attack_fn.describe(), recipe_config, spec.model_dump(), data, limit]
     checkpoint = Checkpoint(resume_folder(store, name), _fingerprint([*run_options, val_limit]))
@@ -76,6 +77,30 @@ def train_and_store_adapter(
         checkpoint.clear()
     result = train_adapter(model, attack_fn, train, val, config, progress, recipe=recipe, checkpoint=checkpoint)
     best = result.best
+    metrics = {
+        "val_clean_acc": best.val_clean_acc,
+        "val_robust_acc": best.val_robust_acc,
+        "best_epoch": float(result.best_epoch),
+        "train_loss": best.loss,
+    }
+    training = {"data": data, "limit": limit, "val_limit": val_limit, "history": [vars(h) for h in result.history]}
+    if recipe.output == "base":
+        provenance = {
+            "command": "train",
+            "from_base": base,
+            "from_fingerprint": stored.meta.fingerprint,
+            "recipe": config.recipe,
+            "recipe_config": {**recipe_config, "lora_init": recipe.lora_init, "lora": spec.model_dump()},
+            "attack": attack,
+            "attack_config": attack_fn.describe(),
+            **training,
+        }
+        base_meta = stored.meta.model_copy(
+            update={"name": name, "metrics": metrics, "seed": config.seed, "provenance": provenance, "fingerprint": ""}
+        )
+        store.save_base(BaseMeta.model_validate(base_meta.model_dump()), base_state(model.model), overwrite=overwrite)
+        checkpoint.clear()
+        return store.base_meta(name)
     stored_spec, tensors = adapter_tensors(model.model, spec)
     meta = AdapterMeta(
         name=name,
@@ -89,18 +114,8 @@ def train_and_store_adapter(
         attack=attack,
         attack_config=attack_fn.describe(),
         seed=config.seed,
-        metrics={
-            "val_clean_acc": best.val_clean_acc,
-            "val_robust_acc": best.val_robust_acc,
-            "best_epoch": float(result.best_epoch),
-            "train_loss": best.loss,
-        },
-        combination={
-            "data": data,
-            "limit": limit,
-            "val_limit": val_limit,
-            "history": [vars(h) for h in result.history],
-        },
+        metrics=metrics,
+        combination=training,
     )
     store.save_adapter(meta, tensors, overwrite=overwrite)
     checkpoint.clear()

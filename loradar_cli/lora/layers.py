@@ -12,6 +12,8 @@ Two optional extras serve recipes whose LoRA does not start at B = 0 (ungrouped 
 """
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ class LoraLayer(nn.Module):
         self.scaling = lora_alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.enabled = True  # False skips the LoRA branch (a training-only branch, as in AutoLoRa)
         self.register_buffer("lora_A0", None, persistent=False)
         self.register_buffer("lora_B0", None, persistent=False)
         self.register_parameter("lora_scale", None)
@@ -98,7 +101,7 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return out
         if self.plain:
             return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
@@ -182,6 +185,20 @@ def functional_forward(layer: LoraLayer, x: Tensor) -> Tensor:
         x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
         return F.conv2d(x, weight, base.bias, base.stride, 0, base.dilation, base.groups)
     return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
+
+
+@contextmanager
+def lora_switched(model: nn.Module, enabled: bool) -> Iterator[nn.Module]:
+    """Every LoRA branch of `model` on or off inside the block, restored afterwards."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = enabled
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, saved, strict=True):
+            layer.enabled = flag
 
 
 LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d}

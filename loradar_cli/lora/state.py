@@ -33,3 +33,14 @@ def adapter_tensors(model: nn.Module, spec: LoraSpec) -> tuple[LoraSpec, dict[st
     alphas = {n: v for n, v in alphas.items() if v != lora_alpha}
     stored = spec.model_copy(update={"r": r, "lora_alpha": lora_alpha, "rank_pattern": ranks, "alpha_pattern": alphas})
     return LoraSpec.model_validate(stored.model_dump()), tensors
+
+
+def base_state(model: nn.Module) -> dict[str, Tensor]:
+    """The plain model's state dict of an injected `model`, LoRA branches dropped (their base weights kept)."""
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if any(part.startswith("lora_") for part in parts):
+            continue
+        out[".".join(p for p in parts if p != "base_layer")] = value.detach().cpu().contiguous().clone()
+    return out

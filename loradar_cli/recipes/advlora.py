@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from loradar_cli.attacks.base import Attack
+from loradar_cli.data import ImageData
 from loradar_cli.lora.inject import lora_layers
 from loradar_cli.recipes.base import AttackFn, Recipe, RecipeConfig, StepOutput, register_recipe
 
@@ -59,7 +60,8 @@ class AdvLoRA(Recipe):
     config: AdvLoRAConfig
     lora_init = "cluster"
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, train: ImageData, val: ImageData, attack: AttackFn) -> None:
+        """Give every LoRA layer its trainable scale α = 1."""
         for layer in lora_layers(model).values():
             layer.add_scale(1.0)
 

@@ -10,13 +10,18 @@ To add a recipe: one module with a `<Name>Config(RecipeConfig)` and a `@register
 """
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, NamedTuple
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
 from loradar_cli.errors import InvalidValueError
 from loradar_cli.registry import Registry
+
+if TYPE_CHECKING:
+    from loradar_cli.data import ImageData
 
 AttackFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -41,14 +46,27 @@ class Recipe:
     name: ClassVar[str]
     config_cls: ClassVar[type[RecipeConfig]] = RecipeConfig
     lora_init: ClassVar[str] = "kaiming"  # a key of lora.init.LORA_INITS
+    default_targets: ClassVar[str | None] = None  # a LoRA target preset when --targets is not given
+    output: ClassVar[str] = "adapter"  # "adapter", or "base" for a recipe whose result is a full model
 
     def __init__(self, config: RecipeConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()
         if not isinstance(self.config, self.config_cls):
             raise InvalidValueError(f"recipe {self.name!r} needs a {self.config_cls.__name__}")
 
-    def prepare(self, model: nn.Module) -> None:
-        """Called once after LoRA injection and initialisation, before the optimiser is built."""
+    def prepare(self, model: nn.Module, train: "ImageData", val: "ImageData", attack: AttackFn) -> None:
+        """Called by the loop once LoRA is injected and initialised, before the optimiser is built."""
+
+    def build_optimizer(
+        self, params: list[nn.Parameter], lr: float, step_size: int, gamma: float
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        """Adam with a StepLR schedule (the run's --lr, --step-size, gamma); recipes may bring their own."""
+        optimizer = torch.optim.Adam(params, lr=lr)
+        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+
+    def inference(self, model: nn.Module) -> AbstractContextManager[Any]:
+        """The model as deployed, for validation (e.g. with a training-only branch switched off)."""
+        return nullcontext()
 
     def step(self, model: nn.Module, x: Tensor, y: Tensor, attack: AttackFn) -> StepOutput:
         """Loss and logits for a clean batch `x` [B, C, H, W] in [0, 1] with labels `y` [B]."""
@@ -60,8 +78,9 @@ class Recipe:
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         """Called before the first batch of each epoch (1-based)."""
 
-    def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
-        """Called after the last batch of each epoch, before validation."""
+    def on_epoch_end(self, model: nn.Module, epoch: int, val_clean: float, val_robust: float) -> bool:
+        """Called after each epoch's validation; returning True stops training early."""
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         """Extra state a resumed run needs (tensors and JSON-ready values)."""

@@ -108,7 +108,7 @@ class _Run:
 
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
     generator: torch.Generator
     result: TrainResult = field(default_factory=lambda: TrainResult(best_epoch=0))
     best_state: list[Tensor] = field(default_factory=list)
@@ -118,7 +118,7 @@ class _Run:
             "epoch": len(self.result.history),
             "params": [p.detach().clone() for p in self.params],
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "generator": self.generator.get_state(),
             "rng": rng_state(),
             "best_epoch": self.result.best_epoch,
@@ -132,7 +132,8 @@ class _Run:
             for p, saved in zip(self.params, state["params"], strict=True):
                 p.copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         set_rng_state(state["rng"])
         self.result = TrainResult(state["best_epoch"], [EpochStats(**h) for h in state["history"]])
@@ -158,12 +159,13 @@ def train_adapter(
     `checkpoint`, the run state is saved after every completed epoch and a saved state is resumed from.
     """
     recipe = recipe or build_recipe(config.recipe, config.recipe_options)
+    recipe.prepare(model, train, val, attack)
     params = trainable_parameters(model)
-    optimizer = torch.optim.Adam(params, lr=config.lr)
+    optimizer, scheduler = recipe.build_optimizer(params, config.lr, config.step_size, config.gamma)
     run = _Run(
         params,
         optimizer,
-        torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma),
+        scheduler,
         torch.Generator().manual_seed(config.seed),
         best_state=[p.detach().clone() for p in params],
     )
@@ -175,16 +177,14 @@ def train_adapter(
         start = time.perf_counter()
         recipe.on_epoch_start(model, epoch)
         loss = train_epoch(model, recipe, attack, train, static_adv, run, config, epoch, progress)
-        recipe.on_epoch_end(model, epoch)
         seconds = time.perf_counter() - start
-        run.scheduler.step()
-        stats = EpochStats(
-            epoch,
-            loss,
-            accuracy(model, val.x, val.y),
-            accuracy(model, adversarial(attack, model, val.x, val.y, config.batch_size), val.y),
-            seconds,
-        )
+        if run.scheduler is not None:
+            run.scheduler.step()
+        with recipe.inference(model):
+            clean = accuracy(model, val.x, val.y)
+            robust = accuracy(model, adversarial(attack, model, val.x, val.y, config.batch_size), val.y)
+        stats = EpochStats(epoch, loss, clean, robust, seconds)
+        stop = recipe.on_epoch_end(model, epoch, clean, robust)
         best = run.result.best if run.result.best_epoch else None
         run.result.history.append(stats)
         if is_better(stats, best, config.select, config.min_clean):
@@ -192,6 +192,8 @@ def train_adapter(
             run.best_state = [p.detach().clone() for p in params]
         if checkpoint is not None:
             checkpoint.save(run.state_dict(recipe))
+        if stop:
+            break
     with torch.no_grad():
         for p, best_value in zip(params, run.best_state, strict=True):
             p.copy_(best_value)

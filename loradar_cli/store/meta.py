@@ -41,6 +41,9 @@ class BaseMeta(_Meta):
     metrics: dict[str, float] = Field(default_factory=dict)
     seed: int | None = None
     fingerprint: str
+    provenance: dict[str, Any] = Field(
+        default_factory=dict
+    )  # how a derived base was made (e.g. `train --recipe autolora`)
 
 
 class AdapterMeta(_Meta):

@@ -9,7 +9,7 @@ from loradar_cli.jobs.train import lora_spec_for
 from loradar_cli.loading import build_model, load_model
 from loradar_cli.lora.init import LORA_INITS, init_lora
 from loradar_cli.lora.inject import inject_lora
-from loradar_cli.lora.state import adapter_tensors
+from loradar_cli.lora.state import adapter_tensors, base_state
 from loradar_cli.names import LORA_INIT_NAMES, RECIPE_NAMES
 from loradar_cli.recipes import RECIPES, build_recipe
 from loradar_cli.recipes.loop import TrainConfig, train_adapter
@@ -30,9 +30,10 @@ def test_recipe_trains_one_step_and_reloads_exactly(store, name):
     recipe = build_recipe(name)
     torch.manual_seed(0)
     init_lora(inject_lora(model.model, spec), recipe.lora_init)
-    recipe.prepare(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    if recipe.output == "base":  # the whole model trains; what must not move is checked on the stored base
+        frozen = {}
     data = load_data("digits", "train", limit=8, channels=1, size=16)
     attack = build_attack("pgd", eps=0.1, alpha=0.05, steps=2)
     config = TrainConfig(recipe=name, epochs=1, batch_size=8, lr=1e-2, select="last")
@@ -42,6 +43,10 @@ def test_recipe_trains_one_step_and_reloads_exactly(store, name):
     after = dict(model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before if "lora_" in n)  # the factors trained
     assert all(torch.equal(frozen[n], after[n]) for n in frozen)  # nothing outside LoRA and head moved
+    x = load_data("digits", "test", limit=16, channels=1, size=16).x
+    if recipe.output == "base":
+        _check_base_output(store, base, model, recipe, x)
+        return
     stored_spec, tensors = adapter_tensors(model.model, spec)
     meta = AdapterMeta(
         name=f"c-{name}",
@@ -53,9 +58,18 @@ def test_recipe_trains_one_step_and_reloads_exactly(store, name):
         recipe=name,
     )
     store.save_adapter(meta, tensors)
-    x = load_data("digits", "test", limit=16, channels=1, size=16).x
     assert torch.equal(model.eval()(x), load_model(store, base.name, meta.name)(x))
     _check_peft_loads(store, base.name, meta.name, model, x)
+
+
+def _check_base_output(store, base, model, recipe, x) -> None:
+    """A full-model recipe: the stored base, rebuilt from its own weights, is the trained model as deployed."""
+    meta = base.model_copy(update={"name": "out", "fingerprint": ""})
+    store.save_base(meta, base_state(model.model))
+    rebuilt = build_model(store.load_base("out"))
+    with recipe.inference(model), torch.no_grad():
+        assert torch.equal(model.eval()(x), rebuilt(x))
+        assert not torch.equal(rebuilt(x), build_model(store.load_base(base.name))(x))  # it trained
 
 
 def _check_peft_loads(store, base: str, adapter: str, model, x) -> None:
