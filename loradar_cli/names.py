@@ -2,11 +2,12 @@
 
 Registries fill themselves when their modules import torch; the CLI must not, so `loradar --help` stays instant.
 These tuples mirror the registries, and `tests/test_names.py` keeps them equal: registering a new attack, recipe,
-merge or vote method, identifier mode or dataset without adding its name here fails the suite.
+merge or vote method, LoRA initialisation, identifier mode or dataset without adding its name here fails the suite.
 """
 
 ATTACKS: tuple[str, ...] = ("fgsm", "fia", "pgd", "pgd-l2", "roa")
-RECIPES: tuple[str, ...] = ("loradar", "pgd-at")
+RECIPES: tuple[str, ...] = ("advlora", "amt", "autolora", "loradar", "mart", "pgd-at", "trades")
+LORA_INITS: tuple[str, ...] = ("cluster", "kaiming", "svd")
 MERGE_METHODS: tuple[str, ...] = ("cat", "linear", "ties", "tts")
 VOTE_METHODS: tuple[str, ...] = ("majority", "soft", "weighted")
 ENSEMBLE_METHODS: tuple[str, ...] = (*VOTE_METHODS, "route")

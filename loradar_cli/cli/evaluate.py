@@ -51,7 +51,7 @@ def eval_cli(
         list[str] | None,
         typer.Option(
             "--members",
-            help="Ensemble members, comma-separated or repeated (default: the --adapter list). "
+            help="Ensemble members or pools (pool:NAME), comma-separated or repeated (default: the --adapter list). "
             "Ensemble rows are attacked through the mean of their logits.",
         ),
     ] = None,
@@ -73,10 +73,12 @@ def eval_cli(
     """Evaluate the base, adapters and ensembles on clean data, under attacks, and on saved adversarial sets."""
     from loradar_cli.jobs.evaluate import EnsembleRows, evaluate_models
     from loradar_cli.loading import resolve_base_for
+    from loradar_cli.store.pools import expand_pools
 
     the_store = open_store(store)
-    adapters = read_names(adapter) if adapter else []
-    voters = [n.strip() for item in members or [] for n in item.split(",") if n.strip()] or adapters
+    adapters = expand_pools(the_store, read_names(adapter)) if adapter else []
+    voters = expand_pools(the_store, [n.strip() for item in members or [] for n in item.split(",") if n.strip()])
+    voters = voters or adapters
     methods = [*dict.fromkeys(vote or []), *(["route"] if route else [])]
     if members and not methods:
         raise InvalidValueError("--members needs --vote METHOD or --route")

@@ -23,7 +23,9 @@ from loradar_cli.cli._options import fraction, non_negative, unit_interval
 
 @run_command
 def merge_cli(
-    adapters: Annotated[list[str], typer.Argument(help="Adapters to merge ('-' reads names from stdin).")],
+    adapters: Annotated[
+        list[str], typer.Argument(help="Adapters or pools (pool:NAME) to merge ('-' reads names from stdin).")
+    ],
     name: Annotated[str, typer.Option("--name", help="Name of the merged adapter.")],
     method: Annotated[
         str,
@@ -74,6 +76,7 @@ def merge_cli(
 ) -> None:
     """Merge adapters into one: Σ wᵢ·ΔWᵢ per layer, re-factored by SVD; weights [1, 0, …] give the first back."""
     from loradar_cli.combine import TTSOptions, merge_adapters
+    from loradar_cli.store.pools import expand_pools
 
     tts = (
         TTSOptions(
@@ -89,9 +92,10 @@ def merge_cli(
         if support
         else None
     )
+    the_store = open_store(store)
     meta, report = merge_adapters(
-        open_store(store),
-        read_names(adapters),
+        the_store,
+        expand_pools(the_store, read_names(adapters)),
         name=name,
         base=base,
         method=method,

@@ -1,6 +1,6 @@
 """`loradar train`: train an attack-specialised LoRA adapter on a frozen base."""
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,11 +22,17 @@ from loradar_cli.cli._common import (
     console,
     emit_json,
     open_store,
+    parse_value,
     progress_bar,
     run_command,
 )
 from loradar_cli.cli._options import non_blank, positive
 from loradar_cli.cli._tables import kv_table
+
+RecipeOptOpt = Annotated[
+    list[str] | None,
+    typer.Option("--recipe-opt", help="Recipe option KEY=VALUE (e.g. beta=6 for trades); repeatable."),
+]
 
 
 @run_command
@@ -40,6 +46,18 @@ def train_cli(
     recipe: Annotated[
         str, typer.Option("--recipe", help=f"Training recipe: {names.choices(names.RECIPES)}.")
     ] = "loradar",
+    recipe_opt: RecipeOptOpt = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            "--pool",
+            help="Train one adapter per value of an attack option, e.g. 'eps=1/255,2/255,4/255,8/255' "
+            "(alpha = eps/4 unless given); --name then names the pool.",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run of the same command from its last epoch.")
+    ] = False,
     eps: EpsOpt = None,
     alpha: AlphaOpt = None,
     steps: StepsOpt = None,
@@ -86,6 +104,7 @@ def train_cli(
     """Train a LoRA adapter against one attack (adaptive by default) and store it in PEFT's format."""
     from pydantic import ValidationError
 
+    from loradar_cli.cli._common import parse_key_values
     from loradar_cli.errors import InvalidValueError
     from loradar_cli.jobs.train import train_and_store_adapter
     from loradar_cli.recipes.loop import TrainConfig
@@ -93,6 +112,7 @@ def train_cli(
     try:
         config = TrainConfig(
             recipe=recipe,
+            recipe_options=parse_key_values(recipe_opt, "--recipe-opt"),
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
@@ -107,6 +127,29 @@ def train_cli(
             f"invalid training option: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}"
         ) from None
     options = attack_options([attack], eps, alpha, steps, attack_opt)[attack]
+    if pool is not None:
+        _train_pool_cli(
+            name,
+            pool,
+            options,
+            store,
+            overwrite,
+            json_out,
+            quiet,
+            **{
+                "base": base,
+                "data": data,
+                "config": config,
+                "r": rank,
+                "lora_alpha": lora_alpha,
+                "targets": targets,
+                "train_head": train_head,
+                "limit": limit,
+                "val_limit": val_limit,
+                "resume": resume,
+            },
+        )
+        return
     with progress_bar(not quiet) as progress:
         meta = train_and_store_adapter(
             open_store(store),
@@ -116,6 +159,7 @@ def train_cli(
             data=data,
             attack_options=options,
             config=config,
+            resume=resume,
             r=rank,
             lora_alpha=lora_alpha,
             targets=targets,
@@ -128,13 +172,15 @@ def train_cli(
     if json_out:
         emit_json(meta.model_dump(mode="json"))
         return
+    is_base = not hasattr(meta, "lora")  # recipes whose result is a full model (autolora) store a base
     if not quiet:
         console.print(
             kv_table(
-                f"adapter {meta.name}",
+                f"{'base' if is_base else 'adapter'} {meta.name}",
                 {
-                    "attack": meta.attack,
-                    "layers": len(meta.lora.targets),
+                    "stored as": "a base (use it with --base)" if is_base else "an adapter",
+                    "attack": attack,
+                    "layers": "all (full model)" if is_base else len(meta.lora.targets),
                     "best epoch": int(meta.metrics["best_epoch"]),
                     "val clean acc": meta.metrics["val_clean_acc"],
                     "val robust acc": meta.metrics["val_robust_acc"],
@@ -142,3 +188,45 @@ def train_cli(
             )
         )
     print(meta.name)
+
+
+def _train_pool_cli(
+    name: str, pool: str, options: dict, store: Any, overwrite: bool, json_out: bool, quiet: bool, **kwargs: Any
+) -> None:
+    """`--pool KEY=V1,V2,...`: train the members, write the manifest, print the pool."""
+    from loradar_cli.jobs.train import train_pool
+
+    key, values = parse_pool(pool)
+    with progress_bar(not quiet) as progress:
+        manifest, members = train_pool(
+            open_store(store),
+            name,
+            key,
+            values,
+            attack_options=options,
+            overwrite=overwrite,
+            progress=progress,
+            **kwargs,
+        )
+    if json_out:
+        emit_json({"pool": manifest.model_dump(mode="json"), "members": [m.model_dump(mode="json") for m in members]})
+        return
+    if not quiet:
+        rows = {
+            f"{m.name} ({key}={v})": f"val clean {m.metrics['val_clean_acc']:.3f}, robust "
+            f"{m.metrics['val_robust_acc']:.3f}"
+            for m, v in zip(members, manifest.values, strict=True)
+        }
+        console.print(kv_table(f"pool {manifest.name}", rows))
+    print(manifest.name)
+
+
+def parse_pool(spec: str) -> tuple[str, list[tuple[str, Any]]]:
+    """'eps=1/255,2/255' -> ('eps', [('1/255', 1/255), ('2/255', 2/255)]): the varied attack option and values."""
+    from loradar_cli.errors import InvalidValueError
+
+    key, sep, values = spec.partition("=")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip() or not items:
+        raise InvalidValueError(f"--pool expects KEY=V1,V2,... (e.g. eps=1/255,2/255), got {spec!r}")
+    return key.strip().replace("-", "_"), [(text, parse_value(text)) for text in items]

@@ -62,7 +62,9 @@ class IdentifierMeta(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: Literal[1] = 1  # the store format (store.meta.SCHEMA_VERSION); older identifiers default their feature groups
+    schema_version: Literal[1] = (
+        1  # the store format (store.meta.SCHEMA_VERSION); older identifiers default their feature groups
+    )
     name: str
     base: str
     base_fingerprint: str

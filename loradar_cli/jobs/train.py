@@ -1,19 +1,35 @@
-"""The job behind `loradar train`: an attack-specialised LoRA on a frozen base, written to the store."""
+"""The job behind `loradar train`: an attack-specialised LoRA on a frozen base, written to the store.
 
-from collections.abc import Mapping
+With `pool`, one adapter per value of an attack option (e.g. eps) is trained with the same recipe and the
+members are recorded as one named pool (`<store>/pools/<name>.json`) that merge and eval accept by name.
+"""
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from loradar_cli.attacks import build_attack
 from loradar_cli.loading import build_model, model_data
-from loradar_cli.lora.inject import classifier_name, default_targets, inject_lora, lora_state_dict, select_targets
+from loradar_cli.lora.init import init_lora
+from loradar_cli.lora.inject import classifier_name, default_targets, inject_lora, select_targets
 from loradar_cli.lora.spec import LoraSpec
+from loradar_cli.lora.state import adapter_tensors, base_state
 from loradar_cli.metrics import Progress
 from loradar_cli.models import ImageClassifier
+from loradar_cli.recipes.base import build_recipe
+from loradar_cli.recipes.checkpoint import Checkpoint
 from loradar_cli.recipes.loop import TrainConfig, train_adapter
-from loradar_cli.store.meta import AdapterMeta
+from loradar_cli.store.meta import AdapterMeta, BaseMeta
+from loradar_cli.store.pools import PoolManifest, check_pool_free, save_pool
 from loradar_cli.store.store import Store
+
+
+def resume_folder(store: Store, name: str) -> Any:
+    """The hidden folder holding an interrupted run's state, beside the entry it will become."""
+    return store.root / f".resume-{name}"
 
 
 def train_and_store_adapter(
@@ -32,48 +48,118 @@ def train_and_store_adapter(
     limit: int | None = None,
     val_limit: int | None = 512,
     overwrite: bool = False,
+    resume: bool = False,
     progress: Progress | None = None,
-) -> AdapterMeta:
-    """Train an attack-specialised LoRA on a frozen base and store it (nothing is written if training fails)."""
-    store.check_free("adapter", name, overwrite)
+) -> AdapterMeta | BaseMeta:
+    """Train an adapter on a frozen base and store it (nothing is written if training fails).
+
+    A recipe whose output is a full model (AutoLoRa) is stored as a new base instead, with its provenance.
+    The run state is checkpointed after every epoch in a hidden folder beside the entry; `resume` continues
+    from it (same options required) and the folder is removed once the adapter is stored.
+    """
     config = config or TrainConfig()
+    recipe = build_recipe(config.recipe, config.recipe_options)
+    store.check_free(recipe.output, name, overwrite)
     stored = store.load_base(base)
     attack_fn = build_attack(attack, **dict(attack_options or {}))
     train = model_data(data, "train", stored.meta, seed=config.seed, limit=limit)
     val = model_data(data, "val", stored.meta, seed=config.seed, limit=val_limit, report_limit=False)
     model = build_model(stored)
+    targets = targets or recipe.default_targets
     spec = lora_spec_for(model, r=r, lora_alpha=lora_alpha, targets=targets, train_head=train_head)
     torch.manual_seed(config.seed)
-    inject_lora(model.model, spec)
-    result = train_adapter(model, attack_fn, train, val, config, progress)
+    layers = inject_lora(model.model, spec)
+    init_lora(layers, recipe.lora_init)
+    recipe_config = {**config.model_dump(), "recipe_options": recipe.config.model_dump(mode="json")}
+    run_options = [stored.meta.fingerprint, attack_fn.describe(), recipe_config, spec.model_dump(), data, limit]
+    checkpoint = Checkpoint(resume_folder(store, name), _fingerprint([*run_options, val_limit]))
+    if not resume:
+        checkpoint.clear()
+    result = train_adapter(model, attack_fn, train, val, config, progress, recipe=recipe, checkpoint=checkpoint)
     best = result.best
+    metrics = {
+        "val_clean_acc": best.val_clean_acc,
+        "val_robust_acc": best.val_robust_acc,
+        "best_epoch": float(result.best_epoch),
+        "train_loss": best.loss,
+    }
+    training = {"data": data, "limit": limit, "val_limit": val_limit, "history": [vars(h) for h in result.history]}
+    if recipe.output == "base":
+        provenance = {
+            "command": "train",
+            "from_base": base,
+            "from_fingerprint": stored.meta.fingerprint,
+            "recipe": config.recipe,
+            "recipe_config": {**recipe_config, "lora_init": recipe.lora_init, "lora": spec.model_dump()},
+            "attack": attack,
+            "attack_config": attack_fn.describe(),
+            **training,
+        }
+        base_meta = stored.meta.model_copy(
+            update={"name": name, "metrics": metrics, "seed": config.seed, "origin": provenance, "fingerprint": ""}
+        )
+        store.save_base(BaseMeta.model_validate(base_meta.model_dump()), base_state(model.model), overwrite=overwrite)
+        checkpoint.clear()
+        return store.base_meta(name)
+    stored_spec, tensors = adapter_tensors(model.model, spec)
     meta = AdapterMeta(
         name=name,
         base=base,
         base_fingerprint=stored.meta.fingerprint,
         timm_model=stored.meta.timm_model,
         num_classes=stored.meta.num_classes,
-        lora=spec,
+        lora=stored_spec,
         recipe=config.recipe,
-        recipe_config=config.model_dump(),
+        recipe_config={**recipe_config, "lora_init": recipe.lora_init, "trained_rank": spec.r},
         attack=attack,
         attack_config=attack_fn.describe(),
         seed=config.seed,
-        metrics={
-            "val_clean_acc": best.val_clean_acc,
-            "val_robust_acc": best.val_robust_acc,
-            "best_epoch": float(result.best_epoch),
-            "train_loss": best.loss,
-        },
-        combination={
-            "data": data,
-            "limit": limit,
-            "val_limit": val_limit,
-            "history": [vars(h) for h in result.history],
-        },
+        metrics=metrics,
+        combination=training,
     )
-    store.save_adapter(meta, lora_state_dict(model.model, spec), overwrite=overwrite)
+    store.save_adapter(meta, tensors, overwrite=overwrite)
+    checkpoint.clear()
     return store.adapter_meta(name)
+
+
+def member_name(pool: str, key: str, text: str) -> str:
+    """The adapter name of the pool member trained with `key=text` (e.g. P-eps-8_255)."""
+    return f"{pool}-{key}-{text.strip().replace('/', '_')}"
+
+
+def train_pool(
+    store: Store,
+    name: str,
+    key: str,
+    values: Sequence[tuple[str, Any]],
+    *,
+    attack: str,
+    attack_options: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    **kwargs: Any,
+) -> tuple[PoolManifest, list[AdapterMeta]]:
+    """One adapter per (text, value) of attack option `key` (alpha defaults to eps/4), then the pool manifest.
+
+    Members are independent runs (each may be resumed, or trained in its own process with the same
+    command and `--pool` of one value); the manifest is written last, atomically.
+    """
+    check_pool_free(store.root, name, overwrite)
+    names = [member_name(name, key, text) for text, _ in values]
+    for member in names:
+        store.check_free("adapter", member, overwrite)
+    members: list[AdapterMeta] = []
+    for member, (_, value) in zip(names, values, strict=True):
+        options = {**dict(attack_options or {}), key: value}
+        if key == "eps" and "alpha" not in (attack_options or {}) and isinstance(value, (int, float)):
+            options["alpha"] = value / 4  # methods: α_i = ε_i / 4 per pool member
+        members.append(
+            train_and_store_adapter(store, member, attack=attack, attack_options=options, overwrite=overwrite, **kwargs)
+        )
+    manifest = PoolManifest(
+        name=name, key=key, values=[text for text, _ in values], members=names, recipe=members[0].recipe
+    )
+    save_pool(store.root, manifest, overwrite=overwrite)
+    return manifest, members
 
 
 def lora_spec_for(
@@ -87,3 +173,7 @@ def lora_spec_for(
         targets=select_targets(model.model, preset),
         head=classifier_name(model.model) if train_head else None,
     )
+
+
+def _fingerprint(options: Sequence[Any]) -> str:
+    return hashlib.sha256(json.dumps(list(options), sort_keys=True, default=str).encode()).hexdigest()

@@ -3,9 +3,17 @@
 Linear: ΔW = s·B·A with A [r, in], B [out, r]. Conv2d: A is a conv with the base kernel, stride, padding,
 dilation, padding_mode and groups ([r, in/g, kh, kw]); B is a grouped 1×1 conv ([out, r/g, 1, 1]); so
 ΔW for group g is s·B_g·A_g reshaped to the kernel. s = lora_alpha / r. A starts random, B at zero.
+
+Two optional extras serve recipes whose LoRA does not start at B = 0 (ungrouped layers only):
+- a frozen residual pair (A₀, B₀): the layer computes W₀ + s·(B·A − B₀·A₀), i.e. the frozen residual
+  W₀ − s·B₀·A₀ plus the trainable product; the branch runs as one rank-2r LoRA [B, −B₀]·[A; A₀], the very
+  factors the adapter is stored with, so a reload reproduces the trained logits bit for bit;
+- a trainable scalar `lora_scale` α multiplying B (folded into the stored B).
 """
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +38,10 @@ class LoraLayer(nn.Module):
         self.scaling = lora_alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.enabled = True  # False skips the LoRA branch (a training-only branch, as in AutoLoRa)
+        self.register_buffer("lora_A0", None, persistent=False)
+        self.register_buffer("lora_B0", None, persistent=False)
+        self.register_parameter("lora_scale", None)
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
@@ -38,7 +50,39 @@ class LoraLayer(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    @property
+    def plain(self) -> bool:
+        """Whether the layer is a plain LoRA (no residual pair, no trainable scale)."""
+        return self.lora_A0 is None and self.lora_scale is None
+
+    def set_residual(self, a0: Tensor, b0: Tensor) -> None:
+        """Freeze (A₀, B₀), shaped like (A, B): from now on the layer computes W₀ + s·(B·A − B₀·A₀)."""
+        if getattr(self.base_layer, "groups", 1) != 1:
+            raise IncompatibleError("a residual LoRA pair needs an ungrouped layer")
+        self.lora_A0 = a0.detach().clone().to(self.lora_A.weight)
+        self.lora_B0 = b0.detach().clone().to(self.lora_B.weight)
+
+    def add_scale(self, value: float = 1.0) -> nn.Parameter:
+        """A trainable scalar α on the product: ΔW = s·α·B·A (plus the residual pair, if any)."""
+        weight = self.lora_B.weight
+        self.lora_scale = nn.Parameter(torch.full((), float(value), device=weight.device, dtype=weight.dtype))
+        return self.lora_scale
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(A, B) as the layer applies them: [A; A₀] and [α·B, −B₀] with the extras, else the plain factors."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if self.lora_scale is not None:
+            b = b * self.lora_scale
+        if self.lora_A0 is not None:
+            a = torch.cat([a, self.lora_A0])
+            b = torch.cat([b, -self.lora_B0], dim=1)
+        return a, b
+
     def delta_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def _branch(self, x: Tensor) -> Tensor:
+        """B·A·x with the factors of `factors()` (the same kernels a plain layer of that rank runs)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -57,9 +101,11 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return out
-        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        if self.plain:
+            return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return out + self._branch(self.lora_dropout(x)) * self.scaling
 
 
 class LoraLinear(LoraLayer):
@@ -74,7 +120,12 @@ class LoraLinear(LoraLayer):
         self.reset_lora_parameters()
 
     def delta_weight(self) -> Tensor:
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        a, b = self.factors()
+        return (b @ a) * self.scaling
+
+    def _branch(self, x: Tensor) -> Tensor:
+        a, b = self.factors()
+        return F.linear(F.linear(x, a), b)
 
 
 class LoraConv2d(LoraLayer):
@@ -107,7 +158,12 @@ class LoraConv2d(LoraLayer):
         self.reset_lora_parameters()
 
     def delta_weight(self) -> Tensor:
-        return conv_delta(self.lora_A.weight, self.lora_B.weight, self.base_layer.groups) * self.scaling
+        a, b = self.factors()
+        return conv_delta(a, b, self.base_layer.groups) * self.scaling
+
+    def _branch(self, x: Tensor) -> Tensor:
+        a, b = self.factors()
+        return F.conv2d(self.lora_A._conv_forward(x, a, None), b, None, 1, 0, 1, self.base_layer.groups)
 
 
 def conv_delta(a: Tensor, b: Tensor, groups: int = 1) -> Tensor:
@@ -129,6 +185,20 @@ def functional_forward(layer: LoraLayer, x: Tensor) -> Tensor:
         x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
         return F.conv2d(x, weight, base.bias, base.stride, 0, base.dilation, base.groups)
     return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
+
+
+@contextmanager
+def lora_switched(model: nn.Module, enabled: bool) -> Iterator[nn.Module]:
+    """Every LoRA branch of `model` on or off inside the block, restored afterwards."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = enabled
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, saved, strict=True):
+            layer.enabled = flag
 
 
 LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d}

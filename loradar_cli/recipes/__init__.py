@@ -1,5 +1,8 @@
-"""Training recipes (loss given clean and adversarial batches) and the adapter/base training loops."""
+"""Training recipes behind one registry (`RECIPES`), the recipe-agnostic loop, and resumable checkpoints."""
 
-from loradar_cli.recipes.losses import RECIPES, recipe_loss
+from loradar_cli.recipes import advlora, amt, autolora, loradar, mart, pgd_at, trades
+from loradar_cli.recipes.base import RECIPES, Recipe, RecipeConfig, StepOutput, build_recipe, register_recipe
 
-__all__ = ["RECIPES", "recipe_loss"]
+_MODULES = (advlora, amt, autolora, loradar, mart, pgd_at, trades)  # imported for their registrations
+
+__all__ = ["RECIPES", "Recipe", "RecipeConfig", "StepOutput", "build_recipe", "register_recipe"]

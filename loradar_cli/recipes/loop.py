@@ -3,8 +3,10 @@
 No printing here: progress goes through an optional callback so the CLI can draw a bar on stderr.
 """
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,8 @@ from torch import Tensor, nn
 from loradar_cli.data import ImageData
 from loradar_cli.lora.inject import trainable_parameters
 from loradar_cli.metrics import Progress, accuracy
-from loradar_cli.recipes.losses import recipe_loss
+from loradar_cli.recipes.base import Recipe, build_recipe
+from loradar_cli.recipes.checkpoint import Checkpoint, rng_state, set_rng_state
 
 
 class TrainConfig(BaseModel):
@@ -23,6 +26,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     recipe: str = "loradar"
+    recipe_options: dict[str, Any] = Field(default_factory=dict)  # validated by the recipe's own config
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -40,6 +44,7 @@ class EpochStats:
     loss: float
     val_clean_acc: float
     val_robust_acc: float
+    seconds: float = 0.0  # wall time of the epoch's training pass (validation excluded)
 
 
 @dataclass
@@ -71,6 +76,71 @@ def adversarial(attack: Callable, model: nn.Module, x: Tensor, y: Tensor, batch_
     )
 
 
+class Precomputed:
+    """The attack a recipe sees in static mode: returns the batch's examples crafted once against the base."""
+
+    def __init__(self, config: Any, x_adv: Tensor) -> None:
+        self.config = config  # the training attack's config, for recipes that read its budget
+        self.x_adv = x_adv
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return self.x_adv
+
+
+def is_better(stats: EpochStats, best: EpochStats | None, select: str, min_clean: float = 0.0) -> bool:
+    """Whether an epoch beats the best so far; `robust` prefers epochs that keep at least `min_clean` clean accuracy.
+
+    robust: (clears the clean floor, val robust, val clean), lexicographic; clean: (val clean, val robust);
+    last: always. Ties keep the earlier epoch.
+    """
+    if best is None or select == "last":
+        return True
+    if select == "robust":
+        key = lambda s: (s.val_clean_acc >= min_clean, s.val_robust_acc, s.val_clean_acc)  # noqa: E731
+    else:
+        key = lambda s: (s.val_clean_acc, s.val_robust_acc)  # noqa: E731
+    return key(stats) > key(best)
+
+
+@dataclass
+class _Run:
+    """The mutable state of an adapter run: what a checkpoint saves after each completed epoch."""
+
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    generator: torch.Generator
+    result: TrainResult = field(default_factory=lambda: TrainResult(best_epoch=0))
+    best_state: list[Tensor] = field(default_factory=list)
+
+    def state_dict(self, recipe: Recipe) -> dict[str, Any]:
+        return {
+            "epoch": len(self.result.history),
+            "params": [p.detach().clone() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "generator": self.generator.get_state(),
+            "rng": rng_state(),
+            "best_epoch": self.result.best_epoch,
+            "history": [asdict(h) for h in self.result.history],
+            "best_state": self.best_state,
+            "recipe": recipe.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], recipe: Recipe) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["params"], strict=True):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        self.result = TrainResult(state["best_epoch"], [EpochStats(**h) for h in state["history"]])
+        self.best_state = list(state["best_state"])
+        recipe.load_state_dict(state["recipe"])
+
+
 def train_adapter(
     model: nn.Module,
     attack: Callable,
@@ -78,76 +148,85 @@ def train_adapter(
     val: ImageData,
     config: TrainConfig,
     progress: Progress | None = None,
+    *,
+    recipe: Recipe | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> TrainResult:
-    """Train LoRA factors (and head) of `model` against `attack`; on return the model holds the best epoch's weights.
+    """Train LoRA factors (and head) of `model` with `recipe`; on return the model holds the best epoch's weights.
 
-    Adaptive by default: each batch's adversarial copy is crafted against the current adapted model.
-    `static_attack` crafts the whole training set once against the model as it starts (= the base).
+    Adaptive by default: the recipe crafts each batch's adversarial copy against the current adapted model.
+    `static_attack` crafts the whole training set once against the model as it starts (= the base). With a
+    `checkpoint`, the run state is saved after every completed epoch and a saved state is resumed from.
     """
-    loss_fn = recipe_loss(config.recipe)
+    recipe = recipe or build_recipe(config.recipe, config.recipe_options)
+    recipe.prepare(model, train, val, attack)
     params = trainable_parameters(model)
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
-    generator = torch.Generator().manual_seed(config.seed)
-    static_adv = adversarial(attack, model, train.x, train.y, config.batch_size) if config.static_attack else None
-    result = TrainResult(best_epoch=0)
-    best_state: list[Tensor] = [p.detach().clone() for p in params]
-    for epoch in range(1, config.epochs + 1):
-        loss = _train_epoch(model, attack, loss_fn, train, static_adv, optimizer, generator, config, epoch, progress)
-        scheduler.step()
-        stats = EpochStats(
-            epoch,
-            loss,
-            accuracy(model, val.x, val.y),
-            accuracy(model, adversarial(attack, model, val.x, val.y, config.batch_size), val.y),
-        )
-        result.history.append(stats)
-        if _is_better(stats, result, config.select, config.min_clean):
-            result.best_epoch = epoch
-            best_state = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, best in zip(params, best_state, strict=True):
-            p.copy_(best)
-    model.eval()
-    return result
-
-
-def _is_better(stats: EpochStats, result: TrainResult, select: str, min_clean: float = 0.0) -> bool:
-    """Whether this epoch beats the best so far; `robust` prefers epochs that keep at least `min_clean` clean accuracy."""
-    if result.best_epoch == 0 or select == "last":
-        return True
-    best = result.best
-    key = (
-        (lambda s: (s.val_clean_acc >= min_clean, s.val_robust_acc, s.val_clean_acc))
-        if select == "robust"
-        else (lambda s: (s.val_clean_acc, s.val_robust_acc))
+    optimizer, scheduler = recipe.build_optimizer(params, config.lr, config.step_size, config.gamma)
+    run = _Run(
+        params,
+        optimizer,
+        scheduler,
+        torch.Generator().manual_seed(config.seed),
+        best_state=[p.detach().clone() for p in params],
     )
-    return key(stats) > key(best)
+    static_adv = adversarial(attack, model, train.x, train.y, config.batch_size) if config.static_attack else None
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        run.load_state_dict(saved, recipe)
+    for epoch in range(len(run.result.history) + 1, config.epochs + 1):
+        start = time.perf_counter()
+        recipe.on_epoch_start(model, epoch)
+        loss = train_epoch(model, recipe, attack, train, static_adv, run, config, epoch, progress)
+        seconds = time.perf_counter() - start
+        if run.scheduler is not None:
+            run.scheduler.step()
+        with recipe.inference(model):
+            clean = accuracy(model, val.x, val.y)
+            robust = accuracy(model, adversarial(attack, model, val.x, val.y, config.batch_size), val.y)
+        stats = EpochStats(epoch, loss, clean, robust, seconds)
+        stop = recipe.on_epoch_end(model, epoch, clean, robust)
+        best = run.result.best if run.result.best_epoch else None
+        run.result.history.append(stats)
+        if is_better(stats, best, config.select, config.min_clean):
+            run.result.best_epoch = epoch
+            run.best_state = [p.detach().clone() for p in params]
+        if checkpoint is not None:
+            checkpoint.save(run.state_dict(recipe))
+        if stop:
+            break
+    with torch.no_grad():
+        for p, best_value in zip(params, run.best_state, strict=True):
+            p.copy_(best_value)
+    model.eval()
+    return run.result
 
 
-def _train_epoch(
+def train_epoch(
     model: nn.Module,
+    recipe: Recipe,
     attack: Callable,
-    loss_fn: Callable,
     train: ImageData,
     static_adv: Tensor | None,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
+    run: _Run,
     config: TrainConfig,
     epoch: int,
     progress: Progress | None,
 ) -> float:
+    """One pass over the training set in a seeded order; returns the mean loss."""
     total, count = 0.0, 0
-    steps = batches(len(train), config.batch_size, generator)
+    steps = batches(len(train), config.batch_size, run.generator)
     for i, idx in enumerate(steps):
         x, y = train.x[idx], train.y[idx]
-        x_adv = static_adv[idx] if static_adv is not None else attack(model, x, y)
+        batch_attack = (
+            Precomputed(getattr(attack, "config", None), static_adv[idx]) if static_adv is not None else attack
+        )
         adapter_train_mode(model)
-        loss, _ = loss_fn(model, x, x_adv, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(y)
+        out = recipe.step(model, x, y, batch_attack)
+        run.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        run.optimizer.step()
+        recipe.after_step(model)
+        total += out.loss.item() * len(y)
         count += len(y)
         if progress:
             progress(f"epoch {epoch}/{config.epochs}", i + 1, len(steps))

@@ -10,7 +10,7 @@ from loradar_cli.lora.spec import LoraSpec
 
 SCHEMA_VERSION = 1
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-RESERVED_NAMES = frozenset({"bases", "identifiers", "loradar-store.json"})
+RESERVED_NAMES = frozenset({"bases", "identifiers", "pools", "loradar-store.json"})
 
 
 def now() -> datetime:
@@ -41,7 +41,7 @@ class BaseMeta(_Meta):
     metrics: dict[str, float] = Field(default_factory=dict)
     seed: int | None = None
     fingerprint: str
-    origin: dict[str, Any] = Field(default_factory=dict)
+    origin: dict[str, Any] = Field(default_factory=dict)  # how the base came to be if not by finetune
 
 
 class AdapterMeta(_Meta):

@@ -1,0 +1,68 @@
+"""`--resume`: a run interrupted after an epoch continues from its checkpoint to the very same adapter."""
+
+import pytest
+import torch
+
+from loradar_cli.errors import InvalidValueError
+from loradar_cli.jobs.train import resume_folder, train_and_store_adapter
+from loradar_cli.recipes.checkpoint import STATE_FILE
+from loradar_cli.recipes.loop import TrainConfig
+from tests.conftest import make_base
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(epoch: int):
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage.startswith(f"epoch {epoch}/"):
+            raise Interrupt
+
+    return progress
+
+
+def _train(store, name, base, recipe="loradar", **kwargs):
+    config = TrainConfig(recipe=recipe, epochs=3, batch_size=16, lr=1e-2, seed=3, select="last")
+    return train_and_store_adapter(
+        store,
+        name,
+        base=base,
+        attack="pgd",
+        data="digits",
+        attack_options={"eps": 0.1, "alpha": 0.05, "steps": 2},  # random starts: the global RNG must resume too
+        config=kwargs.pop("config", config),
+        r=2,
+        limit=32,
+        val_limit=16,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("recipe", ["loradar", "amt"])
+def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(store, recipe):
+    base = make_base(store).name
+    full = _train(store, "full", base, recipe)
+    assert not resume_folder(store, "full").exists()  # removed once the entry is written
+
+    with pytest.raises(Interrupt):
+        _train(store, "cut", base, recipe, progress=_interrupt_at(2))
+    assert (resume_folder(store, "cut") / STATE_FILE).is_file() and not store.has_adapter("cut")
+    resumed = _train(store, "cut", base, recipe, resume=True)
+
+    a, b = store.load_adapter(full.name).tensors, store.load_adapter(resumed.name).tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop_time = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
+    assert drop_time(resumed.combination["history"]) == drop_time(full.combination["history"])
+    assert not resume_folder(store, "cut").exists()
+
+
+def test_without_resume_an_old_state_is_discarded_and_other_options_are_refused(store):
+    base = make_base(store).name
+    with pytest.raises(Interrupt):
+        _train(store, "cut", base, progress=_interrupt_at(2))
+    other = TrainConfig(epochs=3, batch_size=16, lr=5e-3, seed=3, select="last")
+    with pytest.raises(InvalidValueError, match="other options"):
+        _train(store, "cut", base, config=other, resume=True)
+    meta = _train(store, "cut", base, config=other)  # a fresh run ignores (and replaces) the old state
+    assert len(meta.combination["history"]) == 3 and not resume_folder(store, "cut").exists()
