@@ -151,7 +151,8 @@ def check_finite_options(kwargs: Mapping[str, Any]) -> None:
 
 def option_flag(name: str) -> str:
     """The flag a parameter was declared with (`lora_alpha` -> `--lora-alpha`), from the running Click command."""
-    ctx = click.get_current_context(silent=True)
+    get_context = getattr(click, "get_current_context", None) or click.globals.get_current_context
+    ctx = get_context(silent=True)
     for param in ctx.command.params if ctx is not None else []:
         if param.name == name and param.opts:
             return max(param.opts, key=len)

@@ -16,7 +16,7 @@ from loradar_cli.cli._common import (
     read_names,
     run_command,
 )
-from loradar_cli.cli._options import fraction
+from loradar_cli.cli._options import fraction, regex
 
 
 @run_command
@@ -44,7 +44,9 @@ def trim_cli(
     layers: Annotated[
         str | None,
         typer.Option(
-            "--layers", help="--full-weight: regex (searched in the layer name) choosing the layers; default all."
+            "--layers",
+            callback=regex,
+            help="--full-weight: regex (searched in the layer name) choosing the layers; default all.",
         ),
     ] = None,
     base: BaseOpt = None,
