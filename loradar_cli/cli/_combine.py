@@ -108,9 +108,12 @@ def identify_table(report: Mapping[str, Any]) -> Table:
     return table
 
 
-def confusion_table(labels: Sequence[str], matrix: Sequence[Sequence[int]], accuracy: float | None) -> Table:
-    """Confusion matrix: rows true attack, columns predicted."""
-    table = Table(title=f"confusion matrix (rows: true, columns: predicted), accuracy {pct(accuracy)} %")
+def confusion_table(
+    labels: Sequence[str], matrix: Sequence[Sequence[int]], accuracy: float | None, where: str = ""
+) -> Table:
+    """Confusion matrix: rows true attack, columns predicted; `where` says which inputs (e.g. the fitting sets)."""
+    scope = f" {where}" if where else ""
+    table = Table(title=f"confusion matrix{scope} (rows: true, columns: predicted), accuracy {pct(accuracy)} %")
     table.add_column("true \\ predicted", style="bold")
     for label in labels:
         table.add_column(label, justify="right")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 from loradar_cli.errors import (
     INTERNAL_EXIT_CODE,
@@ -30,7 +30,22 @@ try:  # Typer >= 0.26 vendors Click as typer._click; its exceptions are not the 
 except ImportError:  # pragma: no cover - older Typer runs on the click package
     import click  # type: ignore[no-redef]
 
-console = Console(stderr=True)
+PIPED_WIDTH = 1000  # off a terminal, lines as wide as their content (up to this): no cut names, no wrapped rows
+
+
+class StderrConsole(Console):
+    """Rich on stderr; when stderr is not a terminal, as wide as the content instead of the 80-column default.
+
+    Tables and their titles shrink to their content either way, so in a log or a pipe they keep every name whole.
+    """
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(max(size.width, PIPED_WIDTH), size.height)
+
+
+console = StderrConsole(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 SEED_MAX = 2**64 - 1  # torch.manual_seed and numpy's default_rng accept [0, 2^64)
 PROGRESS_SECONDS = 5.0  # plain-line progress: at most one line per stage this often
@@ -332,15 +347,6 @@ class PlainProgress:
         rate = f", {done / elapsed:.1f}/s" if elapsed > 0 else ""
         share = f" ({100 * done / total:.0f} %)" if total else ""
         self.write(f"{stage}: {done}/{total}{share}{rate}, {elapsed:.0f} s", highlight=False, soft_wrap=True)
-
-
-def print_table(renderable: Any) -> None:
-    """Print a rich table on stderr; off a terminal as wide as its content needs, so no name is cut at 80 columns."""
-    if console.is_terminal:
-        console.print(renderable)
-        return
-    width = max(console.width, console.measure(renderable).maximum)
-    console.print(renderable, width=width, crop=False)
 
 
 def read_names(names: list[str]) -> list[str]:

@@ -34,6 +34,7 @@ from loradar_cli.cli._common import (
 from loradar_cli.cli._options import positive
 
 DEFAULT_COMMAND = "predict"
+FITTING_SETS = "on its own fitting sets, not held out"
 
 
 class DefaultToPredict(TyperGroup):
@@ -120,6 +121,7 @@ def identify_cli(
     confusion = report["confusion"]
     if plot is not None and confusion:
         plot_confusion(plot, confusion["labels"], confusion["matrix"], f"attack identification ({mode})")
+        console.print(f"wrote the confusion matrix plot to {plot}", highlight=False, soft_wrap=True)
     if json_out:
         emit_json(report)
     elif not quiet:
@@ -176,5 +178,5 @@ def identify_fit_cli(
         return
     if not quiet and report["confusion"]:
         confusion = report["confusion"]
-        console.print(confusion_table(confusion["labels"], confusion["matrix"], report["accuracy"]))
+        console.print(confusion_table(confusion["labels"], confusion["matrix"], report["accuracy"], where=FITTING_SETS))
     print(name)
