@@ -22,11 +22,11 @@ import pytest
 import torch
 import typer
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from loradar_cli.advset import FORMAT
-from loradar_cli.cli.app import app, run
+from loradar_cli.cli.app import app
 from loradar_cli.errors import EXIT_CODES
+from tests.cli._invoke import call
 from tests.conftest import make_adapter, make_base
 
 # the smallest valid arguments of each command, so that the malformed option is what fails
@@ -518,13 +518,6 @@ def world(tmp_path_factory):
     out = root / "out"
     out.mkdir()
     return {"store": store.root, "broken": broken.root, "bad": bad, "out": out, "root": root}
-
-
-def call(args: list[str], stdin: str = "") -> tuple[int, str, str]:
-    """Run the CLI in-process as `loradar ARGS` would (one-line usage errors included): code, stdout, stderr."""
-    with CliRunner().isolation(input=stdin) as streams:
-        code = run(args)
-        return code, streams[0].getvalue().decode(), streams[1].getvalue().decode()
 
 
 def _listing(folder: Path) -> list[tuple[str, int, int]]:
