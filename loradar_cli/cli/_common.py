@@ -1,6 +1,7 @@
 """Shared CLI plumbing: stderr console, JSON on stdout, one-line errors, option parsers, progress bars."""
 
 import functools
+import io
 import json
 import math
 import os
@@ -48,6 +49,7 @@ class StderrConsole(Console):
 console = StderrConsole(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 SEED_MAX = 2**64 - 1  # torch.manual_seed and numpy's default_rng accept [0, 2^64)
+BROKEN_PIPE_EXIT_CODE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
 PROGRESS_SECONDS = 5.0  # plain-line progress: at most one line per stage this often
 _state = {"strict": False}
 
@@ -115,6 +117,9 @@ def run_command(func: F) -> F:
             _fail(f"{err} (--strict)", IncompatibleError.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; no partial file was left behind", INTERRUPTED_EXIT_CODE, prefix="interrupted")
+        except BrokenPipeError:  # `loradar ... | head`: the reader left; exit as `yes | head` does, silently
+            _quiet_stdout()
+            raise typer.Exit(BROKEN_PIPE_EXIT_CODE) from None
         except Exception as err:
             if debug:
                 raise
@@ -126,6 +131,17 @@ def run_command(func: F) -> F:
             )
 
     return wrapper  # type: ignore[return-value]
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # an in-memory stdout (tests) has no descriptor
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _fail(message: str, code: int, prefix: str = "error") -> None:
