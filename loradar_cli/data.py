@@ -426,6 +426,8 @@ def _read_npz(path: Path | None) -> tuple[np.ndarray, ...]:
                 return z["x_train"], z["y_train"], z["x_test"], z["y_test"]
             if keys[1] <= set(z.files):
                 x, y = z["x"], z["y"]
+                if x.ndim == 0 or y.ndim != 1 or len(x) != len(y):
+                    raise CorruptError(f"{path}: {len(x) if x.ndim else 0} images but labels of shape {y.shape}")
                 n_test = len(y) // 5
                 return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
             found = ", ".join(z.files) or "nothing"

@@ -1,13 +1,14 @@
 import gzip
 import pickle
 import struct
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from loradar_cli.data import channel_stats, convert_images, load_data, read_idx
-from loradar_cli.errors import CorruptError, InvalidValueError, NotFoundError
+from loradar_cli.data import channel_stats, check_provenance, convert_images, load_data, read_idx
+from loradar_cli.errors import CorruptError, InvalidValueError, LoradarWarning, NotFoundError, ProvenanceWarning
 
 
 def test_digits_splits_are_deterministic_disjoint_and_in_range():
@@ -178,3 +179,117 @@ def test_real_mnist_and_cifar_layouts(real_data):
     assert mnist.x.shape == (10, 1, 28, 28) and mnist.num_classes == 10
     cifar = load_data(f"cifar10:{real_data}", "test", limit=10)
     assert cifar.x.shape == (10, 3, 32, 32)
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.array([0, 1, np.nan, 3] * 5), "whole numbers"),
+        (np.array([0, 1, 2.5, 3] * 5), "whole numbers"),
+        (np.array([0, -1, 2, 3] * 5), ">= 0"),
+        (np.arange(19) % 4, r"20 images but labels of shape \(19,\)"),
+        (np.ones((20, 2), dtype=np.int64), r"labels of shape \(20, 2\)"),
+        (np.array(["a"] * 20), "1-D integer"),
+    ],
+)
+def test_npz_labels_are_checked_against_the_images(tmp_path, labels, message):
+    spec = _npz(tmp_path / "d.npz", x=np.zeros((20, 4, 4), np.uint8), y=labels)
+    with pytest.raises(CorruptError, match=message):
+        load_data(spec, "test")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "cannot read"), (b"PK\x03\x04garbage", "cannot read"), (None, "holds x, y_other")],
+)
+def test_empty_truncated_and_keyless_npz_files_are_corrupt(tmp_path, content, message):
+    path = tmp_path / "d.npz"
+    if content is None:
+        np.savez(path, x=np.zeros((4, 2, 2)), y_other=np.zeros(4))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CorruptError, match=message) as err:
+        load_data(f"npz:{path}", "test")
+    assert str(path) in err.value.message
+
+
+def test_npz_strings_objects_and_float_images_out_of_range_are_refused(tmp_path):
+    y = np.arange(20) % 3
+    for x, message in [
+        (np.array([["a"] * 4] * 20), "numeric array"),
+        (np.full((20, 4, 4), 3.0), r"\[0, 1\]"),
+        (np.full((20, 4, 4), np.nan), r"\[0, 1\]"),
+    ]:
+        with pytest.raises(CorruptError, match=message):
+            load_data(_npz(tmp_path / "d.npz", x=x, y=y), "test")
+    np.savez(tmp_path / "o.npz", x=np.zeros((20, 4, 4)), y=np.array([object()] * 20, dtype=object))
+    with pytest.raises(CorruptError, match=r"o\.npz"):
+        load_data(f"npz:{tmp_path / 'o.npz'}", "test")
+
+
+def test_idx_header_must_account_for_every_byte(tmp_path):
+    labels = np.arange(6)
+    _write_idx(tmp_path / "ok", labels, gz=False)
+    assert read_idx(tmp_path / "ok").tolist() == labels.tolist()
+    header = struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", 9)  # claims 9 labels, holds 6
+    (tmp_path / "count").write_bytes(header + labels.astype(np.uint8).tobytes())
+    (tmp_path / "ndim0").write_bytes(struct.pack(">HBB", 0, 8, 0))
+    (tmp_path / "long").write_bytes(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", 3) + bytes(6))
+    for name, message in [
+        ("count", r"\(9,\) = 9 bytes, the file holds 6"),
+        ("ndim0", "0 dimensions"),
+        ("long", "holds 6"),
+    ]:
+        with pytest.raises(CorruptError, match=message):
+            read_idx(tmp_path / name)
+
+
+def test_corrupt_png_in_an_imagefolder_names_the_file(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / split / cls / "ok.png")
+    assert len(load_data(f"imagefolder:{tmp_path}", "test")) == 2
+    bad = tmp_path / "val" / "dog" / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16)
+    with pytest.raises(CorruptError, match=r"bad\.png"):
+        load_data(f"imagefolder:{tmp_path}", "test")
+
+
+def test_only_grayscale_rgb_conversions_exist():
+    with pytest.raises(InvalidValueError, match="1-channel images to 2"):
+        convert_images(torch.rand(1, 1, 4, 4), channels=2)
+    with pytest.raises(InvalidValueError, match="whole numbers"):
+        convert_images(torch.rand(1, 1, 4, 4), size=0)
+
+
+def test_limit_beyond_the_split_is_reported():
+    with pytest.warns(LoradarWarning, match="--limit 5000 is more than the 359 examples"):
+        data = load_data("digits", "test", limit=5000)
+    assert len(data) == 359
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_data("digits", "test", limit=5000, report_limit=False)
+
+
+def test_provenance_warns_on_other_kind_classes_or_statistics():
+    digits = load_data("digits", "test", channels=1, size=8)
+    mean, std = channel_stats(digits.x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_provenance(digits, dataset="digits", num_classes=10, mean=mean, std=std)
+    with pytest.warns(ProvenanceWarning, match="fitted on cifar10, this is digits"):
+        check_provenance(digits, dataset="cifar10:/x", num_classes=10, mean=mean, std=std)
+    with pytest.warns(ProvenanceWarning, match="10 classes here, 100 in the base"):
+        check_provenance(digits, dataset="digits", num_classes=100, mean=mean, std=std)
+    with pytest.warns(ProvenanceWarning, match="mean/std"):
+        check_provenance(digits, dataset="digits", num_classes=10, mean=[m + 0.3 for m in mean], std=std)
+    with pytest.warns(ProvenanceWarning, match="mean/std"):
+        check_provenance(digits, dataset="digits", num_classes=10, mean=mean, std=[3 * s for s in std])

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import timm
 import torch
@@ -54,3 +56,52 @@ def test_finetune_learns_digits(store):
     )
     assert meta.metrics["val_clean_acc"] > 0.6
     assert store.load_base("fit").meta == meta
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"drop_rate": "abc"}, "drop_rate must be a number"),
+        ({"drop_path_rate": 1.0}, r"\[0, 1\)"),
+        ({"drop_rate": True}, "drop_rate"),
+        ({"img_size": 0.4}, "img_size must be a whole number"),
+        ({"img_size": 0}, "img_size"),
+        ({"checkpoint_path": "/nonexistent.pt"}, "--checkpoint"),
+        ({"num_classes": 3}, "num_classes"),
+        ({"in_chans": 2}, "--in-chans"),
+    ],
+)
+def test_model_kwargs_are_checked_before_timm_sees_them(kwargs, message):
+    from loradar_cli.errors import InvalidValueError
+    from loradar_cli.models import check_model_kwargs
+
+    with pytest.raises(InvalidValueError) as err:
+        check_model_kwargs(kwargs)
+    assert re.search(message, err.value.one_line())
+    assert check_model_kwargs({"drop_rate": 0.1, "img_size": 32, "global_pool": "avg"})["img_size"] == 32
+
+
+def test_timm_refusals_are_one_line_errors():
+    from loradar_cli.errors import InvalidValueError
+
+    with pytest.raises(InvalidValueError, match="rejected its arguments: AssertionError: Invalid pool type: bogus"):
+        create_timm_model("test_resnet", num_classes=2, in_chans=1, kwargs={"global_pool": "bogus"})
+    with pytest.raises(InvalidValueError, match="rejected its arguments: TypeError"):
+        create_timm_model("test_resnet", num_classes=2, in_chans=1, kwargs={"no_such_kwarg": 1})
+
+
+def test_pretrained_offline_is_a_clear_error_without_a_minute_of_retries():
+    import socket
+    import time
+
+    from loradar_cli.models import HUB_HOST
+
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=3).close()
+        pytest.skip("the Hugging Face Hub is reachable: nothing offline to test")
+    except OSError:
+        pass
+    start = time.perf_counter()
+    with pytest.raises(NotFoundError, match="cannot get timm's pretrained weights") as err:
+        create_timm_model("test_resnet", num_classes=2, in_chans=1, pretrained=True)
+    assert "--checkpoint" in err.value.one_line() and time.perf_counter() - start < 20

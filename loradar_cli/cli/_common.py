@@ -1,6 +1,7 @@
 """Shared CLI plumbing: stderr console, JSON on stdout, one-line errors, option parsers, progress bars."""
 
 import functools
+import io
 import json
 import math
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 from loradar_cli import names
 from loradar_cli.errors import (
@@ -31,9 +32,25 @@ try:  # Typer >= 0.26 vendors Click as typer._click; its exceptions are not the 
 except ImportError:  # pragma: no cover - older Typer runs on the click package
     import click  # type: ignore[no-redef]
 
-console = Console(stderr=True)
+PIPED_WIDTH = 1000  # off a terminal, lines as wide as their content (up to this): no cut names, no wrapped rows
+
+
+class StderrConsole(Console):
+    """Rich on stderr; when stderr is not a terminal, as wide as the content instead of the 80-column default.
+
+    Tables and their titles shrink to their content either way, so in a log or a pipe they keep every name whole.
+    """
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(max(size.width, PIPED_WIDTH), size.height)
+
+
+console = StderrConsole(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 SEED_MAX = 2**64 - 1  # torch.manual_seed and numpy's default_rng accept [0, 2^64)
+BROKEN_PIPE_EXIT_CODE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
 PROGRESS_SECONDS = 5.0  # plain-line progress: at most one line per stage this often
 _state = {"strict": False}
 
@@ -102,6 +119,9 @@ def run_command(func: F) -> F:
             _fail(f"{err} (--strict)", IncompatibleError.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; no partial file was left behind", INTERRUPTED_EXIT_CODE, prefix="interrupted")
+        except BrokenPipeError:  # `loradar ... | head`: the reader left; exit as `yes | head` does, silently
+            _quiet_stdout()
+            raise typer.Exit(BROKEN_PIPE_EXIT_CODE) from None
         except Exception as err:
             if debug:
                 raise
@@ -113,6 +133,17 @@ def run_command(func: F) -> F:
             )
 
     return wrapper  # type: ignore[return-value]
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # an in-memory stdout (tests) has no descriptor
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _fail(message: str, code: int, prefix: str = "error") -> None:
@@ -153,7 +184,8 @@ def check_finite_options(kwargs: Mapping[str, Any]) -> None:
 
 def option_flag(name: str) -> str:
     """The flag a parameter was declared with (`lora_alpha` -> `--lora-alpha`), from the running Click command."""
-    ctx = click.get_current_context(silent=True)
+    get_context = getattr(click, "get_current_context", None) or click.globals.get_current_context
+    ctx = get_context(silent=True)
     for param in ctx.command.params if ctx is not None else []:
         if param.name == name and param.opts:
             return max(param.opts, key=len)
@@ -333,15 +365,6 @@ class PlainProgress:
         rate = f", {done / elapsed:.1f}/s" if elapsed > 0 else ""
         share = f" ({100 * done / total:.0f} %)" if total else ""
         self.write(f"{stage}: {done}/{total}{share}{rate}, {elapsed:.0f} s", highlight=False, soft_wrap=True)
-
-
-def print_table(renderable: Any) -> None:
-    """Print a rich table on stderr; off a terminal as wide as its content needs, so no name is cut at 80 columns."""
-    if console.is_terminal:
-        console.print(renderable)
-        return
-    width = max(console.width, console.measure(renderable).maximum)
-    console.print(renderable, width=width, crop=False)
 
 
 def read_names(names: list[str]) -> list[str]:

@@ -5,6 +5,7 @@ callbacks check finiteness and open or closed bounds. Use them as `typer.Option(
 """
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,4 +38,14 @@ def non_blank(value: Any) -> Any:
     """A text option given explicitly must say something: `--targets ''` is not 'use the default'."""
     if value is not None and not str(value).strip():
         raise typer.BadParameter("must not be empty")
+    return value
+
+
+def regex(value: Any) -> Any:
+    """A regular-expression option must compile (checked before any work, not deep inside a job)."""
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise typer.BadParameter(f"{value!r} is not a valid regular expression: {err}") from None
     return value

@@ -87,4 +87,10 @@ def run(args: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    """The `loradar` script: exit with `run`'s code; a Ctrl-C outside any command is one line and 130 too."""
+    try:
+        code = run()
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] no partial file was left behind", highlight=False)
+        code = 130
+    sys.exit(code)

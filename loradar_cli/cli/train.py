@@ -123,8 +123,9 @@ def train_cli(
             seed=seed,
         )
     except ValidationError as err:
+        first = err.errors()[0]
         raise InvalidValueError(
-            f"invalid training option: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}"
+            f"invalid training option: {first['loc'][0]}: {first['msg']} (got {first['input']!r})"
         ) from None
     options = attack_options([attack], eps, alpha, steps, attack_opt)[attack]
     if pool is not None:

@@ -1,12 +1,15 @@
 """`loradar trim`: singular-value trimming of an adapter's ΔW, or AMT's trim of the full weight W0 + ΔW."""
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import typer
 
-from loradar_cli.cli._combine import BaseOpt, layers_table
+from loradar_cli.cli._combine import BaseOpt, OptDataOpt, SplitOpt, layers_table
 from loradar_cli.cli._common import (
+    BatchOpt,
     JsonOpt,
+    LimitOpt,
     OverwriteOpt,
     QuietOpt,
     StoreOpt,
@@ -16,7 +19,8 @@ from loradar_cli.cli._common import (
     read_names,
     run_command,
 )
-from loradar_cli.cli._options import fraction
+from loradar_cli.cli._options import fraction, regex
+from loradar_cli.cli._tables import kv_table
 
 
 @run_command
@@ -44,10 +48,16 @@ def trim_cli(
     layers: Annotated[
         str | None,
         typer.Option(
-            "--layers", help="--full-weight: regex (searched in the layer name) choosing the layers; default all."
+            "--layers",
+            callback=regex,
+            help="--full-weight: regex (searched in the layer name) choosing the layers; default all.",
         ),
     ] = None,
     base: BaseOpt = None,
+    data: OptDataOpt = None,
+    split: SplitOpt = "test",
+    limit: LimitOpt = 256,
+    batch_size: BatchOpt = 128,
     store: StoreOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -60,8 +70,11 @@ def trim_cli(
     names = read_names([adapter])
     if len(names) != 1:
         raise InvalidValueError(f"trim takes one adapter, got {len(names)}: {', '.join(names[:4])}")
+    the_store = open_store(store)
+    check = _Accuracy(the_store, names[0], data, split, limit, batch_size) if data else None
+    before = check.of(names[0]) if check else None  # first: bad --data fails before anything is written
     meta, report = trim_adapter(
-        open_store(store),
+        the_store,
         names[0],
         out_name=name,
         base=base,
@@ -72,11 +85,67 @@ def trim_cli(
         layers_regex=layers,
         overwrite=overwrite,
     )
+    report["energy_kept"] = energy_kept(report["layers"])
+    if check and before is not None:
+        report["accuracy"] = {"before": before, "after": check.of(meta.name), **check.describe()}
     if json_out:
         emit_json(report)
         return
     if not quiet:
         console.print(layers_table(f"{names[0]} trimmed → {meta.name}", report["layers"]))
+        kept = report["energy_kept"]
+        console.print(
+            f"energy kept: {kept['mean']:.1%} on average, {kept['min']:.1%} at least ({kept['layers']} layers)"
+        )
+        if "accuracy" in report:
+            console.print(kv_table(f"accuracy before → after on {data} {split}", _before_after(report["accuracy"])))
         if meta.dense_deltas:
             console.print(f"{len(meta.dense_deltas)} layer(s) stored as dense deltas: not loadable by PEFT")
     print(meta.name)
+
+
+def energy_kept(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Mean and minimum over layers of the fraction of Σσ² kept (what a user weighs against the rank saved)."""
+    values = [float(info["energy"]) for info in layers.values()]
+    return {"mean": sum(values) / len(values), "min": min(values), "layers": len(values)} if values else {}
+
+
+class _Accuracy:
+    """Clean and robust accuracy of adapters on one data split; robust under the parent's own stored attack."""
+
+    def __init__(self, store: Any, parent: str, data: str, split: str, limit: int | None, batch_size: int) -> None:
+        meta = store.adapter_meta(parent)
+        config = (meta.attack_config or {}).get("config", {})
+        self.attacks = {meta.attack: {k: v for k, v in config.items() if v is not None}} if meta.attack else {}
+        self.store, self.base, self.data, self.split, self.limit = store, meta.base, data, split, limit
+        self.batch_size = batch_size
+
+    def of(self, adapter: str) -> dict[str, float | None]:
+        from loradar_cli.jobs.evaluate import evaluate_models
+
+        (row,) = evaluate_models(
+            self.store,
+            base=self.base,
+            adapters=[adapter],
+            data=self.data,
+            attacks=self.attacks,
+            split=self.split,
+            limit=self.limit,
+            batch_size=self.batch_size,
+        )
+        return {"clean": row.clean, "robust": next(iter(row.attacks.values()), None), "n": row.n}
+
+    def describe(self) -> dict[str, Any]:
+        return {"data": self.data, "split": self.split, "limit": self.limit, "attack": self.attacks or None}
+
+
+def _before_after(accuracy: Mapping[str, Any]) -> dict[str, str]:
+    def pct(value: float | None) -> str:
+        return "—" if value is None else f"{100 * value:.1f} %"
+
+    before, after = accuracy["before"], accuracy["after"]
+    attack = next(iter(accuracy["attack"] or {}), None)
+    rows = {"clean": f"{pct(before['clean'])} → {pct(after['clean'])}"}
+    if attack:
+        rows[f"robust ({attack}, the adapter's own attack)"] = f"{pct(before['robust'])} → {pct(after['robust'])}"
+    return rows

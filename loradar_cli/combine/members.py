@@ -122,7 +122,9 @@ def input_sets(
     if data is not None:
         clean = model_data(data, split, base, seed=seed, limit=limit)
         sets.append(InputSet(CLEAN, clean.x, clean.y, CLEAN))
-    for label, adv in labelled_adv_sets(adv_sets, base.input_size, taken=[CLEAN] if data is not None else []).items():
+    for label, adv in labelled_adv_sets(
+        adv_sets, base.input_size, taken=[CLEAN] if data is not None else [], num_classes=base.num_classes
+    ).items():
         sets.append(InputSet(label, adv.x[:limit], adv.y[:limit], adv.label))
     return sets
 

@@ -225,7 +225,7 @@ def support_set(
     """Support images and labels: an adversarial-set file or a data split, the first `shots` of each class."""
     path = Path(spec)
     if path.suffix == ".safetensors" or path.is_file():
-        (adv,) = labelled_adv_sets([path], base.input_size).values()
+        (adv,) = labelled_adv_sets([path], base.input_size, num_classes=base.num_classes).values()
         x, y = adv.x, adv.y
     else:
         data = model_data(spec, split, base, seed=seed)

@@ -48,7 +48,7 @@ def evaluate_models(
     """
     stored = store.load_base(base)
     clean = model_data(data, split, stored.meta, seed=seed, limit=limit)
-    sets = labelled_adv_sets(adv_sets, stored.meta.input_size)
+    sets = labelled_adv_sets(adv_sets, stored.meta.input_size, num_classes=stored.meta.num_classes)
     built = {name: build_attack(name, **dict(options)) for name, options in attacks.items()}
     rows = []
     for adapter in adapters:

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from loradar_cli.errors import IncompatibleError, NotFoundError
+from loradar_cli.errors import IncompatibleError, InvalidValueError, NotFoundError
 from loradar_cli.lora.layers import LORA_CLASSES, LoraConv2d, LoraLayer, conv_delta
 from loradar_cli.lora.spec import LoraSpec
 
@@ -59,15 +59,26 @@ def _preset_match(preset: str, name: str, module: nn.Module) -> bool:
     raise AssertionError(preset)
 
 
+def _is_regex(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*+?[]()|\\^$")
+
+
 def _pattern_match(pattern: str, name: str) -> bool:
     """PEFT semantics: a pattern with regex characters is a full match; a comma list holds exact names or suffixes."""
-    if any(ch in pattern for ch in "*+?[]()|\\^$"):
+    if _is_regex(pattern):
         return re.fullmatch(pattern, name) is not None
     return any(name == part or name.endswith("." + part) for part in (p.strip() for p in pattern.split(",")) if part)
 
 
 def select_targets(model: nn.Module, targets: str, *, exclude: Iterable[str] = ()) -> list[str]:
     """Resolve a preset name, regex or suffix list to the exact names of supported layers (head excluded)."""
+    if not targets.strip():
+        raise InvalidValueError("targets must not be empty", hint=f"presets: {', '.join(PRESETS)}")
+    if targets not in PRESETS and _is_regex(targets):
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise InvalidValueError(f"targets {targets!r} is not a valid regular expression: {err}") from None
     head = classifier_name(model)
     excluded = set(exclude) | ({head} if head else set())
     chosen: list[str] = []
@@ -102,6 +113,7 @@ def _check_grouped(name: str, module: nn.Conv2d) -> None:
 
 def inject_lora(model: nn.Module, spec: LoraSpec) -> dict[str, LoraLayer]:
     """Wrap every target of `spec` in a LoRA layer (in place); freeze everything but LoRA factors and head."""
+    check_ranks(model, spec)
     for p in model.parameters():
         p.requires_grad_(False)
     layers: dict[str, LoraLayer] = {}
@@ -121,6 +133,31 @@ def inject_lora(model: nn.Module, spec: LoraSpec) -> dict[str, LoraLayer]:
         for p in model.get_submodule(spec.head).parameters():
             p.requires_grad_(True)
     return layers
+
+
+def max_rank(module: nn.Module) -> int | None:
+    """The largest useful LoRA rank of a layer: the rank ΔW can reach (None for unsupported modules)."""
+    if isinstance(module, nn.Linear):
+        return min(module.in_features, module.out_features)
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return min(module.out_channels, module.in_channels // module.groups * kh * kw)
+    return None
+
+
+def check_ranks(model: nn.Module, spec: LoraSpec) -> None:
+    """Refuse a rank beyond what a target layer's ΔW can hold, before any factor is allocated."""
+    for name in spec.targets:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # inject_lora names the missing layer
+        limit = max_rank(module.base_layer if isinstance(module, LoraLayer) else module)
+        if limit is not None and spec.rank_of(name) > limit:
+            raise InvalidValueError(
+                f"rank {spec.rank_of(name)} is more than layer {name!r} can use (at most {limit})",
+                hint="pick a smaller --rank",
+            )
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -208,6 +245,7 @@ __all__ = [
     "PEFT_PREFIX",
     "PRESETS",
     "LoraConv2d",
+    "check_ranks",
     "classifier_name",
     "conv_groups",
     "default_targets",
@@ -217,6 +255,7 @@ __all__ = [
     "load_lora_state_dict",
     "lora_layers",
     "lora_state_dict",
+    "max_rank",
     "select_targets",
     "trainable_parameters",
 ]

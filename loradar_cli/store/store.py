@@ -115,8 +115,8 @@ def check_name(name: str, what: str = "adapter") -> str:
         raise InvalidValueError(
             f"invalid {what} name {name!r}: use letters, digits, '.', '_' and '-' (max 64)"
         ) from None
-    if what == "adapter" and name in RESERVED_NAMES:
-        raise InvalidValueError(f"{name!r} is reserved in the store; pick another adapter name")
+    if name in RESERVED_NAMES:  # `show NAME` looks up adapters and bases alike, so no kind may use these
+        raise InvalidValueError(f"{name!r} is reserved in the store; pick another {what} name")
     return name
 
 
@@ -134,6 +134,12 @@ class Store:
 
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root is not None else default_root()
+        for folder in (self.root, *self.root.parents):  # the nearest existing path must be a folder
+            if folder.exists():
+                if not folder.is_dir():
+                    inside = "" if folder == self.root else f" ({folder} is not a folder)"
+                    raise InvalidValueError(f"store {self.root} is not a folder{inside}")
+                break
 
     # ------------------------------------------------------------------ paths and listing
     def kind_dir(self, kind: str) -> Path:

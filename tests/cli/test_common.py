@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from loradar_cli.cli._common import parse_fraction, parse_key_values
+from loradar_cli.cli._common import PlainProgress, _names_from_text, attack_options, parse_fraction, parse_key_values
 from loradar_cli.errors import InvalidValueError
 
 
@@ -32,3 +32,84 @@ def test_nonsense_numbers_are_refused(text):
 def test_key_values_coerce_numbers_and_keep_strings():
     parsed = parse_key_values(["alpha=0.5/255", "steps=7", "layer=layer2", "search=exhaustive"], "--attack-opt")
     assert parsed == {"alpha": pytest.approx(0.5 / 255), "steps": 7, "layer": "layer2", "search": "exhaustive"}
+
+
+@pytest.mark.parametrize("text", ["1e400", "-1e400", "Infinity", "NaN", "inf", "nan"])
+def test_non_finite_option_values_are_refused(text):
+    with pytest.raises(InvalidValueError, match="not a finite number"):
+        parse_key_values([f"eps={text}"], "--attack-opt")
+
+
+def test_plain_progress_writes_a_line_per_interval_and_at_the_end():
+    lines, now = [], [0.0]
+    progress = PlainProgress(lambda text, **_: lines.append(text), interval=5.0, clock=lambda: now[0])
+    for done, t in [(1, 0.0), (2, 1.0), (3, 4.9), (4, 6.0), (5, 7.0), (10, 8.0)]:
+        now[0] = t
+        progress("eval", done, 10)
+    # the first call opens the stage at t=0; the next line is due 5 s later (t=6), then only the last one
+    assert lines == ["eval: 4/10 (40 %), 0.7/s, 6 s", "eval: 10/10 (100 %), 1.2/s, 8 s"]
+
+
+def test_piped_tables_keep_long_names_whole(capsys):
+    from rich.table import Table
+
+    from loradar_cli.cli._common import console
+
+    name = "an-adapter-name-of-sixty-four-characters-" + "x" * 23
+    table = Table(title="store")
+    table.add_column("name")
+    table.add_column("val clean")
+    table.add_row(name, "98.5")
+    console.print(table)
+    err = capsys.readouterr().err
+    assert not console.is_terminal
+    assert any(name in line and "98.5" in line for line in err.splitlines())
+    assert max(len(line) for line in err.splitlines()) < 120  # as wide as the content, not padded to 1000
+
+
+def test_attack_options_route_per_attack_keys_with_dashes_and_refuse_strays():
+    routed = attack_options(["pgd", "pgd-l2", "fgsm"], "0.1", None, 5, ["pgd-l2.eps=0.5", "random-start=false"])
+    assert routed == {
+        "pgd": {"eps": 0.1, "steps": 5, "random_start": False},
+        "pgd-l2": {"eps": 0.5, "steps": 5, "random_start": False},
+        "fgsm": {"eps": 0.1},
+    }
+    with pytest.raises(InvalidValueError, match="applies to none of fgsm"):
+        attack_options(["fgsm"], None, None, 5, None)
+    with pytest.raises(InvalidValueError, match=r"unknown option.*bogus.*valid: .*alpha"):
+        attack_options(["pgd"], None, None, None, ["pgd.bogus=1"])
+    with pytest.raises(InvalidValueError, match="given twice"):
+        attack_options(["pgd"], "0.1", None, None, ["eps=0.2"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"eps": True}, "must be a number"),
+        ({"steps": True}, "must be a number"),
+        ({"eps": float("inf")}, "must be finite"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"steps": "abc"}, "steps"),
+        ({"bogus": 1}, "valid: eps"),
+    ],
+)
+def test_build_attack_refuses_booleans_non_finite_and_unknown_keys(options, message):
+    from loradar_cli.attacks import build_attack
+
+    with pytest.raises(InvalidValueError, match=message):
+        build_attack("pgd", **options)
+    assert build_attack("pgd", random_start=False, steps=3).config.steps == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [("a\n b \n\n", ["a", "b"]), ('{"name": "a"}', ["a"]), ('[{"name": "a"}, "b"]', ["a", "b"])],
+)
+def test_names_from_stdin(text, names):
+    assert _names_from_text(text) == names
+
+
+@pytest.mark.parametrize("text", ["{bad", '{"nome": 1}', "[1]", '[{"name": ""}]'])
+def test_bad_json_names_are_one_line_errors(text):
+    with pytest.raises(InvalidValueError):
+        _names_from_text(text)

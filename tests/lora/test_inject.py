@@ -81,3 +81,35 @@ def test_load_refuses_wrong_shapes():
     tensors[f"{PEFT_PREFIX}layer1.0.conv1.lora_A.weight"] = torch.zeros(3, 1, 1, 1)
     with pytest.raises(IncompatibleError, match="shape"):
         load_lora_state_dict(model, spec, tensors)
+
+
+def test_rank_is_bounded_by_what_each_layer_can_reach():
+    """max_rank equals the rank of a random ΔW = B·A at a large r (independent: torch.linalg.matrix_rank)."""
+    from loradar_cli.errors import InvalidValueError
+    from loradar_cli.lora.inject import check_ranks, max_rank
+
+    model = timm.create_model("test_vit", num_classes=10, img_size=32)
+    name = select_targets(model, "attn-mlp")[0]
+    layer = model.get_submodule(name)
+    limit = max_rank(layer)
+    a, b = torch.randn(limit + 5, layer.in_features), torch.randn(layer.out_features, limit + 5)
+    assert torch.linalg.matrix_rank(b @ a) == limit
+    conv = torch.nn.Conv2d(3, 16, 3, groups=1)
+    assert max_rank(conv) == min(16, 3 * 3 * 3)
+    check_ranks(model, LoraSpec(r=limit, targets=[name]))
+    with pytest.raises(InvalidValueError, match=f"at most {limit}"):
+        check_ranks(model, LoraSpec(r=limit + 1, targets=[name]))
+    with pytest.raises(InvalidValueError, match="at most"):
+        inject_lora(model, LoraSpec(r=10**12, targets=[name]))  # refused before allocating anything
+    assert not lora_layers(model)
+
+
+@pytest.mark.parametrize("pattern", ["(((", "conv[0-9", "*conv"])
+def test_bad_regex_targets_are_one_line_errors(pattern):
+    from loradar_cli.errors import InvalidValueError
+
+    model = timm.create_model("resnet10t", num_classes=10)
+    with pytest.raises(InvalidValueError, match="not a valid regular expression"):
+        select_targets(model, pattern)
+    with pytest.raises(InvalidValueError, match="must not be empty"):
+        select_targets(model, "  ")
