@@ -57,7 +57,7 @@ def test_first_write_migrates_every_entry_without_touching_its_files(v1):
     assert {k: after[k] for k in kept} == kept  # no v1 file rewritten
     assert verify_store(v1) == ([], 5)
     (v1.adapter_dir("pgd") / MANIFEST).unlink()  # a migrated store no longer accepts an entry without one
-    with pytest.raises(CorruptError, match="no manifest.json"):
+    with pytest.raises(CorruptError, match=r"no manifest\.json"):
         v1.load_adapter("pgd")
 
 

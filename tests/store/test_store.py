@@ -144,7 +144,7 @@ def test_tensors_rewritten_with_their_recorded_hash_are_refused(tiny):
 
     from loradar_cli.models import weights_fingerprint
 
-    store, base, adapter, _ = tiny
+    store, _base, adapter, _ = tiny
     folder = store.adapter_dir(adapter.name)
     tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     key = next(iter(tensors))
@@ -164,9 +164,11 @@ def test_config_disagreement_nan_and_wrong_rank_are_refused_even_when_rehashed(t
     folder = store.adapter_dir(adapter.name)
     _rewrite_json(folder / ADAPTER_CONFIG, lora_alpha=64.0)
     _rehash(folder)
-    with pytest.raises(CorruptError, match="disagrees with loradar.json on lora_alpha"):
+    with pytest.raises(CorruptError, match=r"disagrees with loradar\.json on lora_alpha"):
         store.load_adapter(adapter.name)
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(json.loads((folder / ADAPTER_CONFIG).read_text()) | {"lora_alpha": 4.0}))
+    (folder / ADAPTER_CONFIG).write_text(
+        json.dumps(json.loads((folder / ADAPTER_CONFIG).read_text()) | {"lora_alpha": 4.0})
+    )
     _rehash(folder)
     store.load_adapter(adapter.name)  # consistent again
     tensors = load_file(str(folder / ADAPTER_WEIGHTS))
@@ -244,7 +246,7 @@ def test_entry_left_aside_by_a_killed_overwrite_is_put_back(tiny):
 
 
 def test_overwrite_swaps_atomically_and_leaves_nothing(tiny):
-    store, base, adapter, _ = tiny
+    store, _base, adapter, _ = tiny
     old = store.load_adapter(adapter.name).tensors
     meta = store.adapter_meta(adapter.name)
     new = {k: v + 1 for k, v in old.items()}
@@ -260,7 +262,7 @@ def test_a_name_claimed_by_another_process_is_refused(tiny):
 
     from loradar_cli.store.lock import lock_path
 
-    store, base, adapter, _ = tiny
+    store, _base, _adapter, _ = tiny
     path = lock_path(store.root, "adapter", "busy")
     code = (
         "import sys, time; from pathlib import Path; from loradar_cli.store import lock; "
