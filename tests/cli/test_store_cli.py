@@ -50,9 +50,7 @@ def invoke(root, *args: str):
 
 
 def files_of(root):
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and ".locks" not in p.parts
-    }
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize("suffix", [".tar", ".zip", ".tar.gz"])

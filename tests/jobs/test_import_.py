@@ -68,7 +68,7 @@ def test_every_mismatch_with_the_base_is_named(store, tmp_path):
     assert "layer3.0.conv1: rank 2 in the tensors, 3 in the config" in message
     assert "modules_to_save 'conv1' is not the classifier head 'fc'" in message
     (folder / "adapter_config.json").write_text(json.dumps(config | {"target_modules": ["layer1.0.conv1"]}))
-    with pytest.raises(IncompatibleError, match="layer3.0.conv1: has factors but target_modules does not match it"):
+    with pytest.raises(IncompatibleError, match=r"layer3\.0\.conv1: has factors but target_modules does not match it"):
         import_peft(store, folder, base="tiny", name="bad")
     (folder / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
     with pytest.raises(IncompatibleError, match="use_dora"):
@@ -99,12 +99,31 @@ def test_import_base_round_trips_a_checkpoint(store, tmp_path):
     torch.save(net.state_dict(), tmp_path / "w.pt")
     for i, path in enumerate([tmp_path / "w.safetensors", tmp_path / "w.pt"]):
         meta = import_base(
-            store, path, model="test_resnet", name=f"b{i}", num_classes=4, in_chans=1, img_size=16, mean=[0.5], std=[0.2]
+            store,
+            path,
+            model="test_resnet",
+            name=f"b{i}",
+            num_classes=4,
+            in_chans=1,
+            img_size=16,
+            mean=[0.5],
+            std=[0.2],
         )
         loaded = store.load_base(meta.name)
         assert all(loaded.state[k].equal(v) for k, v in net.state_dict().items())
         assert meta.origin["sha256"] and meta.input_size == (1, 16, 16)
     with pytest.raises(Exception, match="does not fit the model"):
-        import_base(store, tmp_path / "w.pt", model="test_resnet", name="b9", num_classes=10, in_chans=1, mean=[0.5], std=[0.2])
+        import_base(
+            store, tmp_path / "w.pt", model="test_resnet", name="b9", num_classes=10, in_chans=1, mean=[0.5], std=[0.2]
+        )
     with pytest.raises(InvalidValueError, match="--mean/--std need 1 values"):
-        import_base(store, tmp_path / "w.pt", model="test_resnet", name="b9", num_classes=4, in_chans=1, mean=[0.5, 0.5], std=[0.2])
+        import_base(
+            store,
+            tmp_path / "w.pt",
+            model="test_resnet",
+            name="b9",
+            num_classes=4,
+            in_chans=1,
+            mean=[0.5, 0.5],
+            std=[0.2],
+        )

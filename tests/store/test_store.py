@@ -253,7 +253,7 @@ def test_overwrite_swaps_atomically_and_leaves_nothing(tiny):
     store.save_adapter(meta, new, overwrite=True)
     loaded = store.load_adapter(adapter.name).tensors
     assert all(loaded[k].equal(v) for k, v in new.items())
-    assert sorted(p.name for p in store.root.iterdir() if p.name.startswith(".") and p.name != ".locks") == []
+    assert sorted(p.name for p in store.root.iterdir() if p.name.startswith(".")) == []
 
 
 def test_a_name_claimed_by_another_process_is_refused(tiny):
@@ -262,7 +262,7 @@ def test_a_name_claimed_by_another_process_is_refused(tiny):
 
     from loradar_cli.store.lock import lock_path
 
-    store, _base, _adapter, _ = tiny
+    store, base, adapter, _ = tiny
     path = lock_path(store.root, "adapter", "busy")
     code = (
         "import sys, time; from pathlib import Path; from loradar_cli.store import lock; "
@@ -273,11 +273,17 @@ def test_a_name_claimed_by_another_process_is_refused(tiny):
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ExistsError, match=f"being written by another loradar process \\(pid {holder.pid}\\)"):
             store.check_free("adapter", "busy")
+        with pytest.raises(ExistsError, match="being written by another"):
+            make_adapter(store, base.name, "busy")
         store.check_free("adapter", "free")  # another name is not disturbed
+        make_adapter(store, base.name, "free")
     finally:
         holder.kill()
         holder.wait()
-    store.check_free("adapter", "busy")  # the kernel dropped the dead holder's claim
+    assert path.exists()  # a killed holder leaves its (unlocked) file ...
+    make_adapter(store, base.name, "busy")  # ... which does not block the next writer, who removes it
+    assert not (store.root / ".locks").exists()
+    assert store.adapter_names() == sorted([adapter.name, "busy", "free"])
 
 
 # ---------------------------------------------------------------------------------------------- identifiers
