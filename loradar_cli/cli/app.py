@@ -10,8 +10,10 @@ from loradar_cli.cli.attack import attack_cli
 from loradar_cli.cli.browse import list_cli, show_cli
 from loradar_cli.cli.ensemble_vote import ensemble_vote_cli
 from loradar_cli.cli.evaluate import eval_cli
+from loradar_cli.cli.export import export_cli
 from loradar_cli.cli.finetune import finetune_cli
 from loradar_cli.cli.identify_attack import identify_app
+from loradar_cli.cli.import_ import import_base_cli, import_cli
 from loradar_cli.cli.merge import merge_cli
 from loradar_cli.cli.mv import mv_cli
 from loradar_cli.cli.quickstart import quickstart_cli
@@ -59,6 +61,9 @@ app.command("show")(show_cli)
 app.command("rm")(rm_cli)
 app.command("mv")(mv_cli)
 app.command("verify")(verify_cli)
+app.command("import")(import_cli)
+app.command("import-base")(import_base_cli)
+app.command("export")(export_cli)
 app.command("merge")(merge_cli)
 app.command("trim")(trim_cli)
 app.command("ensemble-vote")(ensemble_vote_cli)

@@ -1,9 +1,13 @@
 """Per-entry write claims: an exclusive flock(2) on `<root>/.locks/<kind>-<name>.lock`, held until the write ends.
 
-The kernel drops a flock when its holder dies, so a killed writer never leaves a stale claim; the lock files
-themselves stay (empty, hidden) because unlinking a lock file races with a process about to take it.
+The kernel drops a flock when its holder dies, so a killed writer never leaves a live claim. A released claim
+unlinks its file (and the folder once empty), so a finished command leaves no trace; a claimer checks after
+locking that the path still names the file it locked, which makes unlink-on-release safe against a process
+that opened the file just before it was removed.
 """
 
+import atexit
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -19,44 +23,94 @@ def lock_path(root: Path, kind: str, name: str) -> Path:
     return root / LOCKS / f"{kind}-{name}.lock"
 
 
-def try_claim(path: Path) -> bool:
-    """Take the claim without waiting; True if this process now holds it (reentrant within one process)."""
+def try_claim(path: Path, *, wait: bool = False) -> bool:
+    """Take the claim (without waiting unless `wait`); True if this process now holds it (reentrant in-process)."""
     key = str(path)
     if key in _held:
         return True
-    if not path.parent.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(path.parent, dir_mode())
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return False
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _held[key] = fd
-    return True
+    while True:
+        try:
+            path.parent.mkdir()
+            os.chmod(path.parent, dir_mode())
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except FileNotFoundError:
+            continue  # the folder was removed by a releasing process in between
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder released and unlinked it after we opened it: try again on the new file
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held[key] = fd
+        return True
 
 
 def claim(path: Path, what: str) -> None:
     """Take the claim for `what` (e.g. "adapter 'x'") or fail at once naming the process that holds it."""
     if try_claim(path):
         return
-    try:
-        holder = path.read_text().strip() or "?"
-    except OSError:
-        holder = "?"
-    raise ExistsError(
-        f"{what} is being written by another loradar process (pid {holder})", hint="wait for it or pick another name"
+    raise busy_error(path, what)
+
+
+def busy_error(path: Path, what: str) -> ExistsError:
+    return ExistsError(
+        f"{what} is being written by another loradar process (pid {holder(path)})",
+        hint="wait for it or pick another name",
     )
 
 
 def release(path: Path) -> None:
+    """Give the claim up: unlink its file while still holding the lock, then close (dropping the flock)."""
     fd = _held.pop(str(path), None)
-    if fd is not None:
-        os.close(fd)  # closing the only descriptor drops the flock
+    if fd is None:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    os.close(fd)
+    with contextlib.suppress(OSError):  # other claims may live there
+        path.parent.rmdir()
+
+
+def busy(path: Path) -> bool:
+    """True if another process holds the claim now (a peek: nothing is created or kept)."""
+    if str(path) in _held:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "?"
+    except OSError:
+        return "?"
 
 
 def held(path: Path) -> bool:
     return str(path) in _held
+
+
+@atexit.register
+def _release_all() -> None:
+    for key in list(_held):
+        release(Path(key))

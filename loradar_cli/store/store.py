@@ -228,14 +228,15 @@ class Store:
     def check_free(self, what: str, name: str, overwrite: bool = False) -> Path:
         """The folder a new base, adapter or identifier will be written to: a valid name, free unless `overwrite`.
 
-        Commands call this before any work, so a taken name fails at once rather than after training; it also
-        claims the name for this process, so a concurrent writer of the same name fails at once too.
+        Commands call this before any work, so a taken name (or one another process is writing now) fails at
+        once rather than after training. It changes nothing on disk: the write itself claims the name.
         """
         target = self.entry_dir(what, name)
         self._refuse_taken(target, what, overwrite)
         self._check_no_links(what)
-        if self.root.is_dir():
-            lock.claim(lock.lock_path(self.root, what, name), f"{what} {name!r}")
+        claim = lock.lock_path(self.root, what, name)
+        if lock.busy(claim):
+            raise lock.busy_error(claim, f"{what} {name!r}")
         return target
 
     def _refuse_taken(self, target: Path, what: str, overwrite: bool) -> None:
@@ -262,13 +263,15 @@ class Store:
     def _ensure_format(self) -> None:
         """Before a write: create the root, and migrate a format-1 store by giving each intact entry a manifest."""
         if not self.root.exists():
-            self.root.mkdir(parents=True)
+            self.root.mkdir(parents=True, exist_ok=True)
             os.chmod(self.root, dir_mode())
         elif not self.root.is_dir():
             raise InvalidValueError(f"store {self.root} is not a folder")
         if self.store_format() >= STORE_FORMAT:
             return
-        with self._claimed("store", "format", "the store"):
+        marker_lock = lock.lock_path(self.root, "store", "format")
+        lock.try_claim(marker_lock, wait=True)  # concurrent first writers wait for one migration, then proceed
+        try:
             if self.store_format() >= STORE_FORMAT:
                 return
             for kind in KINDS:
@@ -279,6 +282,8 @@ class Store:
             tmp.unlink(missing_ok=True)
             write_new_file(tmp, json_bytes({"format": STORE_FORMAT}))
             os.replace(tmp, marker)
+        finally:
+            lock.release(marker_lock)
 
     def _migrate_entry(self, kind: str, name: str) -> None:
         """Add manifest.json to a format-1 entry whose legacy checks pass (a damaged one is left for verify)."""
@@ -530,19 +535,20 @@ class Store:
         for path in self.leftovers(kind):
             owner_kind = self._kind_of_folder(path.parent)
             name = leftover_name(path.name)
-            if owner_kind is None:  # inside an entry: a manifest or marker file being replaced
+            if path.parent == self.root and name == STORE_MARKER:
+                owner_kind, name = "store", "format"
+            elif owner_kind is None:  # inside an entry: a manifest or marker file being replaced
                 owner_kind, name = self._kind_of_folder(path.parent.parent), path.parent.name
-            if owner_kind is None or name is None or not _valid(name, owner_kind):
+            if owner_kind is None or name is None or (owner_kind != "store" and not _valid(name, owner_kind)):
                 continue
             claim_path = lock.lock_path(self.root, owner_kind, name)
             mine = lock.held(claim_path)
             if not mine and not lock.try_claim(claim_path):
                 continue  # a live writer is using it
             try:
-                target = self.entry_dir(owner_kind, name)
                 saved = path / "entry"
-                if path.name.startswith(".old-") and not target.exists() and saved.is_dir():
-                    os.rename(saved, target)
+                if path.name.startswith(".old-") and saved.is_dir() and not self.entry_dir(owner_kind, name).exists():
+                    os.rename(saved, self.entry_dir(owner_kind, name))
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
@@ -567,7 +573,7 @@ class Store:
         try:
             yield
         finally:
-            if not mine or kind != "store":
+            if not mine:
                 lock.release(path)
 
 
