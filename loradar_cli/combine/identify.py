@@ -205,21 +205,12 @@ def identify_sets(
         check_identifier_base(ident, members.base.meta)
     if mode == "calibrated":
         assert ident is not None
-        order: list[str] = ident.members
+        models = member_models(members, ident.members)
         predict: Predict = ident.predict
         setup: dict[str, Any] = {"identifier": ident.meta.name, "features": ident.meta.feature_groups}
-        models = member_models(members, order)
     else:
-        order, labels, clean_index = _rule_members(members, clean)
-        models = member_models(members, order)
         margin = DEFAULT_MARGINS[mode] if margin is None else margin
-        setup = {"margin": margin, "clean": clean, "labels": dict(zip(order, labels, strict=True))}
-        if mode == "relative-rule":
-            stats, source = _relative_stats(ident, models, order, members.base.meta, data, split, limit, seed)
-            setup["calibration"] = source
-            predict = _relative_predict(order, labels, stats, margin, clean_index)
-        else:
-            predict = _absolute_predict(order, labels, margin, clean_index)
+        models, predict, setup = _rule_predictor(members, mode, ident, margin, clean, data, split, limit, seed)
     sets = input_sets(members.base.meta, data=data, split=split, adv_sets=adv_sets, limit=limit, seed=seed)
     predicted = {
         s.label: predict(dict(zip(models, ensemble_probs(list(models.values()), s.x, batch_size), strict=True)), s.x)
@@ -240,6 +231,27 @@ def identify_sets(
             out, {"mode": mode, "sets": {s.label: {"attack": s.attack, "predicted": predicted[s.label]} for s in sets}}
         )
     return report
+
+
+def _rule_predictor(
+    members: Members,
+    mode: str,
+    ident: Identifier | None,
+    margin: float,
+    clean: str,
+    data: str | None,
+    split: str,
+    limit: int | None,
+    seed: int,
+) -> tuple[dict[str, torch.nn.Module], Predict, dict[str, Any]]:
+    """Member models, predict function and report fields of the absolute or relative rule."""
+    order, labels, clean_index = _rule_members(members, clean)
+    models = member_models(members, order)
+    setup: dict[str, Any] = {"margin": margin, "clean": clean, "labels": dict(zip(order, labels, strict=True))}
+    if mode == "rule":
+        return models, _absolute_predict(order, labels, margin, clean_index), setup
+    stats, setup["calibration"] = _relative_stats(ident, models, order, members.base.meta, data, split, limit, seed)
+    return models, _relative_predict(order, labels, stats, margin, clean_index), setup
 
 
 def _ident_base(ident: Identifier | None) -> str | None:
@@ -279,9 +291,9 @@ def _relative_stats(
 ) -> tuple[tuple[Tensor, Tensor], str]:
     """Clean log-odds mean and std per member: from the identifier if it has them all, else a clean data split."""
     stored = ident.meta.clean_confidence if ident is not None else None
-    if stored and all(m in stored for m in order):
+    if ident is not None and stored and all(m in stored for m in order):
         mean, std = torch.tensor([stored[m] for m in order], dtype=torch.float64).unbind(dim=1)
-        return (mean, std), f"identifier {ident.meta.name!r} (its clean fit inputs)" if ident else ""
+        return (mean, std), f"identifier {ident.meta.name!r} (clean inputs it was fitted on)"
     if data is None:
         raise InvalidValueError(
             "relative-rule compares confidences with those on clean inputs: give --data (its other split is used) "
