@@ -30,6 +30,7 @@ from loradar_cli.cli._common import (
     run_command,
 )
 from loradar_cli.cli._tables import pct
+from loradar_cli.ops.identify_modes import DEFAULT_MARGINS, modes_help
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -74,8 +75,7 @@ def identify_cli(
         str | None,
         typer.Option(
             "--mode",
-            help="calibrated (a fitted --identifier; the default with one), relative-rule (the most confident member "
-            "relative to its clean confidence; the default without), or rule (the most confident member).",
+            help=f"{modes_help()}. Default: calibrated with --identifier, else relative-rule.",
         ),
     ] = None,
     identifier: Annotated[str | None, typer.Option("--identifier", help="Fitted identifier (calibrated mode).")] = None,
@@ -85,7 +85,7 @@ def identify_cli(
             "--margin",
             min=0.0,
             help="Rule modes: lead over the runner-up needed to name an attack, else 'unknown' "
-            "(default: 0.1 probability for rule, 0 clean standard deviations for relative-rule).",
+            f"(default {DEFAULT_MARGINS}: probability units for rule, clean standard deviations for relative-rule).",
         ),
     ] = None,
     clean: CleanOpt = "base",

@@ -39,19 +39,9 @@ from loradar_cli.ops.identify import (
     stratified_split,
 )
 from loradar_cli.ops.identify_features import IDENTIFY_FEATURES, FeatureInputs, compute_features, feature_names
-from loradar_cli.registry import Registry
+from loradar_cli.ops.identify_modes import DEFAULT_MARGINS, IDENTIFY_MODES
 from loradar_cli.store.meta import AdapterMeta, BaseMeta, now
 from loradar_cli.store.store import Store
-
-IDENTIFY_MODES: Registry[str] = Registry("identification mode")
-IDENTIFY_MODES.register("calibrated")("a fitted identifier (identify-attack fit) on input and member features")
-IDENTIFY_MODES.register("relative-rule")(
-    "the member most confident relative to its confidence on clean inputs names the attack"
-)
-IDENTIFY_MODES.register("rule")("the most confident member names the attack (the LoRADAR write-up's rule)")
-
-DEFAULT_MARGINS = {"rule": 0.1, "relative-rule": 0.0}
-"""Lead over the runner-up member needed to name an attack: probability units (rule), clean-std units (relative)."""
 
 
 class IdentifierMeta(BaseModel):
