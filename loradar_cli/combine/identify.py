@@ -328,13 +328,14 @@ def identification_summary(
 ) -> dict[str, Any]:
     """Accuracy, unknown rate, per-class precision/recall, and the confusion matrix.
 
-    Rows are the true labels present; columns the fitted `classes` (or the predicted labels) and always "unknown"
-    last, so no row is empty and abstentions are visible.
+    Rows are the true labels present; columns the fitted `classes` (without them: the true and predicted labels)
+    and always "unknown" last, so no row is empty and abstentions are visible.
     """
     if not truth:
         return {"accuracy": None, "unknown_rate": None, "per_class": {}, "confusion": None}
     rows = sorted(set(truth))
-    columns = [*sorted((set(classes or ()) | set(pred) | set(truth)) - {UNKNOWN}), UNKNOWN]
+    answers = set(classes) if classes is not None else set(truth)
+    columns = [*sorted((answers | set(pred)) - {UNKNOWN}), UNKNOWN]
     col = {c: j for j, c in enumerate(columns)}
     row = {r: i for i, r in enumerate(rows)}
     matrix = [[0] * len(columns) for _ in rows]
