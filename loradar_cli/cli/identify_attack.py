@@ -98,6 +98,9 @@ def identify_cli(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Draw the confusion matrix to FILE.png (needs matplotlib).")
     ] = None,
+    reject: Annotated[
+        bool, typer.Option("--reject/--no-reject", help="calibrated: answer 'unknown' far from the fitted classes.")
+    ] = True,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
     store: StoreOpt = None,
@@ -124,6 +127,7 @@ def identify_cli(
         seed=seed,
         batch_size=batch_size,
         out=out,
+        reject=reject,
     )
     confusion = report["confusion"]
     if plot is not None and confusion:

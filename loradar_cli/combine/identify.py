@@ -1,6 +1,7 @@
 """Attack identification from adapters' outputs and the inputs: the LoRADAR rule (absolute or relative to each
 member's clean confidence) and calibrated identifiers fitted, with held-out accuracy, and stored."""
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -176,12 +177,13 @@ def identify_sets(
     seed: int = 0,
     batch_size: int = 256,
     out: Path | None = None,
+    reject: bool = True,
 ) -> dict[str, Any]:
     """Per input, the attack family it came from; accuracy, per-class precision/recall and the confusion matrix.
 
     `mode` defaults to calibrated with an identifier, else relative-rule; `margin` to the mode's DEFAULT_MARGINS.
     relative-rule calibrates on the identifier's clean statistics, else on a clean split of --data other than
-    `split` (val, or train when scoring val).
+    `split` (val, or train when scoring val). `reject=False` turns the calibrated identifier's "unknown" off.
     """
     mode = mode or ("calibrated" if identifier else "relative-rule")
     IDENTIFY_MODES.get(mode)
@@ -196,8 +198,8 @@ def identify_sets(
     if mode == "calibrated":
         assert ident is not None
         models = member_models(members, ident.members)
-        predict: Predict = ident.predict
-        setup: dict[str, Any] = {"identifier": ident.meta.name, "features": ident.meta.feature_groups}
+        predict: Predict = functools.partial(ident.predict, reject=reject)
+        setup: dict[str, Any] = {"identifier": ident.meta.name, "features": ident.meta.feature_groups, "reject": reject}
     else:
         margin = DEFAULT_MARGINS[mode] if margin is None else margin
         models, predict, setup = _rule_predictor(members, mode, ident, margin, clean, data, split, limit, seed)
