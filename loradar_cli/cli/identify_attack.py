@@ -32,6 +32,7 @@ from loradar_cli.cli._common import (
 )
 from loradar_cli.cli._options import positive
 from loradar_cli.cli._tables import pct
+from loradar_cli.ops.identify_modes import DEFAULT_MARGINS, modes_help
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -76,9 +77,7 @@ def identify_cli(
         str | None,
         typer.Option(
             "--mode",
-            help=f"{names.choices(names.IDENTIFY_MODES)}: calibrated uses a fitted --identifier (the default with "
-            "one); relative-rule picks the most confident member relative to its clean confidence (the default "
-            "without); rule the most confident member.",
+            help=f"{modes_help()}. Default: calibrated with --identifier, else relative-rule.",
         ),
     ] = None,
     identifier: Annotated[str | None, typer.Option("--identifier", help="Fitted identifier (calibrated mode).")] = None,
@@ -88,7 +87,7 @@ def identify_cli(
             "--margin",
             min=0.0,
             help="Rule modes: lead over the runner-up needed to name an attack, else 'unknown' "
-            "(default: 0.1 probability for rule, 0 clean standard deviations for relative-rule).",
+            f"(default {DEFAULT_MARGINS}: probability units for rule, clean standard deviations for relative-rule).",
         ),
     ] = None,
     clean: CleanOpt = "base",
@@ -101,6 +100,9 @@ def identify_cli(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Draw the confusion matrix to FILE.png (needs matplotlib).")
     ] = None,
+    reject: Annotated[
+        bool, typer.Option("--reject/--no-reject", help="calibrated: answer 'unknown' far from the fitted classes.")
+    ] = True,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
     store: StoreOpt = None,
@@ -127,6 +129,7 @@ def identify_cli(
         seed=seed,
         batch_size=batch_size,
         out=out,
+        reject=reject,
     )
     confusion = report["confusion"]
     if plot is not None and confusion:

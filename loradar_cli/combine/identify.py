@@ -1,6 +1,7 @@
 """Attack identification from adapters' outputs and the inputs: the LoRADAR rule (absolute or relative to each
 member's clean confidence) and calibrated identifiers fitted, with held-out accuracy, and stored."""
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,19 +40,9 @@ from loradar_cli.ops.identify import (
     stratified_split,
 )
 from loradar_cli.ops.identify_features import IDENTIFY_FEATURES, FeatureInputs, compute_features, feature_names
-from loradar_cli.registry import Registry
+from loradar_cli.ops.identify_modes import DEFAULT_MARGINS, IDENTIFY_MODES
 from loradar_cli.store.meta import AdapterMeta, BaseMeta, now
 from loradar_cli.store.store import Store
-
-IDENTIFY_MODES: Registry[str] = Registry("identification mode")
-IDENTIFY_MODES.register("calibrated")("a fitted identifier (identify-attack fit) on input and member features")
-IDENTIFY_MODES.register("relative-rule")(
-    "the member most confident relative to its confidence on clean inputs names the attack"
-)
-IDENTIFY_MODES.register("rule")("the most confident member names the attack (the LoRADAR write-up's rule)")
-
-DEFAULT_MARGINS = {"rule": 0.1, "relative-rule": 0.0}
-"""Lead over the runner-up member needed to name an attack: probability units (rule), clean-std units (relative)."""
 
 
 class IdentifierMeta(BaseModel):
@@ -188,12 +179,13 @@ def identify_sets(
     seed: int = 0,
     batch_size: int = 256,
     out: Path | None = None,
+    reject: bool = True,
 ) -> dict[str, Any]:
     """Per input, the attack family it came from; accuracy, per-class precision/recall and the confusion matrix.
 
     `mode` defaults to calibrated with an identifier, else relative-rule; `margin` to the mode's DEFAULT_MARGINS.
     relative-rule calibrates on the identifier's clean statistics, else on a clean split of --data other than
-    `split` (val, or train when scoring val).
+    `split` (val, or train when scoring val). `reject=False` turns the calibrated identifier's "unknown" off.
     """
     mode = mode or ("calibrated" if identifier else "relative-rule")
     IDENTIFY_MODES.get(mode)
@@ -207,21 +199,12 @@ def identify_sets(
         check_identifier_base(ident, members.base.meta)
     if mode == "calibrated":
         assert ident is not None
-        order: list[str] = ident.members
-        predict: Predict = ident.predict
-        setup: dict[str, Any] = {"identifier": ident.meta.name, "features": ident.meta.feature_groups}
-        models = member_models(members, order)
+        models = member_models(members, ident.members)
+        predict: Predict = functools.partial(ident.predict, reject=reject)
+        setup: dict[str, Any] = {"identifier": ident.meta.name, "features": ident.meta.feature_groups, "reject": reject}
     else:
-        order, labels, clean_index = _rule_members(members, clean)
-        models = member_models(members, order)
         margin = DEFAULT_MARGINS[mode] if margin is None else margin
-        setup = {"margin": margin, "clean": clean, "labels": dict(zip(order, labels, strict=True))}
-        if mode == "relative-rule":
-            stats, source = _relative_stats(ident, models, order, members.base.meta, data, split, limit, seed)
-            setup["calibration"] = source
-            predict = _relative_predict(order, labels, stats, margin, clean_index)
-        else:
-            predict = _absolute_predict(order, labels, margin, clean_index)
+        models, predict, setup = _rule_predictor(members, mode, ident, margin, clean, data, split, limit, seed)
     sets = input_sets(members.base.meta, data=data, split=split, adv_sets=adv_sets, limit=limit, seed=seed)
     predicted = {
         s.label: predict(dict(zip(models, ensemble_probs(list(models.values()), s.x, batch_size), strict=True)), s.x)
@@ -242,6 +225,27 @@ def identify_sets(
             out, {"mode": mode, "sets": {s.label: {"attack": s.attack, "predicted": predicted[s.label]} for s in sets}}
         )
     return report
+
+
+def _rule_predictor(
+    members: Members,
+    mode: str,
+    ident: Identifier | None,
+    margin: float,
+    clean: str,
+    data: str | None,
+    split: str,
+    limit: int | None,
+    seed: int,
+) -> tuple[dict[str, torch.nn.Module], Predict, dict[str, Any]]:
+    """Member models, predict function and report fields of the absolute or relative rule."""
+    order, labels, clean_index = _rule_members(members, clean)
+    models = member_models(members, order)
+    setup: dict[str, Any] = {"margin": margin, "clean": clean, "labels": dict(zip(order, labels, strict=True))}
+    if mode == "rule":
+        return models, _absolute_predict(order, labels, margin, clean_index), setup
+    stats, setup["calibration"] = _relative_stats(ident, models, order, members.base.meta, data, split, limit, seed)
+    return models, _relative_predict(order, labels, stats, margin, clean_index), setup
 
 
 def _ident_base(ident: Identifier | None) -> str | None:
@@ -281,9 +285,9 @@ def _relative_stats(
 ) -> tuple[tuple[Tensor, Tensor], str]:
     """Clean log-odds mean and std per member: from the identifier if it has them all, else a clean data split."""
     stored = ident.meta.clean_confidence if ident is not None else None
-    if stored and all(m in stored for m in order):
+    if ident is not None and stored and all(m in stored for m in order):
         mean, std = torch.tensor([stored[m] for m in order], dtype=torch.float64).unbind(dim=1)
-        return (mean, std), f"identifier {ident.meta.name!r} (its clean fit inputs)" if ident else ""
+        return (mean, std), f"identifier {ident.meta.name!r} (clean inputs it was fitted on)"
     if data is None:
         raise InvalidValueError(
             "relative-rule compares confidences with those on clean inputs: give --data (its other split is used) "
@@ -328,13 +332,14 @@ def identification_summary(
 ) -> dict[str, Any]:
     """Accuracy, unknown rate, per-class precision/recall, and the confusion matrix.
 
-    Rows are the true labels present; columns the fitted `classes` (or the predicted labels) and always "unknown"
-    last, so no row is empty and abstentions are visible.
+    Rows are the true labels present; columns the fitted `classes` (without them: the true and predicted labels)
+    and always "unknown" last, so no row is empty and abstentions are visible.
     """
     if not truth:
         return {"accuracy": None, "unknown_rate": None, "per_class": {}, "confusion": None}
     rows = sorted(set(truth))
-    columns = [*sorted((set(classes or ()) | set(pred) | set(truth)) - {UNKNOWN}), UNKNOWN]
+    answers = set(classes) if classes is not None else set(truth)
+    columns = [*sorted((answers | set(pred)) - {UNKNOWN}), UNKNOWN]
     col = {c: j for j, c in enumerate(columns)}
     row = {r: i for i, r in enumerate(rows)}
     matrix = [[0] * len(columns) for _ in rows]

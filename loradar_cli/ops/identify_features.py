@@ -327,4 +327,16 @@ def compute_features(groups: Sequence[str], inputs: FeatureInputs) -> Tensor:
         raise InvalidValueError(f"expected probabilities [K, B, C] with C >= 2, got shape {tuple(inputs.probs.shape)}")
     if not groups:
         raise InvalidValueError(f"no feature groups given (valid: {', '.join(IDENTIFY_FEATURES.names())})")
-    return torch.cat([IDENTIFY_FEATURES.get(g).compute(inputs) for g in groups], dim=1)
+    chunks = [
+        FeatureInputs(inputs.probs[:, i : i + CHUNK], _rows(inputs.x, i), inputs.base_index, inputs.member_names)
+        for i in range(0, inputs.probs.shape[1], CHUNK)
+    ]
+    return torch.cat([torch.cat([IDENTIFY_FEATURES.get(g).compute(c) for g in groups], dim=1) for c in chunks])
+
+
+CHUNK = 256
+"""Inputs per feature computation: the 3×3 median unfolds nine copies of each image."""
+
+
+def _rows(x: Tensor | None, start: int) -> Tensor | None:
+    return None if x is None else x[start : start + CHUNK]
