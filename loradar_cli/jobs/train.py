@@ -16,7 +16,7 @@ from loradar_cli.loading import build_model, model_data
 from loradar_cli.lora.init import init_lora
 from loradar_cli.lora.inject import classifier_name, default_targets, inject_lora, select_targets
 from loradar_cli.lora.spec import LoraSpec
-from loradar_cli.lora.state import adapter_tensors, base_state
+from loradar_cli.lora.state import base_state
 from loradar_cli.metrics import Progress
 from loradar_cli.models import ImageClassifier
 from loradar_cli.recipes.base import build_recipe
@@ -59,7 +59,8 @@ def train_and_store_adapter(
     """
     config = config or TrainConfig()
     recipe = build_recipe(config.recipe, config.recipe_options)
-    store.check_free(recipe.output, name, overwrite)
+    for suffix in recipe.output_suffixes:
+        store.check_free(recipe.output, name + suffix, overwrite)
     stored = store.load_base(base)
     attack_fn = build_attack(attack, **dict(attack_options or {}))
     train = model_data(data, "train", stored.meta, seed=config.seed, limit=limit)
@@ -101,23 +102,24 @@ def train_and_store_adapter(
         store.save_base(BaseMeta.model_validate(base_meta.model_dump()), base_state(model.model), overwrite=overwrite)
         checkpoint.clear()
         return store.base_meta(name)
-    stored_spec, tensors = adapter_tensors(model.model, spec)
-    meta = AdapterMeta(
-        name=name,
-        base=base,
-        base_fingerprint=stored.meta.fingerprint,
-        timm_model=stored.meta.timm_model,
-        num_classes=stored.meta.num_classes,
-        lora=stored_spec,
-        recipe=config.recipe,
-        recipe_config={**recipe_config, "lora_init": recipe.lora_init, "trained_rank": spec.r},
-        attack=attack,
-        attack_config=attack_fn.describe(),
-        seed=config.seed,
-        metrics=metrics,
-        combination=training,
-    )
-    store.save_adapter(meta, tensors, overwrite=overwrite)
+    for suffix, out in recipe.export(model, spec).items():
+        meta = AdapterMeta(
+            name=name + suffix,
+            base=base,
+            base_fingerprint=stored.meta.fingerprint,
+            timm_model=stored.meta.timm_model,
+            num_classes=stored.meta.num_classes,
+            lora=out.spec,
+            recipe=config.recipe,
+            recipe_config={**recipe_config, "lora_init": recipe.lora_init, "trained_rank": spec.r},
+            attack=attack,
+            attack_config=attack_fn.describe(),
+            seed=config.seed,
+            metrics=metrics,
+            parents=[name + p for p in out.extra.get("parents", [])],
+            combination={**training, **out.extra.get("combination", {})},
+        )
+        store.save_adapter(meta, out.tensors, overwrite=overwrite)
     checkpoint.clear()
     return store.adapter_meta(name)
 
