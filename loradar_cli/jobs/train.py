@@ -96,10 +96,7 @@ def train_and_store_adapter(
             "attack_config": attack_fn.describe(),
             **training,
         }
-        base_meta = stored.meta.model_copy(
-            update={"name": name, "metrics": metrics, "seed": config.seed, "provenance": provenance, "fingerprint": ""}
-        )
-        store.save_base(BaseMeta.model_validate(base_meta.model_dump()), base_state(model.model), overwrite=overwrite)
+        _save_base(store, name, stored.meta, base_state(model.model), metrics, config.seed, provenance, overwrite)
         checkpoint.clear()
         return store.base_meta(name)
     for suffix, out in recipe.export(model, spec).items():
@@ -175,6 +172,22 @@ def lora_spec_for(
         targets=select_targets(model.model, preset),
         head=classifier_name(model.model) if train_head else None,
     )
+
+
+def _save_base(
+    store: Store,
+    name: str,
+    source: BaseMeta,
+    state: dict[str, Any],
+    metrics: dict[str, float],
+    seed: int,
+    provenance: dict[str, Any],
+    overwrite: bool,
+) -> None:
+    """A recipe's full-model result as a new base: the source base's geometry, its own weights and provenance."""
+    update = {"name": name, "metrics": metrics, "seed": seed, "provenance": provenance, "fingerprint": ""}
+    meta = BaseMeta.model_validate(source.model_copy(update=update).model_dump())
+    store.save_base(meta, state, overwrite=overwrite)
 
 
 def _fingerprint(options: Sequence[Any]) -> str:
