@@ -144,10 +144,15 @@ def train_pool(
     """
     check_pool_free(store.root, name, overwrite)
     names = [member_name(name, key, text) for text, _ in values]
+    resume = bool(kwargs.get("resume"))
     for member in names:
-        store.check_free("adapter", member, overwrite)
+        if not (resume and store.has_adapter(member)):
+            store.check_free("adapter", member, overwrite)
     members: list[AdapterMeta] = []
     for member, (_, value) in zip(names, values, strict=True):
+        if resume and store.has_adapter(member):  # finished before the interruption
+            members.append(store.adapter_meta(member))
+            continue
         options = {**dict(attack_options or {}), key: value}
         if key == "eps" and "alpha" not in (attack_options or {}) and isinstance(value, (int, float)):
             options["alpha"] = value / 4  # methods: α_i = ε_i / 4 per pool member
