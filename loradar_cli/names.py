@@ -6,7 +6,7 @@ merge or vote method, LoRA initialisation, identifier mode or dataset without ad
 """
 
 ATTACKS: tuple[str, ...] = ("fgsm", "fia", "pgd", "pgd-l2", "roa")
-RECIPES: tuple[str, ...] = ("advlora", "amt", "autolora", "loradar", "mart", "pgd-at", "trades")
+RECIPES: tuple[str, ...] = ("advlora", "amt", "autolora", "hyperat", "loradar", "mart", "pgd-at", "trades")
 LORA_INITS: tuple[str, ...] = ("cluster", "kaiming", "svd")
 MERGE_METHODS: tuple[str, ...] = ("cat", "linear", "ties", "tts")
 VOTE_METHODS: tuple[str, ...] = ("majority", "soft", "weighted")

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from loradar_cli import names
 from loradar_cli.cli._combine import (
     AdvSetsOpt,
     BaseOpt,

@@ -16,7 +16,7 @@ from loradar_cli.loading import build_model, model_data
 from loradar_cli.lora.init import init_lora
 from loradar_cli.lora.inject import classifier_name, default_targets, inject_lora, select_targets
 from loradar_cli.lora.spec import LoraSpec
-from loradar_cli.lora.state import adapter_tensors, base_state
+from loradar_cli.lora.state import base_state
 from loradar_cli.metrics import Progress
 from loradar_cli.models import ImageClassifier
 from loradar_cli.recipes.base import build_recipe
@@ -59,7 +59,8 @@ def train_and_store_adapter(
     """
     config = config or TrainConfig()
     recipe = build_recipe(config.recipe, config.recipe_options)
-    store.check_free(recipe.output, name, overwrite)
+    for suffix in recipe.output_suffixes:
+        store.check_free(recipe.output, name + suffix, overwrite)
     stored = store.load_base(base)
     attack_fn = build_attack(attack, **dict(attack_options or {}))
     train = model_data(data, "train", stored.meta, seed=config.seed, limit=limit)
@@ -95,29 +96,27 @@ def train_and_store_adapter(
             "attack_config": attack_fn.describe(),
             **training,
         }
-        base_meta = stored.meta.model_copy(
-            update={"name": name, "metrics": metrics, "seed": config.seed, "origin": provenance, "fingerprint": ""}
-        )
-        store.save_base(BaseMeta.model_validate(base_meta.model_dump()), base_state(model.model), overwrite=overwrite)
+        _save_base(store, name, stored.meta, base_state(model.model), metrics, config.seed, provenance, overwrite)
         checkpoint.clear()
         return store.base_meta(name)
-    stored_spec, tensors = adapter_tensors(model.model, spec)
-    meta = AdapterMeta(
-        name=name,
-        base=base,
-        base_fingerprint=stored.meta.fingerprint,
-        timm_model=stored.meta.timm_model,
-        num_classes=stored.meta.num_classes,
-        lora=stored_spec,
-        recipe=config.recipe,
-        recipe_config={**recipe_config, "lora_init": recipe.lora_init, "trained_rank": spec.r},
-        attack=attack,
-        attack_config=attack_fn.describe(),
-        seed=config.seed,
-        metrics=metrics,
-        combination=training,
-    )
-    store.save_adapter(meta, tensors, overwrite=overwrite)
+    for suffix, out in recipe.export(model, spec).items():
+        meta = AdapterMeta(
+            name=name + suffix,
+            base=base,
+            base_fingerprint=stored.meta.fingerprint,
+            timm_model=stored.meta.timm_model,
+            num_classes=stored.meta.num_classes,
+            lora=out.spec,
+            recipe=config.recipe,
+            recipe_config={**recipe_config, "lora_init": recipe.lora_init, "trained_rank": spec.r},
+            attack=attack,
+            attack_config=attack_fn.describe(),
+            seed=config.seed,
+            metrics=metrics,
+            parents=[name + p for p in out.extra.get("parents", [])],
+            combination={**training, **out.extra.get("combination", {})},
+        )
+        store.save_adapter(meta, out.tensors, overwrite=overwrite)
     checkpoint.clear()
     return store.adapter_meta(name)
 
@@ -145,10 +144,15 @@ def train_pool(
     """
     check_pool_free(store.root, name, overwrite)
     names = [member_name(name, key, text) for text, _ in values]
+    resume = bool(kwargs.get("resume"))
     for member in names:
-        store.check_free("adapter", member, overwrite)
+        if not (resume and store.has_adapter(member)):
+            store.check_free("adapter", member, overwrite)
     members: list[AdapterMeta] = []
     for member, (_, value) in zip(names, values, strict=True):
+        if resume and store.has_adapter(member):  # finished before the interruption
+            members.append(store.adapter_meta(member))
+            continue
         options = {**dict(attack_options or {}), key: value}
         if key == "eps" and "alpha" not in (attack_options or {}) and isinstance(value, (int, float)):
             options["alpha"] = value / 4  # methods: α_i = ε_i / 4 per pool member
@@ -173,6 +177,22 @@ def lora_spec_for(
         targets=select_targets(model.model, preset),
         head=classifier_name(model.model) if train_head else None,
     )
+
+
+def _save_base(
+    store: Store,
+    name: str,
+    source: BaseMeta,
+    state: dict[str, Any],
+    metrics: dict[str, float],
+    seed: int,
+    provenance: dict[str, Any],
+    overwrite: bool,
+) -> None:
+    """A recipe's full-model result as a new base: the source base's geometry, its own weights and provenance."""
+    update = {"name": name, "metrics": metrics, "seed": seed, "origin": provenance, "fingerprint": ""}
+    meta = BaseMeta.model_validate(source.model_copy(update=update).model_dump())
+    store.save_base(meta, state, overwrite=overwrite)
 
 
 def _fingerprint(options: Sequence[Any]) -> str:

@@ -8,7 +8,8 @@ Two optional extras serve recipes whose LoRA does not start at B = 0 (ungrouped 
 - a frozen residual pair (A₀, B₀): the layer computes W₀ + s·(B·A − B₀·A₀), i.e. the frozen residual
   W₀ − s·B₀·A₀ plus the trainable product; the branch runs as one rank-2r LoRA [B, −B₀]·[A; A₀], the very
   factors the adapter is stored with, so a reload reproduces the trained logits bit for bit;
-- a trainable scalar `lora_scale` α multiplying B (folded into the stored B).
+- a trainable scalar `lora_scale` α multiplying B (folded into the stored B);
+- `generated` factors (A, B), shaped like the layer's own, that replace them (a hypernetwork's output).
 """
 
 import math
@@ -39,6 +40,7 @@ class LoraLayer(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.enabled = True  # False skips the LoRA branch (a training-only branch, as in AutoLoRa)
+        self.generated: tuple[Tensor, Tensor] | None = None  # (A, B) produced elsewhere, e.g. by a hypernetwork
         self.register_buffer("lora_A0", None, persistent=False)
         self.register_buffer("lora_B0", None, persistent=False)
         self.register_parameter("lora_scale", None)
@@ -53,7 +55,7 @@ class LoraLayer(nn.Module):
     @property
     def plain(self) -> bool:
         """Whether the layer is a plain LoRA (no residual pair, no trainable scale)."""
-        return self.lora_A0 is None and self.lora_scale is None
+        return self.lora_A0 is None and self.lora_scale is None and self.generated is None
 
     def set_residual(self, a0: Tensor, b0: Tensor) -> None:
         """Freeze (A₀, B₀), shaped like (A, B): from now on the layer computes W₀ + s·(B·A − B₀·A₀)."""
@@ -70,7 +72,7 @@ class LoraLayer(nn.Module):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(A, B) as the layer applies them: [A; A₀] and [α·B, −B₀] with the extras, else the plain factors."""
-        a, b = self.lora_A.weight, self.lora_B.weight
+        a, b = self.generated if self.generated is not None else (self.lora_A.weight, self.lora_B.weight)
         if self.lora_scale is not None:
             b = b * self.lora_scale
         if self.lora_A0 is not None:

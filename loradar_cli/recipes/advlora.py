@@ -60,13 +60,19 @@ class AdvLoRA(Recipe):
     config: AdvLoRAConfig
     lora_init = "cluster"
 
+    def __init__(self, config: RecipeConfig | None = None) -> None:
+        super().__init__(config)
+        self._inner: tuple[AttackFn, AttackFn] | None = None  # (training attack, its PGD-3 version)
+
     def prepare(self, model: nn.Module, train: ImageData, val: ImageData, attack: AttackFn) -> None:
         """Give every LoRA layer its trainable scale α = 1."""
         for layer in lora_layers(model).values():
             layer.add_scale(1.0)
 
     def step(self, model: nn.Module, x: Tensor, y: Tensor, attack: AttackFn) -> StepOutput:
-        logits = model(with_steps(attack, self.config.steps)(model, x, y))
+        if self._inner is None or self._inner[0] is not attack:  # one object per run: a seeded generator advances
+            self._inner = (attack, with_steps(attack, self.config.steps))
+        logits = model(self._inner[1](model, x, y))
         loss = F.cross_entropy(logits, y)
         if self.config.mu > 0:
             loss = loss + self.config.mu * alignment(model)

@@ -11,7 +11,8 @@ Threat model: the training attack's (L-inf PGD on CE [paper]); a pool covers sev
   LoRA factor w, rescaled to γ·‖w‖ per tensor, is added before the loss is computed and removed after the
   optimiser step. γ is not published (unverified); 5e-3 is the relative radius of Wu, Xia, Wang,
   "Adversarial Weight Perturbation Helps Robust Generalization", NeurIPS 2020, arXiv:2004.05884.
-- [ours] the product of our own classification setting: no episodes or prototype head.
+- [ours] plain supervised classification: no episodes, prototypes or cosine head; the inner attack crafts
+  against the current (unperturbed) factors.
 """
 
 import torch

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
 from loradar_cli.errors import InvalidValueError
+from loradar_cli.lora.spec import LoraSpec
+from loradar_cli.lora.state import adapter_tensors
 from loradar_cli.registry import Registry
 
 if TYPE_CHECKING:
@@ -40,6 +42,14 @@ class StepOutput(NamedTuple):
     metrics: dict[str, float] = {}  # noqa: RUF012  (a NamedTuple default, never mutated)
 
 
+class Export(NamedTuple):
+    """One stored adapter: its spec, PEFT-keyed tensors, and extra provenance (`parents`, `combination` keys)."""
+
+    spec: LoraSpec
+    tensors: dict[str, Tensor]
+    extra: dict[str, Any] = {}  # noqa: RUF012  (a NamedTuple default, never mutated)
+
+
 class Recipe:
     """Base class: subclasses set `name`, `config_cls`, optionally `lora_init`, and implement `step`."""
 
@@ -48,6 +58,7 @@ class Recipe:
     lora_init: ClassVar[str] = "kaiming"  # a key of lora.init.LORA_INITS
     default_targets: ClassVar[str | None] = None  # a LoRA target preset when --targets is not given
     output: ClassVar[str] = "adapter"  # "adapter", or "base" for a recipe whose result is a full model
+    output_suffixes: ClassVar[tuple[str, ...]] = ("",)  # names of the adapters `export` writes: --name + suffix
 
     def __init__(self, config: RecipeConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()
@@ -81,6 +92,11 @@ class Recipe:
     def on_epoch_end(self, model: nn.Module, epoch: int, val_clean: float, val_robust: float) -> bool:
         """Called after each epoch's validation; returning True stops training early."""
         return False
+
+    def export(self, model: nn.Module, spec: LoraSpec) -> dict[str, Export]:
+        """What the run stores, by name suffix (one of `output_suffixes`): the trained adapter as a plain LoRA."""
+        stored_spec, tensors = adapter_tensors(getattr(model, "model", model), spec)
+        return {"": Export(stored_spec, tensors)}
 
     def state_dict(self) -> dict[str, Any]:
         """Extra state a resumed run needs (tensors and JSON-ready values)."""

@@ -66,3 +66,32 @@ def test_without_resume_an_old_state_is_discarded_and_other_options_are_refused(
         _train(store, "cut", base, config=other, resume=True)
     meta = _train(store, "cut", base, config=other)  # a fresh run ignores (and replaces) the old state
     assert len(meta.combination["history"]) == 3 and not resume_folder(store, "cut").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_uninterrupted_adapter(store):
+    """A `loradar train` process killed (SIGKILL) once a checkpoint exists resumes to the uninterrupted result."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    make_base(store)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = ["--base", "tiny", "--attack", "pgd", "--eps", "0.1", "--steps", "2", "--limit", "64", "--val-limit", "16"]
+    args += ["--epochs", "3", "--batch-size", "16", "--select", "last", "--store", str(store.root), "-q"]
+    cmd = [sys.executable, "-m", "loradar_cli", "train", *args]
+    subprocess.run([*cmd, "--name", "full"], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([*cmd, "--name", "cut"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = resume_folder(store, "cut") / STATE_FILE
+    while not state.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not store.has_adapter("cut"), "the run finished before it could be killed"
+    subprocess.run([*cmd, "--name", "cut", "--resume"], env=env, check=True, capture_output=True)
+    a, b = store.load_adapter("full").tensors, store.load_adapter("cut").tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,48 @@
+"""`loradar train`: recipe names and options from the registry, --recipe-opt into provenance, --pool parsing."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from loradar_cli.cli.app import app
+from loradar_cli.cli.train import parse_pool
+from loradar_cli.errors import InvalidValueError
+from loradar_cli.recipes import RECIPES
+from tests.conftest import make_base
+
+runner = CliRunner()
+
+
+def _train(store, *args: str):
+    common = ["train", "--base", "tiny", "--attack", "fgsm", "--eps", "0.05", "--limit", "16", "--val-limit", "8"]
+    return runner.invoke(app, [*common, "--epochs", "1", "--store", str(store.root), "--json", "-q", *args])
+
+
+def test_unknown_recipe_and_option_errors_list_the_registry(store):
+    make_base(store)
+    result = _train(store, "--name", "x", "--recipe", "nope")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert all(name in result.stderr for name in RECIPES.names())
+    result = _train(store, "--name", "x", "--recipe", "trades", "--recipe-opt", "gamma=1")
+    assert result.exit_code == 1 and "valid: beta, inner" in result.stderr
+    result = _train(store, "--name", "x", "--recipe", "trades", "--recipe-opt", "beta=-1")
+    assert result.exit_code == 1 and "beta" in result.stderr and not store.has_adapter("x")
+
+
+def test_recipe_options_reach_the_recipe_and_its_provenance(store):
+    make_base(store)
+    result = _train(
+        store, "--name", "t", "--recipe", "trades", "--recipe-opt", "beta=3", "--recipe-opt", "inner=attack"
+    )
+    assert result.exit_code == 0, result.stderr
+    meta = json.loads(result.stdout)
+    assert meta["recipe"] == "trades"
+    assert meta["recipe_config"]["recipe_options"] == {"beta": 3.0, "inner": "attack"}
+
+
+def test_parse_pool():
+    assert parse_pool("eps=1/255, 0.5") == ("eps", [("1/255", 1 / 255), ("0.5", 0.5)])
+    for bad in ("eps", "=1,2", "eps="):
+        with pytest.raises(InvalidValueError):
+            parse_pool(bad)
