@@ -160,6 +160,9 @@ def _rule_members(members: Members, clean: str) -> tuple[list[str], list[str], i
     return names, labels, names.index(clean)
 
 
+CALIBRATION_LIMIT = 1000
+"""Clean inputs the relative rule calibrates on when no --limit is given."""
+
 Predict = Callable[[Mapping[str, Tensor], Tensor], list[str]]
 
 
@@ -184,8 +187,8 @@ def identify_sets(
     """Per input, the attack family it came from; accuracy, per-class precision/recall and the confusion matrix.
 
     `mode` defaults to calibrated with an identifier, else relative-rule; `margin` to the mode's DEFAULT_MARGINS.
-    relative-rule calibrates on the identifier's clean statistics, else on a clean split of --data other than
-    `split` (val, or train when scoring val). `reject=False` turns the calibrated identifier's "unknown" off.
+    relative-rule calibrates on the identifier's clean statistics, else on a clean split of --data (or of the
+    base's data set) other than `split` (val, or train when scoring val). `reject=False` turns the calibrated identifier's "unknown" off.
     """
     mode = mode or ("calibrated" if identifier else "relative-rule")
     IDENTIFY_MODES.get(mode)
@@ -201,7 +204,12 @@ def identify_sets(
         assert ident is not None
         models = member_models(members, ident.members)
         predict: Predict = functools.partial(ident.predict, reject=reject)
-        setup: dict[str, Any] = {"identifier": ident.meta.name, "features": ident.meta.feature_groups, "reject": reject}
+        setup: dict[str, Any] = {
+            "identifier": ident.meta.name,
+            "classes": ident.meta.classes,
+            "features": ident.meta.feature_groups,
+            "reject": reject,
+        }
     else:
         margin = DEFAULT_MARGINS[mode] if margin is None else margin
         models, predict, setup = _rule_predictor(members, mode, ident, margin, clean, data, split, limit, seed)
@@ -283,18 +291,15 @@ def _relative_stats(
     limit: int | None,
     seed: int,
 ) -> tuple[tuple[Tensor, Tensor], str]:
-    """Clean log-odds mean and std per member: from the identifier if it has them all, else a clean data split."""
+    """Clean log-odds mean and std per member: from the identifier if it has them all, else a clean split of --data
+    (or of the base's own data set) other than the scored one."""
     stored = ident.meta.clean_confidence if ident is not None else None
     if ident is not None and stored and all(m in stored for m in order):
         mean, std = torch.tensor([stored[m] for m in order], dtype=torch.float64).unbind(dim=1)
         return (mean, std), f"identifier {ident.meta.name!r} (clean inputs it was fitted on)"
-    if data is None:
-        raise InvalidValueError(
-            "relative-rule compares confidences with those on clean inputs: give --data (its other split is used) "
-            "or an --identifier fitted with clean data"
-        )
+    data = data or base.dataset
     other = "train" if split == "val" else "val"
-    clean = model_data(data, other, base, seed=seed, limit=limit)
+    clean = model_data(data, other, base, seed=seed, limit=limit or CALIBRATION_LIMIT)
     probs = ensemble_probs([models[m] for m in order], clean.x)
     return clean_confidence_stats(probs), f"{data} split {other} ({len(clean.y)} clean inputs)"
 

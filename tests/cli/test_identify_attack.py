@@ -91,7 +91,7 @@ def test_fit_human_output_labels_held_out_and_training(root):
     ("args", "message"),
     [
         (["identify-attack", "a", "b", "--mode", "best", "--data", "digits"], "valid: calibrated, relative-rule, rule"),
-        (["identify-attack", "a", "b", "--mode", "relative-rule"], "compares confidences with those on clean inputs"),
+        (["identify-attack", "a", "b", "--mode", "relative-rule"], "--data SPEC and/or --adv-set"),
         (["identify-attack", "fit", "a", "--name", "x", "--data", "digits", "--features", "nope"], "valid: "),
     ],
 )
