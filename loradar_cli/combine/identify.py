@@ -299,7 +299,7 @@ def _relative_stats(
         return (mean, std), f"identifier {ident.meta.name!r} (clean inputs it was fitted on)"
     data = data or base.dataset
     other = "train" if split == "val" else "val"
-    clean = model_data(data, other, base, seed=seed, limit=limit or CALIBRATION_LIMIT)
+    clean = model_data(data, other, base, seed=seed, limit=limit or CALIBRATION_LIMIT, report_limit=limit is not None)
     probs = ensemble_probs([models[m] for m in order], clean.x)
     return clean_confidence_stats(probs), f"{data} split {other} ({len(clean.y)} clean inputs)"
 

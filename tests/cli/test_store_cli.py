@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loradar_cli.cli.app import app
+from loradar_cli.errors import EXIT_CODES
 from loradar_cli.store.store import Store
 from tests.conftest import make_adapter, make_base
 
@@ -98,7 +99,7 @@ def test_damaged_or_escaping_bundle_is_refused_with_nothing_written(root, tmp_pa
     _tamper_member(bundle, bad, "adapters/a/adapter_model.safetensors", change)
     target = tmp_path / "target"
     result = invoke(target, "import", str(bad))
-    assert result.exit_code == 1 and result.stderr.count("\n") <= 2, result.stderr
+    assert result.exit_code == EXIT_CODES["CorruptError"] and result.stderr.count("\n") <= 2, result.stderr
     assert ("sha256" if change is _flip else "outside its entry folder") in result.stderr
     assert not target.exists() and not (tmp_path / "evil").exists()
 
@@ -110,7 +111,11 @@ def test_zip_with_a_symlink_member_is_refused(root, tmp_path):
         info.external_attr = (0o120777) << 16
         archive.writestr(info, "/etc/passwd")
     result = invoke(tmp_path / "t", "import", str(bad))
-    assert result.exit_code == 1 and "not a regular file" in result.stderr and not (tmp_path / "t").exists()
+    assert (
+        result.exit_code == EXIT_CODES["CorruptError"]
+        and "not a regular file" in result.stderr
+        and not (tmp_path / "t").exists()
+    )
 
 
 def test_bundle_for_a_different_base_is_refused_with_nothing_written(root, tmp_path):
@@ -122,15 +127,18 @@ def test_bundle_for_a_different_base_is_refused_with_nothing_written(root, tmp_p
     make_base(other, "tiny", seed=7)  # same name, other weights
     before = files_of(other.root)
     result = invoke(other.root, "import", str(bundle))
-    assert result.exit_code == 1 and "trained on base 'tiny' with sha256" in result.stderr
+    assert result.exit_code == EXIT_CODES["IncompatibleError"] and "trained on base 'tiny' with sha256" in result.stderr
     assert files_of(other.root) == before
     lonely = invoke(tmp_path / "none", "import", str(bundle))
-    assert lonely.exit_code == 1 and "neither in the bundle nor in the store" in lonely.stderr
+    assert (
+        lonely.exit_code == EXIT_CODES["IncompatibleError"]
+        and "neither in the bundle nor in the store" in lonely.stderr
+    )
 
 
 def test_rm_of_a_merge_parent_is_refused_and_force_names_the_orphans(root):
     refused = invoke(root, "rm", "a")
-    assert refused.exit_code == 1
+    assert refused.exit_code == EXIT_CODES["IncompatibleError"]
     assert "adapter 'm' uses it as parent" in refused.stderr and "identifier 'who' uses it as member" in refused.stderr
     assert Store(root).has_adapter("a")
     forced = invoke(root, "rm", "a", "--force", "--json")
@@ -147,11 +155,11 @@ def test_mv_renames_every_kind_and_refuses_to_break_links(root):
     store = Store(root)
     assert store.identifier_names() == ["whom"] and store.load_identifier("whom")[0]["name"] == "whom"
     refused = invoke(root, "mv", "tiny", "small")
-    assert refused.exit_code == 1 and "adapter 'a' uses it as base" in refused.stderr
+    assert refused.exit_code == EXIT_CODES["IncompatibleError"] and "adapter 'a' uses it as base" in refused.stderr
     assert invoke(root, "mv", "m", "merged").exit_code == 0
     assert store.load_adapter("merged").meta.name == "merged"
     taken = invoke(root, "mv", "a", "b")
-    assert taken.exit_code == 1 and "already exists" in taken.stderr
+    assert taken.exit_code == EXIT_CODES["ExistsError"] and "already exists" in taken.stderr
     assert invoke(root, "verify").exit_code == 0
 
 
@@ -168,7 +176,7 @@ def test_verify_reports_each_problem_on_its_own_line(root):
     stale = root / ".tmp-c-deadbeef"
     stale.mkdir()
     result = invoke(root, "verify")
-    assert result.exit_code == 1
+    assert result.exit_code == EXIT_CODES["LoradarError"]
     lines = result.stdout.splitlines()
     assert len(lines) == 3, lines
     assert lines[0].startswith("adapter a:") and "adapter_model.safetensors does not match its sha256" in lines[0]

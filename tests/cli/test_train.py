@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from loradar_cli.cli.app import app
 from loradar_cli.cli.train import parse_pool
-from loradar_cli.errors import InvalidValueError
+from loradar_cli.errors import EXIT_CODES, InvalidValueError
 from loradar_cli.recipes import RECIPES
 from tests.conftest import make_base
 
@@ -22,12 +22,14 @@ def _train(store, *args: str):
 def test_unknown_recipe_and_option_errors_list_the_registry(store):
     make_base(store)
     result = _train(store, "--name", "x", "--recipe", "nope")
-    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.exit_code == EXIT_CODES["NotFoundError"] and len(result.stderr.strip().splitlines()) == 1
     assert all(name in result.stderr for name in RECIPES.names())
     result = _train(store, "--name", "x", "--recipe", "trades", "--recipe-opt", "gamma=1")
-    assert result.exit_code == 1 and "valid: beta, inner" in result.stderr
+    assert result.exit_code == EXIT_CODES["InvalidValueError"] and "valid: beta, inner" in result.stderr
     result = _train(store, "--name", "x", "--recipe", "trades", "--recipe-opt", "beta=-1")
-    assert result.exit_code == 1 and "beta" in result.stderr and not store.has_adapter("x")
+    assert (
+        result.exit_code == EXIT_CODES["InvalidValueError"] and "beta" in result.stderr and not store.has_adapter("x")
+    )
 
 
 def test_recipe_options_reach_the_recipe_and_its_provenance(store):
