@@ -79,20 +79,29 @@ class Attack(Generic[C]):
         return x_adv.detach().to(x.dtype)
 
     def until_fooled(
-        self, model: nn.Module, x: Tensor, y: Tensor, *, early_stop: bool = True, judge: nn.Module | None = None
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        early_stop: bool = True,
+        judge: nn.Module | None = None,
+        active: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(x_adv, fooled `[B]`): like a call, but a point fooled by any iterate keeps its first fooling example.
 
         With `early_stop` an iterative attack stops working on a point once it is fooled; without, it runs every
         point to the end and still reports the first fooling iterate, so both give the same flags for the same
         seed. `judge` (default `model`) decides "fooled" when the model attacked is a surrogate of the decision.
+        `active` (bool `[B]`) restricts the work to some points; random draws are still made for the whole batch,
+        so a point's result does not depend on which others are active. Inactive points come back unchanged.
         """
         check_inputs(x, y)
         x, y = x.detach(), y.detach().long()
-        tracker = Tracker(model, judge, x, y, early_stop)
+        tracker = Tracker(model, judge, x, y, early_stop, active)
         with model_mode(model, "eval"), model_mode(tracker.judge, "eval"), torch.enable_grad():
             if self.config.eps == 0:
-                tracker.observe(tracker.all, x, None)
+                tracker.observe(tracker.all, x[tracker.all], None)
                 return tracker.result(x)
             x_adv = self._generate_tracked(model, x, y, self._generator(x.device), tracker)
             return tracker.result(x_adv.detach().to(x.dtype))
@@ -106,7 +115,7 @@ class Attack(Generic[C]):
     ) -> Tensor:
         """`_generate` reporting its iterates to `tracker`; by default only the final result is judged."""
         x_adv = self._generate(model, x, y, generator)
-        tracker.observe(tracker.all, x_adv, None)
+        tracker.observe(tracker.all, x_adv[tracker.all], None)
         return x_adv
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
@@ -131,11 +140,20 @@ class Tracker:
     iterate it returns, so the flags always describe the returned examples.
     """
 
-    def __init__(self, model: nn.Module, judge: nn.Module | None, x: Tensor, y: Tensor, early_stop: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        judge: nn.Module | None,
+        x: Tensor,
+        y: Tensor,
+        early_stop: bool,
+        active: Tensor | None = None,
+    ) -> None:
         self.model, self.judge, self.y, self.early_stop = model, judge if judge is not None else model, y, early_stop
-        self.x_adv = x.clone()
+        self.x, self.x_adv = x, x.clone()
         self.fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        self.all = torch.arange(len(x), device=x.device)
+        self.active = torch.ones_like(self.fooled) if active is None else active.to(x.device, torch.bool)
+        self.all = self.active.nonzero().flatten()
 
     @torch.no_grad()
     def observe(self, idx: Tensor, x_iter: Tensor, logits: Tensor | None) -> Tensor:
@@ -143,20 +161,23 @@ class Tracker:
 
         `logits` are the attacked model's outputs at `x_iter`, reused when the judge is that model (None runs it).
         """
+        if not len(idx):
+            return torch.zeros(0, dtype=torch.bool, device=idx.device)
         scores = logits if logits is not None and self.judge is self.model else self.judge(x_iter)
         wrong = scores.argmax(1) != self.y[idx]
-        new = wrong & ~self.fooled[idx]
+        new = wrong & ~self.fooled[idx] & self.active[idx]
         self.x_adv[idx[new]] = x_iter[new].detach().to(self.x_adv.dtype)
         self.fooled[idx[new]] = True
         return ~wrong if self.early_stop else torch.ones_like(wrong)
 
     def remaining(self) -> Tensor:
         """Indices of the points still to attack (all of them without early stopping)."""
-        return (~self.fooled).nonzero().flatten() if self.early_stop else self.all
+        return (~self.fooled & self.active).nonzero().flatten() if self.early_stop else self.all
 
     def result(self, x_adv: Tensor) -> tuple[Tensor, Tensor]:
-        """Fooled points keep their first fooling example, the others `x_adv` (which the attack has observed)."""
-        out = torch.where(self.fooled.view(-1, *[1] * (x_adv.dim() - 1)), self.x_adv, x_adv)
+        """Fooled points keep their first fooling example, other active ones `x_adv` (which the attack observed)."""
+        shape = (-1, *[1] * (x_adv.dim() - 1))
+        out = torch.where(self.fooled.view(shape), self.x_adv, torch.where(self.active.view(shape), x_adv, self.x))
         return out.detach(), self.fooled.clone()
 
 
