@@ -3,7 +3,6 @@
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from loradar_cli.advset import AdvSet
@@ -12,7 +11,7 @@ from loradar_cli.data import ImageData
 from loradar_cli.evaluation import checks
 from loradar_cli.evaluation.rows import EvalRow
 from loradar_cli.evaluation.suite import run_suite
-from loradar_cli.metrics import Progress, correct, mean_flag
+from loradar_cli.metrics import Progress, correct, mean_flag, predict_logits
 
 CHECK_POINTS = 64  # points used by the checks that run extra attacks
 CHECK_STEPS = 20  # iteration cap of the attack used for the eps and steps checks
@@ -38,8 +37,7 @@ def evaluate_suite(
     """
     targets = dict(targets or {"white-box": judge})
     x, y = data.x, data.y
-    with torch.no_grad():
-        num_classes = judge(x[:1]).shape[1] if len(x) else 0
+    num_classes = predict_logits(judge, x[:1]).shape[1] if len(x) else 0
     attacks, flags = checks.usable_attacks(attacks, num_classes)
     flags += _pre_checks(judge, targets, attacks, x[:CHECK_POINTS], y[:CHECK_POINTS])
     result = run_suite(

@@ -35,6 +35,7 @@ class EvalRow(BaseModel):
     records: list[AttackRecord] = []
     checks: list[str] = []
     flags: list[SanityFlag] = []
+    sweep: list[tuple[float, float]] = []  # (eps, worst case) with --eps-sweep
 
 
 def attacked_correct(
