@@ -70,7 +70,7 @@ def suite_attacks(
         opts: dict[str, Any] = {"seed": seed, **options}
         if eps is not None and cls.threat_model != "patch":
             opts["eps"] = eps
-            if "alpha" in fields and name.startswith("pgd"):
+            if "alpha" in fields and name.startswith("pgd") and eps > 0:
                 opts["alpha"] = eps / 4
         if steps is not None:
             opts.update({k: steps for k in ("steps", "queries") if k in fields})
