@@ -13,7 +13,7 @@ from .conftest import changed_box
 
 # Shortened schedules keep the suite fast; options an attack does not have are left out.
 FAST = {"steps": 3, "ensemble": 3, "restarts": 2, "candidates": 3, "queries": 5, "targets": 2}
-ITERATIONS = {"queries": 50, "targets": 2}  # caps iteration counts that make default configs slow
+ITERATIONS = {"queries": 50, "targets": 2, "steps": 10}  # caps iteration counts that make default configs slow
 
 
 def fast_attack(name: str, **options: object) -> Attack:
