@@ -183,3 +183,10 @@ def test_robust_above_clean_from_the_numbers() -> None:
     assert [f.id for f in check_results(0.8, 0.9, 100, [record], {}, {})] == ["robust-above-clean"]
     fine = record.model_copy(update={"robust_after": 0.5})
     assert check_results(0.8, 0.5, 100, [fine], {}, {}) == []
+
+
+def test_square_alone_is_not_compared_with_gradient_attacks(digits: Digits) -> None:
+    data = ImageData(digits.x[:40], digits.y[:40], 10, "digits")
+    attacks = {"square": build_attack("square", eps=0.1, queries=100, seed=0)}
+    row = evaluate_suite("mlp", digits.model, data, attacks)
+    assert row.worst_case < row.clean and "black-box-beats-white-box" not in ids(row)

@@ -45,7 +45,7 @@ def evaluate_suite(
     )
     sets = {lbl: mean_flag(correct(judge, s.x, s.y, batch_size)) for lbl, s in (adv_sets or {}).items()}
     clean, worst = mean_flag(result.clean), mean_flag(result.robust)
-    black_box = {r.label: r.fooled for r in result.records if r.attack["name"] in checks.BLACK_BOX and early_stop}
+    black_box = _black_box_hits(result.records) if early_stop else {}
     flags += checks.check_results(clean, worst, len(x), result.records, sets, black_box)
     per_attack = {r.label: (r.robust_after if early_stop else r.robust_alone or 0.0) for r in result.records}
     return EvalRow(
@@ -79,6 +79,19 @@ def _pre_checks(
         attack = type(attack)(attack.config.model_copy(update=capped))
         flags += checks.check_monotone(judge, target, attack, label, x, y)
     return flags
+
+
+def _black_box_hits(records: list[Any]) -> dict[str, int]:
+    """Points each score-only attack broke after at least one gradient attack had run on them."""
+    hits: dict[str, int] = {}
+    seen_gradient = False
+    for r in records:
+        if r.attack["name"] in checks.BLACK_BOX:
+            if seen_gradient:
+                hits[r.label] = hits.get(r.label, 0) + r.fooled
+        else:
+            seen_gradient = True
+    return hits
 
 
 def _unique(flags: list[checks.SanityFlag]) -> list[checks.SanityFlag]:
