@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loradar_cli.cli.app import app
-from loradar_cli.cli.evaluate import SUITE_NAMES
+from loradar_cli.cli.evaluate import NORM_NAMES, SUITE_NAMES
 
 runner = CliRunner()
 
