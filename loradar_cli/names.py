@@ -5,9 +5,23 @@ These tuples mirror the registries, and `tests/test_names.py` keeps them equal: 
 merge or vote method, LoRA initialisation, identifier mode or dataset without adding its name here fails the suite.
 """
 
-ATTACKS: tuple[str, ...] = ("fgsm", "fia", "pgd", "pgd-l2", "roa")
+ATTACKS: tuple[str, ...] = (
+    "apgd",
+    "apgd-l2",
+    "apgd-t",
+    "apgd-t-l2",
+    "fgsm",
+    "fia",
+    "pgd",
+    "pgd-l2",
+    "roa",
+    "square",
+    "square-l2",
+)
 RECIPES: tuple[str, ...] = ("advlora", "amt", "autolora", "hyperat", "loradar", "mart", "pgd-at", "trades")
 LORA_INITS: tuple[str, ...] = ("cluster", "kaiming", "svd")
+SUITES: tuple[str, ...] = ("plus", "quick", "standard")
+NORMS: tuple[str, ...] = ("linf", "l2")
 MERGE_METHODS: tuple[str, ...] = ("cat", "linear", "ties", "tts")
 VOTE_METHODS: tuple[str, ...] = ("majority", "soft", "weighted")
 ENSEMBLE_METHODS: tuple[str, ...] = (*VOTE_METHODS, "route")

@@ -69,7 +69,7 @@ def test_votes_stay_robust_under_adaptive_attack_and_attacks_are_identified(mnis
         limit=200,
         ensemble=EnsembleRows(members, ["majority", "soft"]),
     )
-    assert [r.attacked for r in votes] == ["mean logits of 2 members"] * 2
+    assert [r.attacked for r in votes] == ["mean logits + soft vote"] * 2
     for row in votes:
         assert row.clean > 0.8 and row.attacks["pgd"] > base_row.attacks["pgd"] + 0.25
     sets = {}

@@ -10,6 +10,8 @@ def _registries() -> dict[str, object]:
     from loradar_cli.combine.ensemble import ENSEMBLE_METHODS
     from loradar_cli.combine.identify import IDENTIFY_MODES
     from loradar_cli.data import DATASETS
+    from loradar_cli.evaluation.suite import SUITES
+    from loradar_cli.lora.init import LORA_INITS
     from loradar_cli.lora.inject import PRESETS
     from loradar_cli.ops.merge import MERGE_METHODS
     from loradar_cli.ops.vote import VOTE_METHODS
@@ -18,11 +20,13 @@ def _registries() -> dict[str, object]:
     return {
         "ATTACKS": ATTACKS,
         "RECIPES": RECIPES,
+        "LORA_INITS": LORA_INITS,
         "MERGE_METHODS": MERGE_METHODS,
         "VOTE_METHODS": VOTE_METHODS,
         "ENSEMBLE_METHODS": ENSEMBLE_METHODS,
         "IDENTIFY_MODES": IDENTIFY_MODES,
         "DATASETS": DATASETS,
+        "SUITES": SUITES,
         "TARGET_PRESETS": PRESETS,
     }
 

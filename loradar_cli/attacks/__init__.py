@@ -17,12 +17,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from loradar_cli.attacks import fgsm, fia, pgd, roa
-from loradar_cli.attacks.base import ATTACKS, Attack, AttackConfig, ThreatModel, register_attack
+from loradar_cli.attacks import apgd, fgsm, fia, pgd, roa, square
+from loradar_cli.attacks.apgd import APGD, APGDL2, APGDT, APGDTL2, APGDConfig, APGDL2Config, APGDTConfig, APGDTL2Config
+from loradar_cli.attacks.base import ATTACKS, Attack, AttackConfig, ThreatModel, Tracker, register_attack
 from loradar_cli.attacks.fgsm import FGSM
 from loradar_cli.attacks.fia import FIA, FIAConfig, default_feature_layer
 from loradar_cli.attacks.pgd import PGD, PGDL2, PGDConfig, PGDL2Config
 from loradar_cli.attacks.roa import ROA, ROAConfig
+from loradar_cli.attacks.square import Square, SquareConfig, SquareL2, SquareL2Config
 from loradar_cli.errors import InvalidValueError
 
 
@@ -37,6 +39,10 @@ _import_attack_modules()
 ATTACK_NAMES: tuple[str, ...] = tuple(ATTACKS.names())
 
 __all__ = [
+    "APGD",
+    "APGDL2",
+    "APGDT",
+    "APGDTL2",
     "ATTACKS",
     "ATTACK_NAMES",
     "FGSM",
@@ -44,13 +50,22 @@ __all__ = [
     "PGD",
     "PGDL2",
     "ROA",
+    "APGDConfig",
+    "APGDL2Config",
+    "APGDTConfig",
+    "APGDTL2Config",
     "Attack",
     "AttackConfig",
     "FIAConfig",
     "PGDConfig",
     "PGDL2Config",
     "ROAConfig",
+    "Square",
+    "SquareConfig",
+    "SquareL2",
+    "SquareL2Config",
     "ThreatModel",
+    "Tracker",
     "attack_names",
     "build_attack",
     "default_feature_layer",
@@ -58,7 +73,7 @@ __all__ = [
     "route_options",
 ]
 
-_MODULES = (fgsm, fia, pgd, roa)
+_MODULES = (apgd, fgsm, fia, pgd, roa, square)  # imported for their registrations
 
 
 def attack_names() -> list[str]:

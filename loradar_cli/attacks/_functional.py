@@ -47,6 +47,48 @@ def input_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = ce_sum)
     return grad_wrt(x, lambda inp: loss_fn(model(inp), y))
 
 
+def losses_grad_logits(
+    model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(per-sample losses `[B]`, gradient of their sum w.r.t. `x`, logits), all from one forward and backward."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        losses = loss_fn(logits, y)
+        (grad,) = torch.autograd.grad(losses.sum(), x)
+    return losses.detach(), grad.detach(), logits.detach()
+
+
+def ce_each(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-sample cross-entropy `[B]`."""
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def margin(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-sample z_y - max_{j != y} z_j `[B]`: negative exactly when the point is misclassified."""
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return z_y - others.amax(1)
+
+
+def dlr(logits: Tensor, y: Tensor) -> Tensor:
+    """Untargeted DLR loss `[B]`: -(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3), pi sorting the logits descending.
+
+    Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free
+    attacks", ICML 2020, arXiv:2003.01690, eq. (6); shift- and scale-invariant in the logits.
+    """
+    top = logits.sort(dim=1, descending=True).values
+    return -margin(logits, y) / (top[:, 0] - top[:, 2] + _TINY)
+
+
+def dlr_targeted(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
+    """Targeted DLR loss `[B]`: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) (arXiv:2003.01690, eq. (7))."""
+    top = logits.sort(dim=1, descending=True).values
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    z_t = logits.gather(1, target[:, None])[:, 0]
+    return -(z_y - z_t) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + _TINY)
+
+
 def per_sample(t: Tensor) -> Tensor:
     """Reshape a per-sample statistic `[B]` to broadcast against `[B, ...]` of the same rank as images."""
     return t.view(-1, 1, 1, 1)

@@ -78,9 +78,45 @@ class Attack(Generic[C]):
             x_adv = self._generate(model, x, y, self._generator(x.device))
         return x_adv.detach().to(x.dtype)
 
+    def until_fooled(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        early_stop: bool = True,
+        judge: nn.Module | None = None,
+        active: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(x_adv, fooled `[B]`): like a call, but a point fooled by any iterate keeps its first fooling example.
+
+        With `early_stop` an iterative attack stops working on a point once it is fooled; without, it runs every
+        point to the end and still reports the first fooling iterate, so both give the same flags for the same
+        seed. `judge` (default `model`) decides "fooled" when the model attacked is a surrogate of the decision.
+        `active` (bool `[B]`) restricts the work to some points; random draws are still made for the whole batch,
+        so a point's result does not depend on which others are active. Inactive points come back unchanged.
+        """
+        check_inputs(x, y)
+        x, y = x.detach(), y.detach().long()
+        tracker = Tracker(model, judge, x, y, early_stop, active)
+        with model_mode(model, "eval"), model_mode(tracker.judge, "eval"), torch.enable_grad():
+            if self.config.eps == 0:
+                tracker.observe(tracker.all, x[tracker.all], None)
+                return tracker.result(x)
+            x_adv = self._generate_tracked(model, x, y, self._generator(x.device), tracker)
+            return tracker.result(x_adv.detach().to(x.dtype))
+
     def _generate(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
         """The attack proper: runs with the model in eval mode and gradients enabled."""
         raise NotImplementedError
+
+    def _generate_tracked(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None, tracker: "Tracker"
+    ) -> Tensor:
+        """`_generate` reporting its iterates to `tracker`; by default only the final result is judged."""
+        x_adv = self._generate(model, x, y, generator)
+        tracker.observe(tracker.all, x_adv[tracker.all], None)
+        return x_adv
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         """This attack's generator on `device` (created and seeded on first use), or None without a seed."""
@@ -94,6 +130,55 @@ class Attack(Generic[C]):
     def describe(self) -> dict[str, Any]:
         """JSON-ready metadata: registry name, threat model and the full config."""
         return {"name": self.name, "threat_model": self.threat_model, "config": self.config.model_dump(mode="json")}
+
+
+class Tracker:
+    """Per-point record of an attack's first fooling iterate, and which points are still worth attacking.
+
+    Iterative attacks call `observe(idx, x_iter, logits)` with the points `idx` (indices into the batch) they
+    currently work on; the returned mask says which of them to keep attacking. An attack must observe every
+    iterate it returns, so the flags always describe the returned examples.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        judge: nn.Module | None,
+        x: Tensor,
+        y: Tensor,
+        early_stop: bool,
+        active: Tensor | None = None,
+    ) -> None:
+        self.model, self.judge, self.y, self.early_stop = model, judge if judge is not None else model, y, early_stop
+        self.x, self.x_adv = x, x.clone()
+        self.fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        self.active = torch.ones_like(self.fooled) if active is None else active.to(x.device, torch.bool)
+        self.all = self.active.nonzero().flatten()
+
+    @torch.no_grad()
+    def observe(self, idx: Tensor, x_iter: Tensor, logits: Tensor | None) -> Tensor:
+        """Record iterates `x_iter` (points `idx`) that fool the judge; mask over `idx` of points to keep attacking.
+
+        `logits` are the attacked model's outputs at `x_iter`, reused when the judge is that model (None runs it).
+        """
+        if not len(idx):
+            return torch.zeros(0, dtype=torch.bool, device=idx.device)
+        scores = logits if logits is not None and self.judge is self.model else self.judge(x_iter)
+        wrong = scores.argmax(1) != self.y[idx]
+        new = wrong & ~self.fooled[idx] & self.active[idx]
+        self.x_adv[idx[new]] = x_iter[new].detach().to(self.x_adv.dtype)
+        self.fooled[idx[new]] = True
+        return ~wrong if self.early_stop else torch.ones_like(wrong)
+
+    def remaining(self) -> Tensor:
+        """Indices of the points still to attack (all of them without early stopping)."""
+        return (~self.fooled & self.active).nonzero().flatten() if self.early_stop else self.all
+
+    def result(self, x_adv: Tensor) -> tuple[Tensor, Tensor]:
+        """Fooled points keep their first fooling example, other active ones `x_adv` (which the attack observed)."""
+        shape = (-1, *[1] * (x_adv.dim() - 1))
+        out = torch.where(self.fooled.view(shape), self.x_adv, torch.where(self.active.view(shape), x_adv, self.x))
+        return out.detach(), self.fooled.clone()
 
 
 A = TypeVar("A", bound=type[Attack[Any]])

@@ -14,11 +14,11 @@ def eval_table(rows: Sequence[Any], title: str = "accuracy (%)") -> Table:
     """Rows of EvalRow: model × {clean, each attack, each saved set, worst case}."""
     attacks = list(dict.fromkeys(k for r in rows for k in r.attacks))
     sets = list(dict.fromkeys(k for r in rows for k in r.adv_sets))
-    surrogate = any(r.attacked != "white-box" for r in rows) and attacks
-    table = Table(
-        title=title,
-        caption="vote and route rows: attacks target the mean of their members' logits" if surrogate else None,
-    )
+    through = {r.model: r.attacked for r in rows if r.attacked != "white-box"} if attacks else {}
+    notes = [f"{m} attacked through {a}" for m, a in through.items()]
+    if attacks and any(r.early_stop for r in rows):
+        notes.insert(0, "attack columns: robust after that attack and all before it (early stopping)")
+    table = Table(title=title, caption="; ".join(notes) or None)
     table.add_column("model", style="bold")
     for col in ["clean", *attacks, *sets, "worst case"]:
         table.add_column(col, justify="right")

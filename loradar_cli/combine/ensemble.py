@@ -1,4 +1,4 @@
-"""Ensembles of adapters: majority, weighted and soft votes, identify-then-route, and their attack surrogate."""
+"""Ensembles of adapters: majority, weighted and soft votes, identify-then-route, and the models to attack them."""
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +42,54 @@ class MeanLogits(nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(dim=0)
 
 
+class SoftVote(nn.Module):
+    """Log of the (weighted) mean of member probabilities: its argmax is the soft (or weighted) vote itself.
+
+    Attacking it is attacking the vote's decision through its smooth form (Tramèr, Carlini, Brendel, Madry,
+    "On Adaptive Attacks to Adversarial Example Defenses", NeurIPS 2020, arXiv:2002.08347).
+    """
+
+    def __init__(self, members: Sequence[nn.Module], weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        if not members:
+            raise InvalidValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        w = torch.tensor(list(weights) if weights else [1.0] * len(members))
+        self.register_buffer("weights", w / w.sum(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = torch.stack([m(x).softmax(dim=-1) for m in self.members])
+        return torch.einsum("k,kbc->bc", self.weights.to(probs.dtype), probs).clamp_min(1e-30).log()
+
+
+class RoutedLogits(nn.Module):
+    """Route's decision as a differentiable model: the routed member's logits, with a straight-through gradient.
+
+    The forward value is exactly the logits of the member route picks (its argmax is route's decision); the
+    gradient flows through a soft assignment, softmax over members of their top probability / `temperature`,
+    times each member's logits. Where route uses an identifier (not differentiable) its choice is used as is
+    in the forward pass and the soft confidence assignment stands in for it backwards (BPDA: Athalye, Carlini,
+    Wagner, "Obfuscated Gradients Give a False Sense of Security", ICML 2018, arXiv:1802.00420).
+    The temperature 0.1 is a choice, unverified against alternatives.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], decision: "Decision", temperature: float = 0.1) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.decision, self.temperature = decision, temperature
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = torch.stack([m(x) for m in self.members])  # [K, B, C]
+        probs = logits.softmax(dim=-1)
+        soft = (probs.max(dim=-1).values / self.temperature).softmax(dim=0)  # [K, B]
+        with torch.no_grad():
+            named = dict(zip(self.decision.voters, probs.detach(), strict=True))
+            routed = route_choice(probs.detach(), self.decision.voters, self.decision.router, named)
+        hard = nn.functional.one_hot(routed.to(x.device), len(self.members)).T.to(soft.dtype)
+        weights = hard + soft - soft.detach()
+        return (weights[..., None] * logits).sum(dim=0)
+
+
 @dataclass(frozen=True)
 class Decision:
     """How an ensemble decides from its members' probabilities: a vote, or identify-then-route."""
@@ -66,7 +114,7 @@ class Decision:
 class EnsembleClassifier(nn.Module):
     """An ensemble as one classifier: forward gives one-hot scores of its decision (not differentiable).
 
-    Attacks must target `surrogate()`, the mean of the voters' logits; the decision itself has no useful gradient.
+    Attacks target `Ensemble.targets(method)`, differentiable models of the decision; this class judges them.
     """
 
     def __init__(self, models: Mapping[str, nn.Module], decision: Decision) -> None:
@@ -107,8 +155,19 @@ class Ensemble:
         return EnsembleClassifier(self.models, self.decisions[method])
 
     def surrogate(self) -> MeanLogits:
-        """The attack target shared by every method: mean logits of the voters."""
+        """The mean logits of the voters: one differentiable view of every method."""
         return MeanLogits([self.models[n] for n in self.voters])
+
+    def targets(self, method: str) -> dict[str, nn.Module]:
+        """What to attack to attack a method's decision: votes through the mean logits and through the soft vote
+        of member probabilities (the worst case of both counts), route through the routed decision itself."""
+        decision = self.decisions[method]
+        members = [self.models[n] for n in self.voters]
+        if method == "route":
+            return {"routed decision": RoutedLogits(members, decision)}
+        weighted = method == "weighted" and decision.weights is not None
+        soft = SoftVote(members, decision.weights if weighted else None)
+        return {"mean logits": self.surrogate(), "weighted soft vote" if weighted else "soft vote": soft}
 
     def report(self) -> dict[str, Any]:
         methods = list(self.decisions)

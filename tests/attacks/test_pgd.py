@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from loradar_cli.attacks import build_attack
 
+from ._oracle import torchattacks
 from .conftest import Digits
 
 
@@ -103,10 +104,11 @@ def test_restarts_never_weaken_the_attack(name: str, digits: Digits) -> None:
 
 
 def test_robust_accuracy_close_to_torchattacks(digits: Digits) -> None:
-    torchattacks = pytest.importorskip("torchattacks")
+    """Within 1 point of torchattacks' PGD or lower, on the same model, data and budget."""
+    ta = torchattacks()
     eps, alpha = 0.1, 0.025
     ours = digits.accuracy(build_attack("pgd", eps=eps, alpha=alpha, seed=0)(digits.model, digits.x, digits.y))
     torch.manual_seed(0)
-    theirs = digits.accuracy(torchattacks.PGD(digits.model, eps=eps, alpha=alpha, steps=10)(digits.x, digits.y))
+    theirs = digits.accuracy(ta.PGD(digits.model, eps=eps, alpha=alpha, steps=10)(digits.x, digits.y))
     assert ours < digits.accuracy(digits.x) - 0.5
-    assert abs(ours - theirs) <= 0.06
+    assert ours <= theirs + 0.01, (ours, theirs)

@@ -117,7 +117,7 @@ def test_attack_writes_a_set_that_eval_reads(tiny, tmp_path):
         (["eval", "--base", "nope"], "no base 'nope'"),
         (["eval", "--base", "tiny", "--attack", "pgd", "--eps", "-1"], "--eps must be >= 0"),
         (["eval", "--base", "tiny", "--attack", "pgd", "--eps", "eight"], "fraction such as 8/255"),
-        (["eval", "--base", "tiny", "--attack", "nosuch"], "valid: fgsm"),
+        (["eval", "--base", "tiny", "--attack", "nosuch"], "valid: apgd"),
         (["eval", "--base", "tiny", "--data", "mnist:/does/not/exist"], "not found"),
         (["eval", "--base", "tiny", "--adv-set", "/does/not/exist.safetensors"], "does not exist"),
         (["finetune", "--name", "x", "--model", "not_a_model_xyz"], "unknown timm model"),

@@ -93,7 +93,7 @@ def test_bad_input_is_one_line_and_non_zero(root, args, message):
     assert result.stdout == ""
 
 
-def test_eval_adds_vote_and_route_rows_attacked_through_mean_logits(root):
+def test_eval_adds_vote_and_route_rows_attacked_through_their_decision(root):
     result = invoke(
         root,
         "eval",
@@ -116,7 +116,7 @@ def test_eval_adds_vote_and_route_rows_attacked_through_mean_logits(root):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert [r["model"] for r in report["rows"]] == ["base", "a", "vote:majority", "route"]
-    assert [r["attacked"] for r in report["rows"]] == ["white-box"] * 2 + ["mean logits of 2 members"] * 2
+    assert [r["attacked"] for r in report["rows"]] == ["white-box"] * 2 + ["mean logits + soft vote", "routed decision"]
     assert report["members"] == ["a", "b"]
     for row in report["rows"]:
         assert 0 <= row["worst_case"] <= min(row["clean"], row["attacks"]["fgsm"])

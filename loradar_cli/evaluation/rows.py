@@ -1,4 +1,4 @@
-"""Clean and robust accuracy with a per-point worst case across attacks (the AutoAttack convention)."""
+"""Report rows, and clean and robust accuracy with a per-point worst case across attacks (the AutoAttack convention)."""
 
 from collections.abc import Callable, Mapping
 
@@ -8,11 +8,17 @@ from torch import Tensor, nn
 
 from loradar_cli.advset import AdvSet
 from loradar_cli.data import ImageData
+from loradar_cli.evaluation.checks import SanityFlag
+from loradar_cli.evaluation.suite import AttackRecord
 from loradar_cli.metrics import Progress, correct, mean_flag
 
 
 class EvalRow(BaseModel):
-    """One model's accuracies: clean, per white-box attack, per saved set, and the per-point worst case."""
+    """One model's accuracies: clean, per white-box attack, per saved set, and the per-point worst case.
+
+    Suite rows (early stopping) give in `attacks` the robust accuracy after each attack and all earlier ones,
+    and record every attack's config, target and counts in `records`, and the sanity flags raised in `flags`.
+    """
 
     model: str
     attacked: str = "white-box"
@@ -21,6 +27,15 @@ class EvalRow(BaseModel):
     attacks: dict[str, float] = {}
     adv_sets: dict[str, float] = {}
     worst_case: float
+    suite: str | None = None
+    norm: str | None = None
+    eps: float | None = None
+    seed: int | None = None
+    early_stop: bool | None = None
+    records: list[AttackRecord] = []
+    checks: list[str] = []
+    flags: list[SanityFlag] = []
+    sweep: list[tuple[float, float]] = []  # (eps, worst case) with --eps-sweep
 
 
 def attacked_correct(

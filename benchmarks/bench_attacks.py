@@ -1,0 +1,325 @@
+"""Attack, evaluation, training-step and ensemble costs, each measured side by side with its baseline in one run.
+
+`rows(quick)` follows the runner's contract: one dict per row with row, baseline, ratio, goal, met, threads,
+device and detail. Times are process CPU seconds (one intra-op thread unless the runner sets more), minimum over
+interleaved repeats: on a shared machine wall time measures the neighbours as much as the code. Models: timm `test_resnet` and `resnet18` at 32x32 (quick: `test_resnet` only), trained
+for a few hundred steps on a synthetic 10-class task so that clean accuracy is high and attacks have work to do.
+"""
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SIZE = 32
+
+
+def _timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Minimum CPU seconds per function over `repeats` interleaved rounds, after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.process_time()
+            fn()
+            best[name] = min(best[name], time.process_time() - start)
+    return best
+
+
+def _task(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A synthetic 10-class image task: one smooth random prototype per class plus noise, in [0, 1]."""
+    protos = torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(12345))  # the same task for every seed
+    protos = F.interpolate(protos, size=SIZE, mode="bilinear", align_corners=False)
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    x = (0.3 * protos[y] + 0.7 * torch.rand(n, 3, SIZE, SIZE, generator=gen)).clamp(0, 1)
+    return x, y
+
+
+def _model(arch: str, steps: int, adversarial: bool = False) -> nn.Module:
+    """A timm model fitted to the synthetic task (FGSM-RS adversarial training when `adversarial`), eval mode."""
+    import timm
+
+    from loradar_cli.attacks import build_attack
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=10, in_chans=3)
+    x, y = _task(2048, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    attack = build_attack("pgd", eps=8 / 255, alpha=10 / 255, steps=1, seed=0)  # FGSM with a random start
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=torch.Generator().manual_seed(step))
+        xb = attack(model, x[idx], y[idx]) if adversarial else x[idx]
+        model.train()
+        opt.zero_grad()
+        F.cross_entropy(model(xb), y[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+def _row(row: str, baseline: str, ratio: float, goal: str, met: bool, detail: str) -> dict[str, Any]:
+    return {
+        "row": row,
+        "baseline": baseline,
+        "ratio": round(ratio, 3),
+        "goal": goal,
+        "met": bool(met),
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "detail": detail,
+    }
+
+
+def _pgd_rows(arch: str, model: nn.Module, x: Tensor, y: Tensor, repeats: int) -> list[dict[str, Any]]:
+    """PGD-10 generation against torchattacks.PGD and against its floor of 10 x (forward + input backward) + 1 forward."""
+    import torchattacks
+
+    from loradar_cli.attacks import build_attack
+
+    ours = build_attack("pgd", eps=8 / 255, alpha=2 / 255, steps=10, seed=0)
+    theirs = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10)
+
+    def floor() -> None:
+        for _ in range(10):
+            inp = x.clone().requires_grad_(True)
+            torch.autograd.grad(F.cross_entropy(model(inp), y), inp)
+        with torch.no_grad():
+            model(x)
+
+    t = _timed({"ours": lambda: ours(model, x, y), "torchattacks": lambda: theirs(x, y), "floor": floor}, repeats)
+    speed = t["torchattacks"] / t["ours"]
+    over = t["ours"] / t["floor"]
+    shape = f"{arch} batch {len(x)}x3x{SIZE}x{SIZE}"
+    return [
+        _row(f"PGD-10 L-inf generation, {arch}", "torchattacks.PGD", speed, ">= 1.0x", speed >= 1.0,
+             f"{shape}: ours {t['ours']:.3f} s, torchattacks {t['torchattacks']:.3f} s (speed-up)"),
+        _row(f"PGD-10 generation vs floor, {arch}", "10 x (fwd + input-grad bwd) + 1 fwd", over, "<= 1.05x",
+             over <= 1.05, f"{shape}: ours {t['ours']:.3f} s, floor {t['floor']:.3f} s (time ratio)"),
+    ]  # fmt: skip
+
+
+def _robust_row(
+    arch: str, label: str, model: nn.Module, x: Tensor, y: Tensor, repeats: int, goal: float
+) -> dict[str, Any]:
+    """Robust accuracy under PGD-10: the suite runner with early stopping vs torchattacks on every point."""
+    import torchattacks
+
+    from loradar_cli.attacks import build_attack
+    from loradar_cli.evaluation import run_suite
+
+    attack = {"pgd": build_attack("pgd", eps=8 / 255, alpha=2 / 255, steps=10, seed=0)}
+    theirs = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10)
+    acc: dict[str, float] = {}
+
+    def ours() -> None:
+        acc["ours"] = run_suite(model, x, y, attack, batch_size=128).robust.float().mean().item()
+
+    def baseline() -> None:
+        hits = []
+        for i in range(0, len(x), 128):
+            x_adv = theirs(x[i : i + 128], y[i : i + 128])
+            with torch.no_grad():
+                hits.append(model(x_adv).argmax(1) == y[i : i + 128])
+        acc["theirs"] = torch.cat(hits).float().mean().item()
+
+    t = _timed({"ours": ours, "torchattacks": baseline}, repeats)
+    speed = t["torchattacks"] / t["ours"]
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    same_or_lower = acc["ours"] <= acc["theirs"] + 0.01
+    return _row(
+        f"robust acc under PGD-10, {label}, {arch}", "torchattacks on all points, then counting", speed,
+        f">= {goal}x, same or lower acc", speed >= goal and same_or_lower,
+        f"n={len(x)}, clean {clean:.3f}, robust ours {acc['ours']:.3f} vs torchattacks {acc['theirs']:.3f}; "
+        f"{t['ours']:.2f} s vs {t['torchattacks']:.2f} s",
+    )  # fmt: skip
+
+
+def _lora(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of `model` with random rank-4 LoRA factors on every conv and linear layer and a trainable head."""
+    import copy
+
+    from loradar_cli.jobs.train import lora_spec_for
+    from loradar_cli.lora.inject import inject_lora, lora_layers
+    from loradar_cli.models import ImageClassifier
+
+    wrapped = ImageClassifier(copy.deepcopy(model), [0.0] * 3, [1.0] * 3)
+    for p in wrapped.parameters():
+        p.requires_grad_(False)
+    spec = lora_spec_for(wrapped, r=4, lora_alpha=None, targets=None, train_head=True)
+    torch.manual_seed(seed)
+    inject_lora(wrapped.model, spec)
+    for layer in lora_layers(wrapped.model).values():
+        nn.init.normal_(layer.lora_B.weight, std=0.02)
+    return wrapped.eval()
+
+
+def _training_row(arch: str, model: nn.Module, x: Tensor, y: Tensor, repeats: int) -> dict[str, Any]:
+    """One PGD-AT epoch of the training loop on one batch vs the attack plus one forward/backward."""
+    from loradar_cli.attacks import build_attack
+    from loradar_cli.data import ImageData
+    from loradar_cli.lora.inject import trainable_parameters
+    from loradar_cli.recipes.loop import TrainConfig, _train_epoch
+    from loradar_cli.recipes.losses import recipe_loss
+
+    adapted = _lora(model, seed=0)
+    attack = build_attack("pgd", eps=8 / 255, alpha=2 / 255, steps=10, seed=0)
+    config = TrainConfig(epochs=1, batch_size=len(x), lr=1e-3, seed=0, recipe="pgd-at")
+    params = trainable_parameters(adapted)
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    data = ImageData(x, y, 10, "synthetic")
+
+    def step() -> None:
+        _train_epoch(
+            adapted,
+            attack,
+            recipe_loss("pgd-at"),
+            data,
+            None,
+            optimizer,
+            torch.Generator().manual_seed(0),
+            config,
+            1,
+            None,
+        )
+
+    def floor() -> None:
+        x_adv = attack(adapted, x, y)
+        F.cross_entropy(adapted(x_adv), y).backward()
+        for p in params:
+            p.grad = None
+
+    t = _timed({"step": step, "floor": floor}, repeats)
+    base_grads = [
+        p
+        for n, p in adapted.named_parameters()
+        if "lora_" not in n and not n.startswith("model.fc") and p.grad is not None
+    ]
+    ratio = t["step"] / t["floor"]
+    return _row(
+        f"adversarial LoRA training step, {arch}", "attack + one fwd/bwd of the adapted model", ratio,
+        "<= 1.15x, no grads on base weights", ratio <= 1.15 and not base_grads,
+        f"batch {len(x)}, PGD-10, pgd-at: step {t['step']:.3f} s, floor {t['floor']:.3f} s; base params with grad: {len(base_grads)}",
+    )  # fmt: skip
+
+
+def _merged(adapted: nn.Module) -> nn.Module:
+    """The adapted model with every LoRA delta folded into its base weights (plain layers, same architecture)."""
+    import copy
+
+    from loradar_cli.lora.inject import lora_layers
+
+    merged = copy.deepcopy(adapted)
+    for name, layer in lora_layers(merged.model).items():
+        base = layer.base_layer
+        with torch.no_grad():
+            base.weight += layer.delta_weight()
+        _replace(merged.model, name, base)
+    return merged.eval()
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _ensemble_rows(arch: str, model: nn.Module, x: Tensor, repeats: int) -> list[dict[str, Any]]:
+    """K = 4 adapters: the project's ensemble forward vs K merged forwards and vs a PEFT mixed-adapter batch."""
+    from loradar_cli.combine.members import ensemble_probs
+    from loradar_cli.models import ImageClassifier
+
+    adapted = [_lora(model, seed=k) for k in range(4)]
+    merged = [_merged(a) for a in adapted]
+    with torch.no_grad():
+        torch.testing.assert_close(merged[0](x), adapted[0](x), atol=1e-3, rtol=1e-3)
+    plain = ImageClassifier(model, [0.0] * 3, [1.0] * 3).eval()  # the same wrapper as the merged models
+    fns: dict[str, Callable[[], Any]] = {
+        "ours": lambda: ensemble_probs(merged, x, batch_size=len(x)),
+        "merged": lambda: [m(x) for m in merged],
+        "base": lambda: plain(x),
+        "one merged": lambda: merged[0](x),
+    }
+    peft_note = _peft_mixed(model, adapted, x, fns)
+    with torch.no_grad():
+        t = _timed(fns, repeats)
+    rows = [
+        _row(f"ensemble K=4 inference, {arch}", "K forwards with merged weights", t["ours"] / t["merged"], "<= 1.10x",
+             t["ours"] / t["merged"] <= 1.10, f"batch {len(x)}: ours {t['ours']:.3f} s, merged {t['merged']:.3f} s (time ratio)"),
+        _row(f"merged adapter inference, {arch}", "the base alone", t["one merged"] / t["base"], "<= 1.02x",
+             t["one merged"] / t["base"] <= 1.02, f"batch {len(x)}: merged {t['one merged']:.4f} s, base {t['base']:.4f} s"),
+    ]  # fmt: skip
+    if "peft" in t:
+        speed = t["peft"] / t["ours"]
+        rows.append(_row(f"ensemble K=4 inference, {arch}", "PEFT mixed-adapter batch", speed, ">= 1.1x faster",
+                         speed >= 1.1, f"ours {t['ours']:.3f} s, PEFT {t['peft']:.3f} s (speed-up)"))  # fmt: skip
+    else:
+        rows.append(
+            _row(f"ensemble K=4 inference, {arch}", "PEFT mixed-adapter batch", 0.0, ">= 1.1x faster", False, peft_note)
+        )
+    return rows
+
+
+def _peft_mixed(model: nn.Module, adapted: list[nn.Module], x: Tensor, fns: dict[str, Callable[[], Any]]) -> str:
+    """Adds fns['peft']: one PEFT model holding the K adapters, the batch repeated K times with adapter_names."""
+    import copy
+
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return "peft not installed"
+    from loradar_cli.lora.inject import lora_layers
+
+    layers = lora_layers(adapted[0].model)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=list(layers))
+    peft_model = get_peft_model(copy.deepcopy(model), config, adapter_name="a0")
+    for k in range(1, len(adapted)):
+        peft_model.add_adapter(f"a{k}", config)
+    for k, adapter in enumerate(adapted):
+        for name, layer in lora_layers(adapter.model).items():
+            target = peft_model.base_model.model.get_submodule(name)
+            with torch.no_grad():
+                target.lora_A[f"a{k}"].weight.copy_(layer.lora_A.weight)
+                target.lora_B[f"a{k}"].weight.copy_(layer.lora_B.weight)
+    peft_model.eval()
+    names = [f"a{k}" for k in range(len(adapted)) for _ in range(len(x))]
+    xs = x.repeat(len(adapted), 1, 1, 1)
+    try:
+        with torch.no_grad():
+            peft_model(xs, adapter_names=names)
+    except Exception as err:  # PEFT's mixed batches do not cover every layer type
+        return f"PEFT mixed batch failed: {type(err).__name__}: {err}"[:200]
+    fns["peft"] = lambda: peft_model(xs, adapter_names=names)
+    return ""
+
+
+def rows(quick: bool) -> list[dict[str, Any]]:
+    """All rows of this group (quick: test_resnet only, fewer points and repeats)."""
+    threads = torch.get_num_threads()
+    out: list[dict[str, Any]] = []
+    archs = ["test_resnet"] if quick else ["test_resnet", "resnet18"]
+    repeats = 3 if quick else 5
+    for arch in archs:
+        base = _model(arch, steps=150 if quick else 300)
+        x, y = _task(128 if quick else 256, seed=2)
+        xb, yb = x[:64], y[:64]
+        out += _pgd_rows(arch, base, xb, yb, repeats)
+        out.append(_robust_row(arch, "undefended base", base, x, y, repeats, 3.0))
+        robust = _model(arch, steps=150 if quick else 300, adversarial=True)
+        out.append(_robust_row(arch, "robust model (FGSM-RS trained)", robust, x, y, repeats, 1.3))
+        out.append(_training_row(arch, base, xb[:32], yb[:32], repeats))
+        out += _ensemble_rows(arch, base, xb, repeats)
+    for row in out:
+        row["threads"] = threads
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    for row in rows(quick="--full" not in sys.argv):
+        print(json.dumps(row))

@@ -1,0 +1,164 @@
+"""Sanity checks that catch evaluations which overstate robustness, each raising a flag with a stable id.
+
+After AutoAttack's checks (Croce & Hein, ICML 2020, arXiv:2003.01690; `fra31/auto-attack`, `checks.py`) and
+the adaptive-attack guidance of Tramèr, Carlini, Brendel & Madry, "On Adaptive Attacks to Adversarial Example
+Defenses", NeurIPS 2020, arXiv:2002.08347. "Noise" is two binomial standard errors of an accuracy on n points,
+and at least one point.
+"""
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from loradar_cli.attacks import Attack
+from loradar_cli.attacks._functional import model_mode
+from loradar_cli.metrics import correct, mean_flag
+
+BLACK_BOX = ("square", "square-l2")  # attacks that use scores only: they must not beat the gradient attacks
+
+
+class SanityFlag(BaseModel):
+    """A warning that the numbers may overstate robustness: stable id, one line of explanation."""
+
+    id: str
+    message: str
+
+
+EXPLAIN = {
+    "eps-zero-not-clean": "an attack at eps = 0 does not reproduce clean accuracy: the model or the attack is broken",
+    "accuracy-rises-with-eps": "robust accuracy rises with eps beyond noise: the attack is failing (gradient masking?)",
+    "accuracy-rises-with-steps": "more attack steps give higher accuracy beyond noise: the attack is not converging",
+    "robust-above-clean": "a robust accuracy exceeds clean accuracy, which no correct attack allows",
+    "black-box-beats-white-box": "a score-only attack broke points the gradient attacks missed: gradients are masked",
+    "transfer-beats-white-box": "a transfer set fools the model more than white-box attacks do: gradients are masked",
+    "transfer-overstates": "a transfer set's accuracy is far above white-box robustness: do not report it as robustness",
+    "zero-gradient": "input gradients vanish on some points: gradient attacks cannot work there (use Square or BPDA)",
+    "randomised": "outputs differ between identical forward passes in eval mode: use EOT and re-check results",
+    "too-few-classes": "the DLR losses need 3 (targeted: 4) classes; those attacks were skipped or limited",
+}
+
+
+def flag(flag_id: str, detail: str = "") -> SanityFlag:
+    """A flag with its standard explanation, plus a detail such as the numbers that raised it."""
+    return SanityFlag(id=flag_id, message=f"{EXPLAIN[flag_id]}{f' ({detail})' if detail else ''}")
+
+
+def noise(p: float, n: int) -> float:
+    """Two binomial standard errors of an accuracy p on n points, at least one point."""
+    return max(2 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1)), 1 / max(n, 1))
+
+
+@torch.no_grad()
+def check_randomised(model: nn.Module, x: Tensor, passes: int = 3) -> list[SanityFlag]:
+    """Flag a model whose eval-mode logits differ across identical passes (relative 1e-4, as AutoAttack)."""
+    with model_mode(model, "eval"):
+        outs = [model(x) for _ in range(passes)]
+    scale = outs[0].abs().amax().clamp_min(1e-12)
+    spread = max(((o - outs[0]).abs().amax() / scale).item() for o in outs[1:])
+    return [flag("randomised", f"relative spread {spread:.2g} over {passes} passes")] if spread > 1e-4 else []
+
+
+def check_gradients(targets: Mapping[str, nn.Module], x: Tensor, y: Tensor) -> list[SanityFlag]:
+    """Flag targets whose cross-entropy input gradient is zero (below 1e-20) on some points."""
+    flags = []
+    for name, target in targets.items():
+        with model_mode(target, "eval"), torch.enable_grad():
+            inp = x.detach().clone().requires_grad_(True)
+            loss = nn.functional.cross_entropy(target(inp), y, reduction="sum")
+            grad = torch.autograd.grad(loss, inp, allow_unused=True)[0] if loss.requires_grad else None
+        zero = len(x) if grad is None else int((grad.flatten(1).abs().amax(1) <= 1e-20).sum())
+        if zero:
+            flags.append(flag("zero-gradient", f"{zero} of {len(x)} points, attacked through {name}"))
+    return flags
+
+
+def usable_attacks(
+    attacks: Mapping[str, Attack[Any]], num_classes: int
+) -> tuple[dict[str, Attack[Any]], list[SanityFlag]]:
+    """Drop DLR attacks the class count cannot support and cap APGD-T's targets at C - 1 (flagged either way)."""
+    kept, notes = {}, []
+    for label, attack in attacks.items():
+        config = attack.config
+        targeted = hasattr(config, "targets")
+        needed = 4 if targeted else 3 if getattr(config, "loss", None) == "dlr" else 0
+        if num_classes < needed:
+            notes.append(f"{label} skipped ({num_classes} classes)")
+            continue
+        if targeted and config.targets > num_classes - 1:
+            notes.append(f"{label} limited to {num_classes - 1} targets")
+            attack = type(attack)(config.model_copy(update={"targets": num_classes - 1}))
+        kept[label] = attack
+    return kept, ([flag("too-few-classes", "; ".join(notes))] if notes else [])
+
+
+def check_eps_zero(
+    judge: nn.Module, target: nn.Module, attacks: Mapping[str, Attack[Any]], x: Tensor, y: Tensor
+) -> list[SanityFlag]:
+    """Every attack at eps = 0 must leave accuracy at its clean value."""
+    clean = correct(judge, x, y)
+    bad = []
+    for label, attack in attacks.items():
+        if attack.threat_model == "patch":
+            continue
+        zero = type(attack)(attack.config.model_copy(update={"eps": 0.0}))
+        _, fooled = zero.until_fooled(target, x, y, judge=None if judge is target else judge)
+        if not torch.equal(clean & ~fooled, clean):
+            bad.append(label)
+    return [flag("eps-zero-not-clean", ", ".join(bad))] if bad else []
+
+
+def check_monotone(
+    judge: nn.Module, target: nn.Module, attack: Attack[Any], label: str, x: Tensor, y: Tensor
+) -> list[SanityFlag]:
+    """One attack at eps/2 vs eps and at its steps vs twice its steps: accuracy must not rise beyond noise."""
+    judge_arg = None if judge is target else judge
+
+    def acc(**update: Any) -> float:
+        variant = type(attack)(attack.config.model_copy(update=update))
+        _, fooled = variant.until_fooled(target, x, y, judge=judge_arg)
+        return mean_flag(correct(judge, x, y) & ~fooled)
+
+    flags, n, eps = [], len(x), attack.config.eps
+    half, full = acc(eps=eps / 2), acc()
+    if full > half + noise(half, n):
+        flags.append(flag("accuracy-rises-with-eps", f"{label}: {half:.3f} at eps/2, {full:.3f} at eps"))
+    steps_field = next((k for k in ("steps", "queries") if hasattr(attack.config, k)), None)
+    if steps_field:
+        more = acc(**{steps_field: 2 * getattr(attack.config, steps_field)})
+        if more > full + noise(full, n):
+            flags.append(flag("accuracy-rises-with-steps", f"{label}: {full:.3f}, {more:.3f} with twice the steps"))
+    return flags
+
+
+def check_results(
+    clean: float,
+    worst: float,
+    n: int,
+    records: list[Any],
+    adv_sets: Mapping[str, float],
+    suite_fooled: Mapping[str, int],
+) -> list[SanityFlag]:
+    """Flags from the numbers alone: robust above clean, black-box or transfer beating white-box, unconfirmed hits."""
+    flags = []
+    above = [r.label for r in records if r.robust_after > clean + 1e-9 or (r.robust_alone or 0) > clean + 1e-9]
+    above += [f"set {s}" for s, acc in adv_sets.items() if acc > clean + noise(clean, n)]
+    if above:
+        flags.append(flag("robust-above-clean", ", ".join(above)))
+    threshold = max(1, math.ceil(0.002 * n))
+    for label, count in suite_fooled.items():
+        if count > threshold:
+            flags.append(
+                flag("black-box-beats-white-box", f"{label} broke {count} of {n} points gradient attacks left")
+            )
+    if records and any(r.unconfirmed for r in records):
+        flags.append(flag("randomised", "attack results did not reproduce when re-scored"))
+    for s, acc in adv_sets.items():
+        if records and acc < worst - noise(worst, n):
+            flags.append(flag("transfer-beats-white-box", f"set {s}: {acc:.3f} vs white-box {worst:.3f}"))
+        elif records and acc > worst + max(0.1, noise(worst, n)):
+            flags.append(flag("transfer-overstates", f"set {s}: {acc:.3f} vs white-box {worst:.3f}"))
+    return flags

@@ -1,0 +1,192 @@
+"""evaluation.checks: each sanity flag fires on a model built to trigger it and stays silent on a normal one."""
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from loradar_cli.advset import AdvSet
+from loradar_cli.attacks import build_attack
+from loradar_cli.data import ImageData
+from loradar_cli.evaluation import AttackRecord, evaluate_suite, suite_attacks
+from loradar_cli.evaluation.checks import check_monotone, check_results
+from tests.attacks.conftest import Digits, fit_digits
+
+
+@pytest.fixture(scope="module")
+def digits() -> Digits:
+    return fit_digits()
+
+
+def ids(row) -> set[str]:
+    return {f.id for f in row.flags}
+
+
+class Noisy(nn.Module):
+    """Random logits noise even in eval mode (a randomised defence)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.model(x)
+        return logits + 3 * logits.std() * torch.randn_like(logits)
+
+
+class Quantised(nn.Module):
+    """Rounds inputs to 4 levels first: the input gradient is zero everywhere (masked), the decision is not robust."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(torch.round(x * 3) / 3)
+
+
+class Corrector(nn.Module):
+    """The fitted model near the clean points; farther than `radius` (L-inf) it answers the nearest point's label.
+
+    A stand-in for a defence that only resists large perturbations: accuracy rises with eps and with steps.
+    """
+
+    def __init__(self, digits: Digits, radius: float) -> None:
+        super().__init__()
+        self.model, self.points, self.labels, self.radius = digits.model, digits.x.flatten(1), digits.y, radius
+
+    def forward(self, x: Tensor) -> Tensor:
+        dist = (x.flatten(1)[:, None] - self.points[None]).abs().amax(-1)  # [B, N]
+        near, which = dist.min(1)
+        far = nn.functional.one_hot(self.labels[which], 10).to(x.dtype) * 100
+        return torch.where((near > self.radius)[:, None], far, self.model(x))
+
+
+class Hardening(Corrector):
+    """A defence that adapts as it is queried: after `after` forward passes it answers the nearest clean label."""
+
+    def __init__(self, digits: Digits, after: int) -> None:
+        super().__init__(digits, radius=-1.0)
+        self.calls, self.after = 0, after
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return super().forward(x) if self.calls > self.after else self.model(x)
+
+
+def test_a_normal_model_raises_no_flag(digits: Digits) -> None:
+    data = ImageData(digits.x, digits.y, 10, "digits")
+    row = evaluate_suite(
+        "mlp",
+        digits.model,
+        data,
+        suite_attacks("standard", eps=0.08, seed=0, steps=10, overrides={"square": {"queries": 200}}),
+    )
+    assert row.flags == [], [f.message for f in row.flags]
+    assert row.worst_case < row.clean - 0.4
+
+
+def test_randomised_model_is_flagged(digits: Digits) -> None:
+    data = ImageData(digits.x[:64], digits.y[:64], 10, "digits")
+    torch.manual_seed(0)
+    row = evaluate_suite("noisy", Noisy(digits.model), data, suite_attacks("quick", eps=0.05, seed=0, steps=3))
+    assert {"randomised", "eps-zero-not-clean"} <= ids(row)
+
+
+def test_masked_gradients_are_flagged_by_zero_gradient_and_black_box(digits: Digits) -> None:
+    data = ImageData(digits.x[:100], digits.y[:100], 10, "digits")
+    model = Quantised(digits.model)
+    attacks = suite_attacks(
+        "standard", eps=0.2, seed=0, steps=5, overrides={"square": {"queries": 300}, "apgd-t": {"targets": 2}}
+    )
+    row = evaluate_suite("quantised", model, data, attacks)
+    assert {"zero-gradient", "black-box-beats-white-box"} <= ids(row)
+    assert row.attacks["apgd-t"] > row.worst_case + 0.5, "gradient attacks fail where Square does not"
+
+
+def test_transfer_sets_against_white_box(digits: Digits) -> None:
+    x, y = digits.x[:100], digits.y[:100]
+    data = ImageData(x, y, 10, "digits")
+    transfer = AdvSet(build_attack("pgd", eps=0.2, alpha=0.05, seed=0)(digits.model, x, y), y, "pgd", {})
+    # a masked model: the transfer set from its unmasked twin breaks it, white-box gradient attacks do not
+    masked = evaluate_suite(
+        "quantised",
+        Quantised(digits.model),
+        data,
+        suite_attacks("quick", eps=0.2, seed=0, steps=5),
+        {"pgd@twin": transfer},
+    )
+    assert "transfer-beats-white-box" in ids(masked)
+    # an ordinary model judged on a set crafted against another one: the set overstates robustness
+    other = fit_digits_other(digits)
+    weak = AdvSet(build_attack("fgsm", eps=0.1)(other, x, y), y, "fgsm", {})
+    row = evaluate_suite(
+        "mlp", digits.model, data, suite_attacks("quick", eps=0.1, seed=0, steps=10), {"fgsm@other": weak}
+    )
+    assert ids(row) == {"transfer-overstates"}, [f.message for f in row.flags]
+
+
+def fit_digits_other(digits: Digits) -> nn.Module:
+    """A second, independently initialised linear model on the same data (a different source model)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(50):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(digits.x), digits.y).backward()
+        opt.step()
+    return model.eval()
+
+
+def test_accuracy_rising_with_eps_and_steps_is_flagged(digits: Digits) -> None:
+    x, y = digits.x[:64], digits.y[:64]
+    rising_eps = Corrector(digits, radius=0.07)
+    attack = build_attack("pgd", eps=0.1, alpha=0.025, steps=4, seed=0)
+    assert {f.id for f in check_monotone(rising_eps, rising_eps, attack, "pgd", x, y)} >= {"accuracy-rises-with-eps"}
+    hardening = Hardening(digits, after=8)  # eps/2 and eps runs (4 passes each) see the plain model
+    short = build_attack("pgd", eps=0.1, alpha=0.025, steps=2, random_start=False)
+    assert [f.id for f in check_monotone(hardening, hardening, short, "pgd", x, y)] == ["accuracy-rises-with-steps"]
+    assert check_monotone(digits.model, digits.model, short, "pgd", x, y) == []
+
+
+def test_too_few_classes_skips_dlr_attacks(digits: Digits) -> None:
+    torch.manual_seed(0)
+    three = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    data = ImageData(digits.x[:32], digits.y[:32] % 3, 3, "digits")
+    row = evaluate_suite(
+        "three",
+        three,
+        data,
+        suite_attacks("standard", eps=0.05, seed=0, steps=3, overrides={"square": {"queries": 20}}),
+    )
+    assert "too-few-classes" in ids(row)
+    assert [r.label for r in row.records] == ["apgd-ce", "square"]
+    ten = evaluate_suite(
+        "mlp",
+        digits.model,
+        ImageData(digits.x[:32], digits.y[:32], 10, "d"),
+        suite_attacks("standard", eps=0.05, seed=0, steps=3, overrides={"square": {"queries": 20}}),
+    )
+    assert "too-few-classes" not in ids(ten)
+
+
+def test_robust_above_clean_from_the_numbers() -> None:
+    record = AttackRecord(
+        label="pgd",
+        attack={"name": "pgd"},
+        target="white-box",
+        attacked=10,
+        fooled=0,
+        unconfirmed=0,
+        robust_after=0.9,
+        seconds=0.0,
+    )
+    assert [f.id for f in check_results(0.8, 0.9, 100, [record], {}, {})] == ["robust-above-clean"]
+    fine = record.model_copy(update={"robust_after": 0.5})
+    assert check_results(0.8, 0.5, 100, [fine], {}, {}) == []
+
+
+def test_square_alone_is_not_compared_with_gradient_attacks(digits: Digits) -> None:
+    data = ImageData(digits.x[:40], digits.y[:40], 10, "digits")
+    attacks = {"square": build_attack("square", eps=0.1, queries=100, seed=0)}
+    row = evaluate_suite("mlp", digits.model, data, attacks)
+    assert row.worst_case < row.clean and "black-box-beats-white-box" not in ids(row)

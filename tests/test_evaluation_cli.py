@@ -1,0 +1,78 @@
+"""`loradar eval --suite/--eps-sweep/--plot/--strict`: names from the registry, curves, exit codes."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from loradar_cli.cli.app import app
+from loradar_cli.errors import EXIT_CODES
+from loradar_cli.names import SUITES as SUITE_NAMES
+
+runner = CliRunner()
+
+
+def invoke(store, *args: str):
+    return runner.invoke(app, ["eval", "--store", str(store.root), *args])
+
+
+def test_suite_names_constant_matches_registry() -> None:
+    from loradar_cli.evaluation import SUITES
+
+    assert tuple(SUITES.names()) == SUITE_NAMES
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--suite", "fast"], "unknown suite 'fast'; valid: plus, quick, standard"),
+        (["--suite", "quick", "--norm", "l1"], "unknown norm 'l1'; valid: linf, l2"),
+        (["--suite", "quick", "--plot", "x.png"], "--plot draws the --eps-sweep curves"),
+        (["--eps-sweep", "0,1/255"], "--eps-sweep needs --suite or --attack"),
+        (["--suite", "quick", "--eps-sweep", "2/255,1/255"], "increasing values"),
+    ],
+)
+def test_bad_suite_options_are_one_line(tiny, args: list[str], message: str) -> None:
+    store, *_ = tiny
+    result = invoke(store, *args)
+    assert result.exit_code == EXIT_CODES["InvalidValueError"] and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def test_suite_sweep_and_plot(tiny, tmp_path) -> None:
+    store, _, adapter, model = tiny
+    plot = tmp_path / "curve.png"
+    result = invoke(
+        store, "--adapter", adapter.name, "--no-base", "--suite", "quick", "--eps", "0.05", "--steps", "3",
+        "--eps-sweep", "0,0.02,0.05", "--plot", str(plot), "--limit", "24", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    (row,) = report["rows"]
+    assert (row["suite"], row["norm"], row["eps"], row["seed"], row["n"]) == ("quick", "linf", 0.05, 0, 24)
+    assert [r["label"] for r in row["records"]] == ["pgd", "apgd-ce"]
+    assert (
+        row["records"][1]["attack"]["config"]["steps"] == 3 and row["records"][0]["attack"]["config"]["alpha"] == 0.0125
+    )
+    from loradar_cli.data import load_data
+
+    data = load_data("digits", "test", limit=24, channels=1, size=16)
+    clean = (model.eval()(data.x).argmax(1) == data.y).float().mean().item()
+    eps, acc = zip(*row["sweep"], strict=True)
+    assert eps == (0, 0.02, 0.05) and acc[0] == pytest.approx(clean) and acc[-1] == pytest.approx(row["worst_case"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report["plot"] == str(plot)
+    assert f"wrote {plot}" in result.stderr.replace("\n", "")
+
+
+def test_strict_exits_3_when_a_flag_is_raised_after_printing(tiny, monkeypatch) -> None:
+    store, _, adapter, _ = tiny
+    args = ["--adapter", adapter.name, "--no-base", "--attack", "fgsm", "--eps", "0.05", "--limit", "8", "--json"]
+    assert invoke(store, *args, "--strict").exit_code == 0, "no flag on an ordinary model"
+    from loradar_cli.evaluation import checks
+
+    monkeypatch.setattr(checks, "check_randomised", lambda model, x: [checks.flag("randomised", "forced")])
+    result = invoke(store, *args, "--strict")
+    assert result.exit_code == 3
+    assert json.loads(result.stdout)["rows"][0]["flags"][0]["id"] == "randomised"
+    assert "randomised" in result.stderr
+    assert invoke(store, *args).exit_code == 0, "without --strict flags only warn"
