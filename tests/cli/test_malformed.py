@@ -99,7 +99,7 @@ def _option_cases() -> list[tuple[str, list[str], str, bool]]:
             bad += ["0", "-1"] if flag in POSITIVE else []
             first = ["nan" if kind is float else "1.5", str(minimum - 1) if minimum is not None else "abc"]
             ordered = dict.fromkeys([*first, *bad])
-            cases += [(command, [flag, value], flag, i >= 2) for i, value in enumerate(ordered)]
+            cases += [(command, [flag, value], flag, i >= 1) for i, value in enumerate(ordered)]
     return cases
 
 
