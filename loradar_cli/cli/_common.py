@@ -156,10 +156,14 @@ def describe_exception(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+_ALLOCATION_FAILURES = ("can't allocate memory", "Storage size calculation overflowed", "out of memory")
+
+
 def known_error(err: Exception) -> LoradarError | None:
     """Exceptions with a known user-level cause (memory, non-finite maths) as LoradarErrors; None otherwise."""
     names = {cls.__name__ for cls in type(err).__mro__}
-    if names & {"MemoryError", "OutOfMemoryError"}:
+    text = str(err)
+    if names & {"MemoryError", "OutOfMemoryError"} or any(m in text for m in _ALLOCATION_FAILURES):
         return LoradarError(
             f"out of memory ({describe_exception(err)})", hint="use a smaller --batch-size, --rank or --limit"
         )
