@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console, ConsoleDimensions
@@ -116,7 +116,7 @@ def run_command(func: F) -> F:
                 raise
             _fail(f"{err} (--strict)", IncompatibleError.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; no partial file was left behind", INTERRUPTED_EXIT_CODE, prefix="interrupted")
+            _fail("Ctrl-C; no partial file was left behind", INTERRUPTED_EXIT_CODE, prefix="interrupted")
         except BrokenPipeError:  # `loradar ... | head`: the reader left; exit as `yes | head` does, silently
             _quiet_stdout()
             raise typer.Exit(BROKEN_PIPE_EXIT_CODE) from None
@@ -144,7 +144,8 @@ def _quiet_stdout() -> None:
         os.close(devnull)
 
 
-def _fail(message: str, code: int, prefix: str = "error") -> None:
+def _fail(message: str, code: int, prefix: str = "error") -> NoReturn:
+    """Print `prefix: message` as one stderr line and exit with `code`."""
     console.print(f"[bold red]{prefix}:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
 

@@ -113,3 +113,36 @@ def test_names_from_stdin(text, names):
 def test_bad_json_names_are_one_line_errors(text):
     with pytest.raises(InvalidValueError):
         _names_from_text(text)
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "words"),
+    [
+        (MemoryError(), "LoradarError", "out of memory"),
+        (
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4e10 bytes"),
+            "LoradarError",
+            "out of memory",
+        ),
+        (RuntimeError("Storage size calculation overflowed with sizes=[4, 1, 9, 9]"), "LoradarError", "out of memory"),
+        (ValueError("plain bug"), None, None),
+    ],
+)
+def test_known_failures_become_loradar_errors(error, kind, words):
+    from loradar_cli.cli._common import known_error
+
+    known = known_error(error)
+    assert (type(known).__name__ if known else None) == kind
+    assert known is None or words in known.one_line()
+
+
+def test_svd_of_nan_is_a_decomposition_error():
+    import torch
+
+    from loradar_cli.cli._common import known_error
+    from loradar_cli.errors import IncompatibleError
+
+    with pytest.raises(Exception) as err:
+        torch.linalg.svd(torch.full((4, 3), float("nan"), dtype=torch.float64))
+    known = known_error(err.value)
+    assert isinstance(known, IncompatibleError) and "NaN" in known.one_line()
