@@ -346,7 +346,8 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], Non
 
 
 class PlainProgress:
-    """(stage, done, total) -> a line `stage: done/total (p %), r/s, t s` at most every `interval` s, and at the end."""
+    """(stage, done, total) -> a line `stage: done/total (p %), r/s, t s`: when a stage starts, then at most every
+    `interval` seconds, and when it ends (the rate counts from the stage's first report)."""
 
     def __init__(
         self,
@@ -361,7 +362,7 @@ class PlainProgress:
     def __call__(self, stage: str, done: int, total: int) -> None:
         now = self.clock()
         start = self.started.setdefault(stage, now)
-        if done < total and now - self.last.get(stage, start) < self.interval:
+        if stage in self.last and done < total and now - self.last[stage] < self.interval:
             return
         self.last[stage] = now
         elapsed = now - start

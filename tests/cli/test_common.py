@@ -46,8 +46,8 @@ def test_plain_progress_writes_a_line_per_interval_and_at_the_end():
     for done, t in [(1, 0.0), (2, 1.0), (3, 4.9), (4, 6.0), (5, 7.0), (10, 8.0)]:
         now[0] = t
         progress("eval", done, 10)
-    # the first call opens the stage at t=0; the next line is due 5 s later (t=6), then only the last one
-    assert lines == ["eval: 4/10 (40 %), 0.7/s, 6 s", "eval: 10/10 (100 %), 1.2/s, 8 s"]
+    # a line when the stage starts (t=0, no rate yet), the next one due 5 s later (t=6), then only the last one
+    assert lines == ["eval: 1/10 (10 %), 0 s", "eval: 4/10 (40 %), 0.7/s, 6 s", "eval: 10/10 (100 %), 1.2/s, 8 s"]
 
 
 def test_piped_tables_keep_long_names_whole(capsys):
