@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console, ConsoleDimensions
@@ -118,7 +118,7 @@ def run_command(func: F) -> F:
                 raise
             _fail(f"{err} (--strict)", IncompatibleError.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; no partial file was left behind", INTERRUPTED_EXIT_CODE, prefix="interrupted")
+            _fail("Ctrl-C; no partial file was left behind", INTERRUPTED_EXIT_CODE, prefix="interrupted")
         except BrokenPipeError:  # `loradar ... | head`: the reader left; exit as `yes | head` does, silently
             _quiet_stdout()
             raise typer.Exit(BROKEN_PIPE_EXIT_CODE) from None
@@ -146,7 +146,8 @@ def _quiet_stdout() -> None:
         os.close(devnull)
 
 
-def _fail(message: str, code: int, prefix: str = "error") -> None:
+def _fail(message: str, code: int, prefix: str = "error") -> NoReturn:
+    """Print `prefix: message` as one stderr line and exit with `code`."""
     console.print(f"[bold red]{prefix}:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
 
@@ -158,10 +159,14 @@ def describe_exception(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+_ALLOCATION_FAILURES = ("can't allocate memory", "Storage size calculation overflowed", "out of memory")
+
+
 def known_error(err: Exception) -> LoradarError | None:
     """Exceptions with a known user-level cause (memory, non-finite maths) as LoradarErrors; None otherwise."""
     names = {cls.__name__ for cls in type(err).__mro__}
-    if names & {"MemoryError", "OutOfMemoryError"}:
+    text = str(err)
+    if names & {"MemoryError", "OutOfMemoryError"} or any(m in text for m in _ALLOCATION_FAILURES):
         return LoradarError(
             f"out of memory ({describe_exception(err)})", hint="use a smaller --batch-size, --rank or --limit"
         )
@@ -343,7 +348,8 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], Non
 
 
 class PlainProgress:
-    """(stage, done, total) -> a line `stage: done/total (p %), r/s, t s` at most every `interval` s, and at the end."""
+    """(stage, done, total) -> a line `stage: done/total (p %), r/s, t s`: when a stage starts, then at most every
+    `interval` seconds, and when it ends (the rate counts from the stage's first report)."""
 
     def __init__(
         self,
@@ -358,7 +364,7 @@ class PlainProgress:
     def __call__(self, stage: str, done: int, total: int) -> None:
         now = self.clock()
         start = self.started.setdefault(stage, now)
-        if done < total and now - self.last.get(stage, start) < self.interval:
+        if stage in self.last and done < total and now - self.last[stage] < self.interval:
             return
         self.last[stage] = now
         elapsed = now - start

@@ -1,5 +1,6 @@
 """The `loradar` command: a Typer app whose commands import torch only when they run."""
 
+import functools
 import sys
 
 import typer
@@ -70,9 +71,15 @@ app.command("ensemble-vote")(ensemble_vote_cli)
 app.add_typer(identify_app, name="identify-attack")
 
 
+@functools.cache
+def _click_command() -> typer.core.TyperGroup:
+    """The Click command tree, built once: Typer builds it from the annotations on every call otherwise."""
+    return typer.main.get_command(app)
+
+
 def run(args: list[str] | None = None) -> int:
     """Run the CLI on `args` and return the exit code; Click's usage errors become one stderr line too."""
-    command = typer.main.get_command(app)
+    command = _click_command()
     try:
         result = command.main(args=args, prog_name="loradar", standalone_mode=False)
     except typer.Exit as done:

@@ -24,6 +24,8 @@ from loradar_cli.cli._common import (
 from loradar_cli.cli._options import positive
 from loradar_cli.cli._tables import kv_table
 
+MAX_IMG_SIZE = 8192  # a side beyond this is a typo, not an image a CPU or one GPU can hold in batches
+
 
 @run_command
 def finetune_cli(
@@ -43,7 +45,9 @@ def finetune_cli(
     model_kwarg: Annotated[
         list[str] | None, typer.Option("--model-kwarg", help="timm kwarg KEY=VALUE, e.g. img_size=32.")
     ] = None,
-    img_size: Annotated[int | None, typer.Option("--img-size", min=1, help="Resize inputs to this size.")] = None,
+    img_size: Annotated[
+        int | None, typer.Option("--img-size", min=1, max=MAX_IMG_SIZE, help="Resize inputs to this size.")
+    ] = None,
     in_chans: Annotated[
         int | None, typer.Option("--in-chans", min=1, help="Input channels (default: the data's).")
     ] = None,

