@@ -264,7 +264,7 @@ class Store:
         if self.store_format() >= STORE_FORMAT:
             return
         marker_lock = lock.lock_path(self.root, "store", "format")
-        lock.try_claim(marker_lock, wait=True)  # concurrent first writers wait for one migration, then proceed
+        lock.try_claim(marker_lock, timeout=None)  # concurrent first writers wait for one migration, then proceed
         try:
             if self.store_format() >= STORE_FORMAT:
                 return
