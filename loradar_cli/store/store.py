@@ -154,6 +154,7 @@ class Store:
 
     def names(self, kind: str) -> list[str]:
         """Entries of a kind, skipping hidden folders (temporary and aside copies), links and invalid names."""
+        self.check_root()
         folder = self.kind_dir(kind)
         if folder != self.root and folder.is_symlink():
             return []
@@ -174,6 +175,11 @@ class Store:
                 continue
             out.append(p.name)
         return sorted(out)
+
+    def check_root(self) -> None:
+        """A store root that exists must be a folder (a missing one is an empty store)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise InvalidValueError(f"store {self.root} is not a folder")
 
     def adapter_names(self) -> list[str]:
         return self.names("adapter")
@@ -298,6 +304,7 @@ class Store:
     def read_files(self, kind: str, name: str, filenames: Iterable[str], *, legacy: bool = False) -> dict[str, bytes]:
         """Bytes of an entry's files, each checked against the entry's manifest (format-1 entries: unchecked)."""
         folder = self.entry_dir(kind, name)
+        self.check_root()
         self._check_no_links(kind)
         if folder.is_symlink():
             raise CorruptError(f"{folder} is a symbolic link; the store never follows links out of its root")
@@ -691,7 +698,7 @@ def _parse_meta(data: bytes, path: Path, model: type[M]) -> M:
         raw = json.loads(data)
     except ValueError:
         raise CorruptError(f"{path} is not JSON") from None
-    version = newer_schema(raw)
+    version = newer_schema(raw) if model is not IdentifierMeta else None
     if version is not None:
         raise IncompatibleError(
             f"{path} has schema version {version}, newer than this loradar reads (1)", hint="upgrade loradar"

@@ -205,3 +205,11 @@ def test_show_prints_lineage_and_identifiers(root):
     assert "attack pgd" in tree and "base tiny" in tree
     ident = json.loads(invoke(root, "show", "who", "--json").stdout)
     assert ident["members"] == ["a", "b", ":base"]
+
+
+def test_a_store_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    for args in (["list"], ["verify"], ["show", "a"]):
+        result = invoke(path, *args)
+        assert result.exit_code == 1 and "is not a folder" in result.stderr, (args, result.stderr)
