@@ -295,10 +295,11 @@ class Store:
             files = {f: read_file(folder / f) for f in KINDS[kind].files}
         except (CorruptError, IncompatibleError, OSError):
             return
-        tmp = folder / f".tmp-{MANIFEST}-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        write_new_file(tmp, manifest_bytes(kind, name, files))
-        os.replace(tmp, folder / MANIFEST)
+        with self._claimed(kind, name, f"{kind} {name!r}"):  # keeps `verify --fix` off the file being written
+            tmp = folder / f".tmp-{MANIFEST}-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            write_new_file(tmp, manifest_bytes(kind, name, files))
+            os.replace(tmp, folder / MANIFEST)
 
     # ------------------------------------------------------------------ reading
     def read_files(self, kind: str, name: str, filenames: Iterable[str], *, legacy: bool = False) -> dict[str, bytes]:
