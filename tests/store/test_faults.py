@@ -195,9 +195,11 @@ def test_sigkill_at_random_moments_leaves_no_damage(digits_store, tmp_path):
                     with lock:
                         kills[0] += 1
                     outcomes[name].append("killed")
+                    duration *= 1.05  # track the run time as the machine's load changes: kills stay in the run
                 else:
                     assert code == 0 and TRACEBACK not in err.read_text(), err.read_text()
                     outcomes[name].append("finished")
+                    duration *= 0.8
         except BaseException as failure:  # a worker's failure must fail the test, not vanish with its thread
             errors.append(failure)
         finally:
