@@ -679,12 +679,6 @@ def _tensor_bytes(tensors: Mapping[str, Tensor]) -> bytes:
     return save(clean, metadata={"format": "pt"})
 
 
-def write_safetensors_files(folder: Path, tensor_files: Mapping[str, Mapping[str, Tensor]]) -> None:
-    """Write each tensor mapping as a safetensors file in `folder` (files created with the umask's mode)."""
-    for filename, tensors in tensor_files.items():
-        write_new_file(folder / filename, _tensor_bytes(tensors))
-
-
 def _parse_tensors(data: bytes, path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load
 
