@@ -16,3 +16,35 @@ def test_success_replaces_the_target_and_failure_leaves_it_untouched(tmp_path):
         raise RuntimeError("interrupted")
     assert target.read_text() == "new"
     assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"]  # no temporary file left
+
+
+def test_new_files_and_folders_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from loradar_cli.files import make_temp_dir, write_new_file
+
+    old = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / "set.safetensors") as tmp:
+            tmp.write_bytes(b"x")
+        folder = make_temp_dir(tmp_path, ".tmp-x-")
+        write_new_file(folder / "f", b"y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "set.safetensors").stat().st_mode) == 0o640  # mkstemp alone gives 0600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750  # mkdtemp alone gives 0700
+    assert stat.S_IMODE((folder / "f").stat().st_mode) == 0o640
+
+
+def test_exchange_swaps_two_folders_in_one_step(tmp_path):
+    from loradar_cli.files import exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "which").write_text("a")
+    (b / "which").write_text("b")
+    if not exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+    assert (a / "which").read_text() == "b" and (b / "which").read_text() == "a"

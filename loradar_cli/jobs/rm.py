@@ -4,7 +4,8 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from loradar_cli.store.store import Store
+from loradar_cli.errors import IncompatibleError
+from loradar_cli.store.store import Store, describe_refs
 
 
 class Orphan(BaseModel):
@@ -29,7 +30,10 @@ def remove_entries(store: Store, names: Sequence[str], *, kind: str | None = Non
         for k, n in resolved:  # links between entries removed together do not count
             outside = [r for r in store.dependents(k, n) if r.source not in going]
             if outside:
-                store.remove(k, n, force=False)  # raises, naming the dependents
+                raise IncompatibleError(
+                    f"cannot remove {k} {n!r}: {describe_refs(outside)}",
+                    hint="pass --force to do it anyway and orphan them",
+                )
     removed, orphans = [], []
     for k, n in resolved:
         broken = store.remove(k, n, force=True)

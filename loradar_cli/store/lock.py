@@ -10,12 +10,14 @@ import atexit
 import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from loradar_cli.errors import ExistsError
 from loradar_cli.files import dir_mode
 
 LOCKS = ".locks"
+CLAIM_WAIT = 3.0  # seconds a writer waits for a claim before reporting its holder
 _held: dict[str, int] = {}
 
 
@@ -23,9 +25,11 @@ def lock_path(root: Path, kind: str, name: str) -> Path:
     return root / LOCKS / f"{kind}-{name}.lock"
 
 
-def try_claim(path: Path, *, wait: bool = False) -> bool:
-    """Take the claim (without waiting unless `wait`); True if this process now holds it (reentrant in-process)."""
+def try_claim(path: Path, *, timeout: float | None = 0.0) -> bool:
+    """Take the claim, waiting up to `timeout` seconds (None: as long as it takes); True if this process now
+    holds it (reentrant within one process)."""
     key = str(path)
+    deadline = None if timeout is None else time.monotonic() + timeout
     if key in _held:
         return True
     while True:
@@ -38,9 +42,7 @@ def try_claim(path: Path, *, wait: bool = False) -> bool:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         except FileNotFoundError:
             continue  # the folder was removed by a releasing process in between
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
+        if not _flock(fd, fcntl.LOCK_EX, deadline):
             os.close(fd)
             return False
         try:
@@ -56,9 +58,28 @@ def try_claim(path: Path, *, wait: bool = False) -> bool:
         return True
 
 
+def _flock(fd: int, mode: int, deadline: float | None) -> bool:
+    """flock, polling until `deadline` (None: block); False if still held by another process then."""
+    if deadline is None:
+        fcntl.flock(fd, mode)
+        return True
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
 def claim(path: Path, what: str) -> None:
-    """Take the claim for `what` (e.g. "adapter 'x'") or fail at once naming the process that holds it."""
-    if try_claim(path):
+    """Take the claim for `what` (e.g. "adapter 'x'") or fail naming the process that holds it.
+
+    It waits a few seconds first: a writer of another name may hold it briefly while removing this name's
+    leftovers, and that must not make this writer fail.
+    """
+    if try_claim(path, timeout=CLAIM_WAIT):
         return
     raise busy_error(path, what)
 
@@ -91,12 +112,9 @@ def busy(path: Path) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        return not _flock(fd, fcntl.LOCK_SH, time.monotonic() + CLAIM_WAIT)
     finally:
         os.close(fd)
-    return False
 
 
 def holder(path: Path) -> str:

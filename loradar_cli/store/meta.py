@@ -69,7 +69,7 @@ class IdentifierMeta(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="allow", protected_namespaces=())
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: int = Field(SCHEMA_VERSION, ge=1)  # the identifier's own format, versioned by its writer
     name: Name
     members: list[str] = Field(min_length=1)
     mode: str | None = None

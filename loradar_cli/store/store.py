@@ -160,6 +160,7 @@ class Store:
 
     def names(self, kind: str) -> list[str]:
         """Entries of a kind, skipping hidden folders (temporary and aside copies), links and invalid names."""
+        self.check_root()
         folder = self.kind_dir(kind)
         if folder != self.root and folder.is_symlink():
             return []
@@ -180,6 +181,11 @@ class Store:
                 continue
             out.append(p.name)
         return sorted(out)
+
+    def check_root(self) -> None:
+        """A store root that exists must be a folder (a missing one is an empty store)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise InvalidValueError(f"store {self.root} is not a folder")
 
     def adapter_names(self) -> list[str]:
         return self.names("adapter")
@@ -270,7 +276,7 @@ class Store:
         if self.store_format() >= STORE_FORMAT:
             return
         marker_lock = lock.lock_path(self.root, "store", "format")
-        lock.try_claim(marker_lock, wait=True)  # concurrent first writers wait for one migration, then proceed
+        lock.try_claim(marker_lock, timeout=None)  # concurrent first writers wait for one migration, then proceed
         try:
             if self.store_format() >= STORE_FORMAT:
                 return
@@ -295,15 +301,17 @@ class Store:
             files = {f: read_file(folder / f) for f in KINDS[kind].files}
         except (CorruptError, IncompatibleError, OSError):
             return
-        tmp = folder / f".tmp-{MANIFEST}-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        write_new_file(tmp, manifest_bytes(kind, name, files))
-        os.replace(tmp, folder / MANIFEST)
+        with self._claimed(kind, name, f"{kind} {name!r}"):  # keeps `verify --fix` off the file being written
+            tmp = folder / f".tmp-{MANIFEST}-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            write_new_file(tmp, manifest_bytes(kind, name, files))
+            os.replace(tmp, folder / MANIFEST)
 
     # ------------------------------------------------------------------ reading
     def read_files(self, kind: str, name: str, filenames: Iterable[str], *, legacy: bool = False) -> dict[str, bytes]:
         """Bytes of an entry's files, each checked against the entry's manifest (format-1 entries: unchecked)."""
         folder = self.entry_dir(kind, name)
+        self.check_root()
         self._check_no_links(kind)
         if folder.is_symlink():
             raise CorruptError(f"{folder} is a symbolic link; the store never follows links out of its root")
@@ -677,12 +685,6 @@ def _tensor_bytes(tensors: Mapping[str, Tensor]) -> bytes:
     return save(clean, metadata={"format": "pt"})
 
 
-def write_safetensors_files(folder: Path, tensor_files: Mapping[str, Mapping[str, Tensor]]) -> None:
-    """Write each tensor mapping as a safetensors file in `folder` (files created with the umask's mode)."""
-    for filename, tensors in tensor_files.items():
-        write_new_file(folder / filename, _tensor_bytes(tensors))
-
-
 def _parse_tensors(data: bytes, path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load
 
@@ -697,7 +699,7 @@ def _parse_meta(data: bytes, path: Path, model: type[M]) -> M:
         raw = json.loads(data)
     except ValueError:
         raise CorruptError(f"{path} is not JSON") from None
-    version = newer_schema(raw)
+    version = newer_schema(raw) if model is not IdentifierMeta else None
     if version is not None:
         raise IncompatibleError(
             f"{path} has schema version {version}, newer than this loradar reads (1)", hint="upgrade loradar"

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from loradar_cli.advset import FORMAT
 from loradar_cli.cli.app import app, run
-from loradar_cli.errors import EXIT_CODES, LoradarError
+from loradar_cli.errors import EXIT_CODES
 from tests.cli._invoke import call
 from tests.conftest import make_adapter, make_base
 

@@ -213,3 +213,28 @@ def test_show_prints_lineage_and_identifiers(root):
     assert "attack pgd" in tree and "base tiny" in tree
     ident = json.loads(invoke(root, "show", "who", "--json").stdout)
     assert ident["members"] == ["a", "b", ":base"]
+
+
+def test_a_store_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    for args in (["list"], ["verify"], ["show", "a"]):
+        result = invoke(path, *args)
+        assert result.exit_code == EXIT_CODES["InvalidValueError"] and "is not a folder" in result.stderr, (
+            args,
+            result.stderr,
+        )
+
+
+def test_import_of_a_peft_folder_names_the_adapter_on_stdout(root, tmp_path):
+    pytest.importorskip("peft")
+    from tests.jobs.test_import_ import peft_folder
+
+    folder, _ = peft_folder(Store(root), tmp_path)
+    missing = invoke(root, "import", str(folder))
+    assert missing.exit_code == EXIT_CODES["InvalidValueError"] and "needs --base" in missing.stderr
+    result = invoke(root, "import", str(folder), "--base", "tiny", "--name", "from-peft")
+    assert result.exit_code == 0 and result.stdout == "from-peft\n", result.stderr
+    shown = json.loads(invoke(root, "show", "from-peft", "--json").stdout)
+    assert shown["recipe"] == "imported" and shown["attack"] is None
+    assert invoke(root, "list", "--recipe", "imported").stdout == "from-peft\n"
