@@ -18,8 +18,9 @@ def invoke(store, *args: str):
 
 def test_suite_names_constant_matches_registry() -> None:
     from loradar_cli.evaluation import SUITES
+    from loradar_cli.evaluation.suite import NORMS
 
-    assert tuple(SUITES.names()) == SUITE_NAMES
+    assert tuple(SUITES.names()) == SUITE_NAMES and NORMS == NORM_NAMES
 
 
 @pytest.mark.parametrize(

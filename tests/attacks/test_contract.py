@@ -177,3 +177,16 @@ def test_until_fooled_flags_describe_the_examples_and_early_stop_changes_nothing
     assert torch.equal(stop, full) and stop.any() and not stop.all()
     assert torch.equal(stop_x[stop], full_x[full]), "both keep each point's first fooling example"
     assert_within_threat_model(fast_attack(name, eps=eps), stop_x, x)
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_active_points_get_the_same_result_whoever_else_is_attacked(
+    name: str, resnet: nn.Module, images: tuple[Tensor, Tensor]
+) -> None:
+    x, y = images
+    active = torch.tensor([True, False, True, False])
+    part_x, part = fast_attack(name, seed=0).until_fooled(resnet, x, y, active=active, early_stop=False)
+    all_x, every = fast_attack(name, seed=0).until_fooled(resnet, x, y, early_stop=False)
+    assert torch.equal(part_x[~active], x[~active]) and not part[~active].any(), "inactive points are left alone"
+    torch.testing.assert_close(part_x[active], all_x[active], rtol=0, atol=1e-6)
+    assert torch.equal(part[active], every[active])
