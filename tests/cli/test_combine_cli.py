@@ -250,4 +250,4 @@ def test_plot_draws_the_confusion_matrix(root, tmp_path):
     image = imread(path)
     assert image.shape[0] > 100 and image.shape[1] > 100
     assert image[..., :3].std() > 0.05  # drawn cells and labels, not a blank canvas
-    assert json.loads(result.stdout)["confusion"]["labels"]  # the plot does not replace the JSON on stdout
+    assert json.loads(result.stdout)["confusion"]["rows"]  # the plot does not replace the JSON on stdout
