@@ -48,12 +48,14 @@ from loradar_cli.store.store import Store
 class IdentifierMeta(BaseModel):
     """A stored attack identifier: members (adapters, BASE_MEMBER = the base), classes, features and provenance.
 
-    Schema 1 identifiers (member confidences only) load as feature group "confidence".
+    Identifiers stored before feature groups (member confidences only) load as feature group "confidence".
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: Literal[1, 2] = 2
+    schema_version: Literal[1] = (
+        1  # the store format (store.meta.SCHEMA_VERSION); older identifiers default their feature groups
+    )
     name: str
     base: str
     base_fingerprint: str

@@ -84,7 +84,7 @@ def test_fit_human_output_labels_held_out_and_training(root):
     text = " ".join(fit.stderr.split())
     assert "training accuracy (inputs it was fitted on, n=36)" in text and "held-out accuracy (n=12" in text
     shown = json.loads((root / "store" / "identifiers" / "idh" / "identifier.json").read_text())
-    assert shown["feature_groups"] == ["plateau", "confidence"] and shown["schema_version"] == 2
+    assert shown["feature_groups"] == ["plateau", "confidence"] and shown["schema_version"] == 1
 
 
 @pytest.mark.parametrize(

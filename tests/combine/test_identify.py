@@ -139,8 +139,8 @@ def test_calibrated_identifier_fit_store_load_predict_reproduces_held_out_and_ro
         load_identifier(pool, "idf")
 
 
-def test_schema_1_identifier_loads_as_the_confidence_group(pool, x):
-    """An identifier stored before input features (schema 1) predicts from member confidences as it did."""
+def test_identifier_without_feature_groups_loads_as_the_confidence_group(pool, x):
+    """An identifier stored before input features (no feature_groups) predicts from member confidences as it did."""
     from loradar_cli.models import weights_fingerprint
     from loradar_cli.ops.identify import IdentifierModel, identity_feature_names, identity_features
 
