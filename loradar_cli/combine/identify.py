@@ -48,7 +48,7 @@ from loradar_cli.store.store import Store
 class IdentifierMeta(BaseModel):
     """A stored attack identifier: members (adapters, BASE_MEMBER = the base), classes, features and provenance.
 
-    Schema 1 identifiers (member confidences only) load as feature group "confidence".
+    Identifiers stored before feature groups (member confidences only) load as feature group "confidence".
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -400,35 +400,22 @@ def fit_identifier_from_sets(
     inputs = _feature_inputs(order, dict(zip(order, probs, strict=True)), torch.cat([s.x for s in sets]))
     blocks = {g: compute_features([g], inputs) for g in candidates}
     labels = [s.attack for s in sets for _ in range(len(s.y))]
-    kept, held = stratified_split(labels, held_out, seed)
-    if not held or len({labels[i] for i in kept}) < 2:
-        raise InvalidValueError("need at least 2 inputs in each of at least 2 classes to hold some out")
     fit_options = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay}
-    kept_labels, held_labels = [labels[i] for i in kept], [labels[i] for i in held]
-    if list(features) == [AUTO_FEATURES]:
-        groups, history = select_feature_groups(
-            {g: b[kept] for g, b in blocks.items()}, kept_labels, seed=seed, fit_options=fit_options
-        )
-    else:
-        groups, history = candidates, []
-    table = torch.cat([blocks[g] for g in groups], dim=1)
-    model = fit_identifier(table[kept], kept_labels, seed=seed, **fit_options)
-    if reject_quantile is not None:
-        model = calibrate_rejection(model, table[kept], kept_labels, table[held], quantile=reject_quantile)
-    held_pred = model.predict(table[held])
+    fitted = _fit_held_out(
+        blocks, labels, list(features) == [AUTO_FEATURES], held_out, reject_quantile, seed, fit_options
+    )
+    model, groups = fitted.model, fitted.groups
     training = {
         "sets": {s.label: {"attack": s.attack, "n": len(s.y)} for s in sets},
         "split": split,
         "held_out_fraction": held_out,
-        "n_fit": len(kept),
-        "n_held_out": len(held),
-        "selection": {"candidates": candidates, "folds": 3, "history": history} if history else None,
+        "n_fit": len(fitted.kept),
+        "n_held_out": len(fitted.held),
+        "selection": {"candidates": candidates, "folds": 3, "history": fitted.history} if fitted.history else None,
         **fit_options,
         "seed": seed,
         "reject_quantile": reject_quantile,
-        "train_accuracy": accuracy(kept_labels, model.predict(table[kept], reject=False)),
-        "held_out_accuracy": accuracy(held_labels, model.predict(table[held], reject=False)),
-        "held_out_accuracy_with_rejection": accuracy(held_labels, held_pred),
+        **fitted.scores(),
     }
     tensors = model.state_dict()
     meta = IdentifierMeta(
@@ -445,7 +432,9 @@ def fit_identifier_from_sets(
         tensors_sha256=weights_fingerprint(tensors),
     )
     store.save_identifier(name, meta.model_dump(mode="json"), tensors, overwrite=overwrite)
-    held_report = {"n": len(held), **identification_summary(held_labels, held_pred, model.classes)}
+    held_labels = [labels[i] for i in fitted.held]
+    held_pred = model.predict(fitted.table[fitted.held])
+    held_report = {"n": len(fitted.held), **identification_summary(held_labels, held_pred, model.classes)}
     return meta, {
         "name": name,
         "base": meta.base,
@@ -457,6 +446,53 @@ def fit_identifier_from_sets(
         "held_out": held_report,
         "training": training,
     }
+
+
+@dataclass(frozen=True)
+class _HeldOutFit:
+    """A model fitted on the kept rows of a feature table, with the rows held out of fitting."""
+
+    model: IdentifierModel
+    groups: list[str]
+    history: list[dict[str, object]]
+    table: Tensor
+    labels: list[str]
+    kept: list[int]
+    held: list[int]
+
+    def scores(self) -> dict[str, float]:
+        """Training and held-out accuracy (closed set), and held-out accuracy with rejection."""
+        kept_labels, held_labels = [self.labels[i] for i in self.kept], [self.labels[i] for i in self.held]
+        return {
+            "train_accuracy": accuracy(kept_labels, self.model.predict(self.table[self.kept], reject=False)),
+            "held_out_accuracy": accuracy(held_labels, self.model.predict(self.table[self.held], reject=False)),
+            "held_out_accuracy_with_rejection": accuracy(held_labels, self.model.predict(self.table[self.held])),
+        }
+
+
+def _fit_held_out(
+    blocks: Mapping[str, Tensor],
+    labels: list[str],
+    select: bool,
+    held_out: float,
+    reject_quantile: float | None,
+    seed: int,
+    fit_options: Mapping[str, Any],
+) -> _HeldOutFit:
+    """Hold out a stratified part; select groups (if `select`) and fit on the rest; set rejection on the part."""
+    kept, held = stratified_split(labels, held_out, seed)
+    if not held or len({labels[i] for i in kept}) < 2:
+        raise InvalidValueError("need at least 2 inputs in each of at least 2 classes to hold some out")
+    kept_labels = [labels[i] for i in kept]
+    groups, history = list(blocks), []
+    if select:
+        kept_blocks = {g: b[kept] for g, b in blocks.items()}
+        groups, history = select_feature_groups(kept_blocks, kept_labels, seed=seed, fit_options=fit_options)
+    table = torch.cat([blocks[g] for g in groups], dim=1)
+    model = fit_identifier(table[kept], kept_labels, seed=seed, **fit_options)
+    if reject_quantile is not None:
+        model = calibrate_rejection(model, table[kept], kept_labels, table[held], quantile=reject_quantile)
+    return _HeldOutFit(model, groups, history, table, labels, kept, held)
 
 
 def _candidate_groups(features: Sequence[str]) -> list[str]:

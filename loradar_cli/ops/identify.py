@@ -405,19 +405,20 @@ def select_feature_groups(
     *,
     folds: int = 3,
     seed: int = 0,
-    min_gain: float = 0.005,
+    tolerance: float = 0.005,
     fit_options: Mapping | None = None,
 ) -> tuple[list[str], list[dict[str, object]]]:
     """Greedy forward selection of feature groups by cross-validated accuracy.
 
-    Starting from none, add the group that raises the `folds`-fold accuracy most; stop when no group raises it by
-    more than `min_gain`. Returns the chosen groups in order and the history (groups and accuracy per round).
+    Each round adds the group that gives the best `folds`-fold accuracy, until every group is in; the answer is
+    the shortest chosen prefix within `tolerance` of the best accuracy seen (running every round instead of
+    stopping at the first round without gain lets a group that only helps next to others be found). Returns the
+    groups and the history (groups and accuracy per round).
     """
     if not blocks:
         raise InvalidValueError("no feature groups to select from")
     chosen: list[str] = []
-    best = 0.0
-    history: list[dict[str, object]] = []
+    scores: list[float] = []
     options = dict(fit_options or {})
     while len(chosen) < len(blocks):
         trials = {
@@ -426,9 +427,10 @@ def select_feature_groups(
             if name not in chosen
         }
         name, score = max(trials.items(), key=lambda kv: (kv[1], -list(blocks).index(kv[0])))
-        if chosen and score <= best + min_gain:
-            break
         chosen.append(name)
-        best = score
-        history.append({"groups": list(chosen), "cv_accuracy": score})
-    return chosen, history
+        scores.append(score)
+    size = next(i + 1 for i, score in enumerate(scores) if score >= max(scores) - tolerance)
+    history: list[dict[str, object]] = [
+        {"groups": chosen[: i + 1], "cv_accuracy": score} for i, score in enumerate(scores)
+    ]
+    return chosen[:size], history

@@ -137,3 +137,45 @@ def test_calibrated_identifier_fit_store_load_predict_reproduces_held_out_and_ro
     (pool.identifier_dir("idf") / "identifier.safetensors").write_bytes(b"garbage")
     with pytest.raises(CorruptError):
         load_identifier(pool, "idf")
+
+
+def test_identifier_without_feature_groups_loads_as_the_confidence_group(pool, x):
+    """An identifier stored before input features (no feature_groups) predicts from member confidences as it did."""
+    from loradar_cli.models import weights_fingerprint
+    from loradar_cli.ops.identify import IdentifierModel, identity_feature_names, identity_features
+
+    g = torch.Generator().manual_seed(0)
+    n_features = len(identity_feature_names(3))
+    model = IdentifierModel(
+        torch.randn(2, n_features, generator=g),
+        torch.zeros(2),
+        torch.zeros(n_features),
+        torch.ones(n_features),
+        ["clean", "pgd"],
+    )
+    tensors = model.state_dict()
+    base = pool.base_meta("tiny")
+    meta = {
+        "schema_version": 1,
+        "name": "old",
+        "base": "tiny",
+        "base_fingerprint": base.fingerprint,
+        "members": ["a", "b", ":base"],
+        "member_labels": {"a": "pgd", "b": "fgsm"},
+        "classes": ["clean", "pgd"],
+        "feature_names": identity_feature_names(3),
+        "tensors_sha256": weights_fingerprint(tensors),
+    }
+    pool.save_identifier("old", meta, tensors)
+    ident = load_identifier(pool, "old", base)
+    assert ident.meta.feature_groups == ["confidence"] and not ident.needs_input
+    probs = dict(
+        zip(
+            ["a", "b", ":base"],
+            torch.cat([naive_probs(pool, ["a", "b"], x), load_model(pool, "tiny")(x).softmax(-1)[None]]),
+            strict=True,
+        )
+    )
+    stack = torch.stack([probs[m] for m in ["a", "b", ":base"]])
+    expected = [["clean", "pgd"][i] for i in (identity_features(stack) @ model.weight.T).argmax(dim=1).tolist()]
+    assert ident.predict(probs) == expected

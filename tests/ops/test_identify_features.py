@@ -134,3 +134,15 @@ def test_registry_and_missing_inputs():
         compute_features(["nope"], FeatureInputs(torch.full((1, 1, 2), 0.5)))
     with pytest.raises(IncompatibleError):
         compute_features(["residual"], FeatureInputs(torch.full((1, 1, 2), 0.5)))
+
+
+@pytest.mark.parametrize("group", ["residual", "patch", "frequency", "probs", "disagreement", "log-odds"])
+def test_features_pass_gradients_to_an_adaptive_attacker(group):
+    """Groups other than plateau are differentiable in the input and the members' probabilities."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 12, 12, generator=g).requires_grad_()
+    logits = torch.randn(2, 3, 4, generator=g).requires_grad_()
+    probs = (logits + x.mean(dim=(1, 2, 3))[None, :, None]).softmax(dim=-1)
+    compute_features([group], FeatureInputs(probs, x, base_index=1)).sum().backward()
+    grad = x.grad if IDENTIFY_FEATURES.get(group).needs_input else logits.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
