@@ -11,7 +11,8 @@ the feature-extractor thread (LoRA branch off); the output is that thread: a rob
   if fewer than ρ = 0.75 of the window's epochs improved the validation robust accuracy, or if the rate was
   not changed at the previous checkpoint and the best robust accuracy did not rise since; a halving reloads
   the best weights so far; training stops once the rate falls below 1e-5.
-- [ours] BatchNorm running statistics stay frozen (the loop's adapter mode); LoRA A starts Kaiming-uniform.
+- [paper][code] BatchNorm layers are shared by both threads and run in train mode (their statistics are part
+  of the stored base). [ours] LoRA A starts Kaiming-uniform.
 """
 
 from contextlib import AbstractContextManager
@@ -68,6 +69,7 @@ class AutoLoRa(Recipe):
     config_cls = AutoLoRaConfig
     config: AutoLoRaConfig
     output: ClassVar[str] = "base"
+    frozen_norm_stats: ClassVar[bool] = False
     default_targets: ClassVar[str | None] = "convs"  # [code] every conv (the paper skips the stem; we do not)
 
     def __init__(self, config: RecipeConfig | None = None) -> None:
@@ -80,6 +82,7 @@ class AutoLoRa(Recipe):
         self.lr = self.config.lr
         self._train: ImageData | None = None
         self._params: dict[str, list[nn.Parameter]] = {}
+        self._norm_stats: list[Tensor] = []  # BatchNorm running statistics: saved and reloaded with the weights
         self._best: list[Tensor] = []
         self._optimizer: torch.optim.Optimizer | None = None
 
@@ -87,6 +90,9 @@ class AutoLoRa(Recipe):
     def prepare(self, model: nn.Module, train: ImageData, val: ImageData, attack: AttackFn) -> None:
         """Unfreeze the feature extractor; measure SA and the starting robust accuracy RA(0)."""
         self._params = split_parameters(model)
+        self._norm_stats = [
+            b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()
+        ]
         for p in model.parameters():
             if p.dtype.is_floating_point:
                 p.requires_grad_(True)
@@ -161,18 +167,23 @@ class AutoLoRa(Recipe):
             for group in self._optimizer.param_groups:
                 group["lr"] = lr
 
-    def _all(self) -> list[nn.Parameter]:
-        return [p for group in ("fe", "lora", "head") for p in self._params.get(group, [])]
+    def _all(self) -> list[Tensor]:
+        return [p for group in ("fe", "lora", "head") for p in self._params.get(group, [])] + self._norm_stats
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         keys = ("lam1", "lam2", "ra", "best_ra", "best_at_checkpoint", "changed_at_checkpoint", "lr")
-        return {**{k: getattr(self, k) for k in keys}, "best": self._best}
+        stats = [b.detach().clone() for b in self._norm_stats]
+        return {**{k: getattr(self, k) for k in keys}, "best": self._best, "norm_stats": stats}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             if key == "best":
                 self._best = list(value)
+            elif key == "norm_stats":
+                with torch.no_grad():
+                    for buffer, saved in zip(self._norm_stats, value, strict=True):
+                        buffer.copy_(saved)
             elif key == "lr":
                 self.set_lr(value)
             else:

@@ -58,6 +58,7 @@ class Recipe:
     lora_init: ClassVar[str] = "kaiming"  # a key of lora.init.LORA_INITS
     default_targets: ClassVar[str | None] = None  # a LoRA target preset when --targets is not given
     output: ClassVar[str] = "adapter"  # "adapter", or "base" for a recipe whose result is a full model
+    frozen_norm_stats: ClassVar[bool] = True  # BatchNorm statistics stay the base's (exact adapter reloads)
     output_suffixes: ClassVar[tuple[str, ...]] = ("",)  # names of the adapters `export` writes: --name + suffix
 
     def __init__(self, config: RecipeConfig | None = None) -> None:

@@ -220,7 +220,7 @@ def train_epoch(
         batch_attack = (
             Precomputed(getattr(attack, "config", None), static_adv[idx]) if static_adv is not None else attack
         )
-        adapter_train_mode(model)
+        adapter_train_mode(model) if recipe.frozen_norm_stats else model.train()
         out = recipe.step(model, x, y, batch_attack)
         run.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
