@@ -27,7 +27,7 @@ from loradar_cli.data import ImageData
 from loradar_cli.lora.inject import classifier_name, lora_layers
 from loradar_cli.lora.layers import lora_switched
 from loradar_cli.metrics import accuracy
-from loradar_cli.recipes.base import AttackFn, Recipe, RecipeConfig, StepOutput, register_recipe
+from loradar_cli.recipes.base import AttackFn, Recipe, RecipeConfig, StepOutput, norm_stats, register_recipe
 from loradar_cli.recipes.losses import kl_div
 
 
@@ -90,9 +90,7 @@ class AutoLoRa(Recipe):
     def prepare(self, model: nn.Module, train: ImageData, val: ImageData, attack: AttackFn) -> None:
         """Unfreeze the feature extractor; measure SA and the starting robust accuracy RA(0)."""
         self._params = split_parameters(model)
-        self._norm_stats = [
-            b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()
-        ]
+        self._norm_stats = norm_stats(model)
         for p in model.parameters():
             if p.dtype.is_floating_point:
                 p.requires_grad_(True)
@@ -173,17 +171,12 @@ class AutoLoRa(Recipe):
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         keys = ("lam1", "lam2", "ra", "best_ra", "best_at_checkpoint", "changed_at_checkpoint", "lr")
-        stats = [b.detach().clone() for b in self._norm_stats]
-        return {**{k: getattr(self, k) for k in keys}, "best": self._best, "norm_stats": stats}
+        return {**{k: getattr(self, k) for k in keys}, "best": self._best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             if key == "best":
                 self._best = list(value)
-            elif key == "norm_stats":
-                with torch.no_grad():
-                    for buffer, saved in zip(self._norm_stats, value, strict=True):
-                        buffer.copy_(saved)
             elif key == "lr":
                 self.set_lr(value)
             else:

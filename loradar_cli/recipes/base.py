@@ -137,3 +137,8 @@ def build_recipe(name: str, options: Mapping[str, Any] | None = None) -> Recipe:
         raise InvalidValueError(
             f"invalid option for recipe {name!r}: {where}: {first['msg']} (got {first['input']!r})"
         ) from None
+
+
+def norm_stats(model: nn.Module) -> list[Tensor]:
+    """The BatchNorm running statistics of `model` (mean, variance, batch count), in module order."""
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]

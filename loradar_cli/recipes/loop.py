@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from loradar_cli.data import ImageData
 from loradar_cli.lora.inject import trainable_parameters
 from loradar_cli.metrics import Progress, accuracy
-from loradar_cli.recipes.base import Recipe, build_recipe
+from loradar_cli.recipes.base import Recipe, build_recipe, norm_stats
 from loradar_cli.recipes.checkpoint import Checkpoint, rng_state, set_rng_state
 
 
@@ -106,7 +106,7 @@ def is_better(stats: EpochStats, best: EpochStats | None, select: str, min_clean
 class _Run:
     """The mutable state of an adapter run: what a checkpoint saves after each completed epoch."""
 
-    params: list[nn.Parameter]
+    params: list[Tensor]  # trained parameters (and moving BatchNorm statistics)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     generator: torch.Generator
@@ -162,12 +162,14 @@ def train_adapter(
     recipe.prepare(model, train, val, attack)
     params = trainable_parameters(model)
     optimizer, scheduler = recipe.build_optimizer(params, config.lr, config.step_size, config.gamma)
+    # what the best epoch and a checkpoint keep: trained parameters, plus BatchNorm statistics when they move
+    tracked = params + ([] if recipe.frozen_norm_stats else norm_stats(model))
     run = _Run(
-        params,
+        tracked,
         optimizer,
         scheduler,
         torch.Generator().manual_seed(config.seed),
-        best_state=[p.detach().clone() for p in params],
+        best_state=[p.detach().clone() for p in tracked],
     )
     static_adv = adversarial(attack, model, train.x, train.y, config.batch_size) if config.static_attack else None
     saved = checkpoint.load() if checkpoint is not None else None
@@ -189,13 +191,13 @@ def train_adapter(
         run.result.history.append(stats)
         if is_better(stats, best, config.select, config.min_clean):
             run.result.best_epoch = epoch
-            run.best_state = [p.detach().clone() for p in params]
+            run.best_state = [p.detach().clone() for p in tracked]
         if checkpoint is not None:
             checkpoint.save(run.state_dict(recipe))
         if stop:
             break
     with torch.no_grad():
-        for p, best_value in zip(params, run.best_state, strict=True):
+        for p, best_value in zip(tracked, run.best_state, strict=True):
             p.copy_(best_value)
     model.eval()
     return run.result
