@@ -4,8 +4,6 @@ With `pool`, one adapter per value of an attack option (e.g. eps) is trained wit
 members are recorded as one named pool (`<store>/pools/<name>.json`) that merge and eval accept by name.
 """
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +18,7 @@ from loradar_cli.lora.state import base_state
 from loradar_cli.metrics import Progress
 from loradar_cli.models import ImageClassifier
 from loradar_cli.recipes.base import build_recipe
-from loradar_cli.recipes.checkpoint import Checkpoint
+from loradar_cli.recipes.checkpoint import Checkpoint, run_fingerprint
 from loradar_cli.recipes.loop import TrainConfig, train_adapter
 from loradar_cli.store.meta import AdapterMeta, BaseMeta
 from loradar_cli.store.pools import PoolManifest, check_pool_free, save_pool
@@ -73,7 +71,7 @@ def train_and_store_adapter(
     init_lora(layers, recipe.lora_init)
     recipe_config = {**config.model_dump(), "recipe_options": recipe.config.model_dump(mode="json")}
     run_options = [stored.meta.fingerprint, attack_fn.describe(), recipe_config, spec.model_dump(), data, limit]
-    checkpoint = Checkpoint(resume_folder(store, name), _fingerprint([*run_options, val_limit]))
+    checkpoint = Checkpoint(resume_folder(store, name), run_fingerprint([*run_options, val_limit]))
     if not resume:
         checkpoint.clear()
     result = train_adapter(model, attack_fn, train, val, config, progress, recipe=recipe, checkpoint=checkpoint)
@@ -193,7 +191,3 @@ def _save_base(
     update = {"name": name, "metrics": metrics, "seed": seed, "provenance": provenance, "fingerprint": ""}
     meta = BaseMeta.model_validate(source.model_copy(update=update).model_dump())
     store.save_base(meta, state, overwrite=overwrite)
-
-
-def _fingerprint(options: Sequence[Any]) -> str:
-    return hashlib.sha256(json.dumps(list(options), sort_keys=True, default=str).encode()).hexdigest()

@@ -246,14 +246,26 @@ def fit_classifier(
     batch_size: int,
     seed: int,
     progress: Progress | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> float:
-    """Fit a base on clean data (all parameters that require grad); returns validation accuracy."""
+    """Fit a base on clean data (all parameters that require grad); returns validation accuracy.
+
+    With a `checkpoint`, the model, optimiser, schedule and RNG states are saved after every epoch and a saved
+    state is resumed from.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     steps_total = epochs * ((len(train) + batch_size - 1) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps_total, 1))
     generator = torch.Generator().manual_seed(seed)
-    for epoch in range(1, epochs + 1):
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        for key, part in parts.items():
+            part.load_state_dict(saved[key])
+        generator.set_state(saved["generator"])
+        set_rng_state(saved["rng"])
+    for epoch in range((saved or {}).get("epoch", 0) + 1, epochs + 1):
         model.train()
         steps = batches(len(train), batch_size, generator)
         for i, idx in enumerate(steps):
@@ -266,5 +278,8 @@ def fit_classifier(
             scheduler.step()
             if progress:
                 progress(f"fit epoch {epoch}/{epochs}", i + 1, len(steps))
+        if checkpoint is not None:
+            state = {key: part.state_dict() for key, part in parts.items()}
+            checkpoint.save({**state, "epoch": epoch, "generator": generator.get_state(), "rng": rng_state()})
     model.eval()
     return accuracy(model, val.x, val.y)

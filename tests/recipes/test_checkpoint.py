@@ -106,3 +106,28 @@ def test_resume_after_sigkill_gives_the_uninterrupted_adapter(store):
     subprocess.run([*cmd, "--name", "cut", "--resume"], env=env, check=True, capture_output=True)
     a, b = store.load_adapter("full").tensors, store.load_adapter("cut").tensors
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_resume_after_an_interruption_gives_the_uninterrupted_base(store):
+    from loradar_cli.jobs.finetune import finetune_base
+
+    def fit(name: str, **kwargs):
+        return finetune_base(
+            store, name, model="test_resnet", data="digits", epochs=3, limit=64, batch_size=16, **kwargs
+        )
+
+    full = fit("full")
+    with pytest.raises(Interrupt):
+        fit("cut", progress=_interrupt_at_fit(2))
+    assert (store.root / ".resume-base-cut" / STATE_FILE).is_file() and not store.has_base("cut")
+    resumed = fit("cut", resume=True)
+    assert resumed.fingerprint == full.fingerprint  # sha256 of the weights: bit-identical
+    assert resumed.metrics == full.metrics and not (store.root / ".resume-base-cut").exists()
+
+
+def _interrupt_at_fit(epoch: int):
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage.startswith(f"fit epoch {epoch}/"):
+            raise Interrupt
+
+    return progress
