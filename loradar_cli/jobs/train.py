@@ -188,6 +188,6 @@ def _save_base(
     overwrite: bool,
 ) -> None:
     """A recipe's full-model result as a new base: the source base's geometry, its own weights and provenance."""
-    update = {"name": name, "metrics": metrics, "seed": seed, "provenance": provenance, "fingerprint": ""}
+    update = {"name": name, "metrics": metrics, "seed": seed, "origin": provenance, "fingerprint": ""}
     meta = BaseMeta.model_validate(source.model_copy(update=update).model_dump())
     store.save_base(meta, state, overwrite=overwrite)

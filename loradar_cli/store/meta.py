@@ -41,9 +41,7 @@ class BaseMeta(_Meta):
     metrics: dict[str, float] = Field(default_factory=dict)
     seed: int | None = None
     fingerprint: str
-    provenance: dict[str, Any] = Field(
-        default_factory=dict
-    )  # how a derived base was made (e.g. `train --recipe autolora`)
+    origin: dict[str, Any] = Field(default_factory=dict)  # how the base came to be if not by finetune
 
 
 class AdapterMeta(_Meta):

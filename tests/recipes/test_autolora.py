@@ -100,8 +100,8 @@ def test_the_train_job_stores_a_base_with_provenance(store):
         config=TrainConfig(recipe="autolora", epochs=1, batch_size=16), r=2, limit=32, val_limit=8,
     )  # fmt: skip
     assert store.has_base("robust") and not store.has_adapter("robust")
-    assert meta.provenance["recipe"] == "autolora" and meta.provenance["from_base"] == base.name
-    assert meta.provenance["recipe_config"]["recipe_options"]["rho"] == 0.75
+    assert meta.origin["recipe"] == "autolora" and meta.origin["from_base"] == base.name
+    assert meta.origin["recipe_config"]["recipe_options"]["rho"] == 0.75
     assert meta.fingerprint != base.fingerprint  # the feature extractor itself was trained
     before, after = store.load_base(base.name).state, store.load_base("robust").state
     moved = [k for k in before if k.endswith("running_mean") and not torch.equal(before[k], after[k])]

@@ -43,7 +43,7 @@ def _result(store, recipe: str, name: str):
     """(stored tensors, history without timings): autolora's result is a base, the others' an adapter."""
     if recipe == "autolora":
         stored = store.load_base(name)
-        tensors, history = stored.state, stored.meta.provenance["history"]
+        tensors, history = stored.state, stored.meta.origin["history"]
     else:
         stored = store.load_adapter(name)
         tensors, history = stored.tensors, stored.meta.combination["history"]
