@@ -5,6 +5,7 @@ members are recorded as one named pool (`<store>/pools/<name>.json`) that merge 
 """
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from loradar_cli.store.pools import PoolManifest, check_pool_free, save_pool
 from loradar_cli.store.store import Store
 
 
-def resume_folder(store: Store, name: str) -> Any:
+def resume_folder(store: Store, name: str) -> Path:
     """The hidden folder holding an interrupted run's state, beside the entry it will become."""
     return store.root / f".resume-{name}"
 
