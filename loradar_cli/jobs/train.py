@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from loradar_cli.attacks import build_attack
+from loradar_cli.attacks import ATTACKS, build_attack
 from loradar_cli.loading import build_model, model_data
 from loradar_cli.lora.init import init_lora
 from loradar_cli.lora.inject import classifier_name, default_targets, inject_lora, select_targets
@@ -153,8 +153,9 @@ def train_pool(
             members.append(store.adapter_meta(member))
             continue
         options = {**dict(attack_options or {}), key: value}
-        if key == "eps" and "alpha" not in (attack_options or {}) and isinstance(value, (int, float)):
-            options["alpha"] = value / 4  # methods: α_i = ε_i / 4 per pool member
+        takes_alpha = "alpha" in ATTACKS.get(attack).config_cls.model_fields
+        if key == "eps" and takes_alpha and "alpha" not in (attack_options or {}) and isinstance(value, (int, float)):
+            options["alpha"] = value / 4  # a step of ε/4 per member (our choice; AMT publishes none)
         members.append(
             train_and_store_adapter(store, member, attack=attack, attack_options=options, overwrite=overwrite, **kwargs)
         )
