@@ -56,6 +56,9 @@ def finetune_cli(
     seed: SeedOpt = 0,
     store: StoreOpt = None,
     overwrite: OverwriteOpt = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run of the same command from its last epoch.")
+    ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -84,6 +87,7 @@ def finetune_cli(
             seed=seed,
             download=download,
             overwrite=overwrite,
+            resume=resume,
             progress=progress,
         )
     if json_out:

@@ -139,6 +139,7 @@ def train_cli(
             quiet,
             **{
                 "base": base,
+                "attack": attack,
                 "data": data,
                 "config": config,
                 "r": rank,

@@ -10,6 +10,7 @@ from loradar_cli.data import channel_stats, load_data
 from loradar_cli.lora.inject import classifier_name
 from loradar_cli.metrics import Progress, accuracy
 from loradar_cli.models import ImageClassifier, create_timm_model, load_checkpoint, load_weights, pretrained_stats
+from loradar_cli.recipes.checkpoint import Checkpoint, run_fingerprint
 from loradar_cli.recipes.loop import fit_classifier
 from loradar_cli.store.meta import BaseMeta
 from loradar_cli.store.store import Store
@@ -34,9 +35,14 @@ def finetune_base(
     seed: int = 0,
     download: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     progress: Progress | None = None,
 ) -> BaseMeta:
-    """Fit a timm model on clean data (full or head-only) and store it as a base."""
+    """Fit a timm model on clean data (full or head-only) and store it as a base.
+
+    The run is checkpointed after every epoch in `<store>/.resume-base-<name>/`; `resume` continues from it
+    (same options required); the folder is removed once the base is stored.
+    """
     store.check_free("base", name, overwrite)
     kwargs = dict(model_kwargs or {})
     probe = load_data(data, "train", seed=seed, limit=2, download=download)
@@ -56,9 +62,21 @@ def finetune_base(
         head = classifier_name(net)
         for pname, p in net.named_parameters():
             p.requires_grad_(bool(head) and pname.startswith(f"{head}."))
+    options = [model, data, epochs, lr, batch_size, head_only, pretrained, str(checkpoint), kwargs, limit, seed]
+    state = Checkpoint(store.root / f".resume-base-{name}", run_fingerprint([*options, img_size, in_chans]))
+    if not resume:
+        state.clear()
     val_acc = (
         fit_classifier(
-            classifier, train, val, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress
+            classifier,
+            train,
+            val,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+            checkpoint=state,
         )
         if epochs > 0
         else accuracy(classifier, val.x, val.y)
@@ -79,4 +97,5 @@ def finetune_base(
         fingerprint="",
     )
     store.save_base(meta, net.state_dict(), overwrite=overwrite)
+    state.clear()
     return store.base_meta(name)

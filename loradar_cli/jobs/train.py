@@ -4,14 +4,13 @@ With `pool`, one adapter per value of an attack option (e.g. eps) is trained wit
 members are recorded as one named pool (`<store>/pools/<name>.json`) that merge and eval accept by name.
 """
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from loradar_cli.attacks import build_attack
+from loradar_cli.attacks import ATTACKS, build_attack
 from loradar_cli.loading import build_model, model_data
 from loradar_cli.lora.init import init_lora
 from loradar_cli.lora.inject import classifier_name, default_targets, inject_lora, select_targets
@@ -20,14 +19,14 @@ from loradar_cli.lora.state import base_state
 from loradar_cli.metrics import Progress
 from loradar_cli.models import ImageClassifier
 from loradar_cli.recipes.base import build_recipe
-from loradar_cli.recipes.checkpoint import Checkpoint
+from loradar_cli.recipes.checkpoint import Checkpoint, run_fingerprint
 from loradar_cli.recipes.loop import TrainConfig, train_adapter
 from loradar_cli.store.meta import AdapterMeta, BaseMeta
 from loradar_cli.store.pools import PoolManifest, check_pool_free, save_pool
 from loradar_cli.store.store import Store
 
 
-def resume_folder(store: Store, name: str) -> Any:
+def resume_folder(store: Store, name: str) -> Path:
     """The hidden folder holding an interrupted run's state, beside the entry it will become."""
     return store.root / f".resume-{name}"
 
@@ -73,7 +72,7 @@ def train_and_store_adapter(
     init_lora(layers, recipe.lora_init)
     recipe_config = {**config.model_dump(), "recipe_options": recipe.config.model_dump(mode="json")}
     run_options = [stored.meta.fingerprint, attack_fn.describe(), recipe_config, spec.model_dump(), data, limit]
-    checkpoint = Checkpoint(resume_folder(store, name), _fingerprint([*run_options, val_limit]))
+    checkpoint = Checkpoint(resume_folder(store, name), run_fingerprint([*run_options, val_limit]))
     if not resume:
         checkpoint.clear()
     result = train_adapter(model, attack_fn, train, val, config, progress, recipe=recipe, checkpoint=checkpoint)
@@ -154,8 +153,9 @@ def train_pool(
             members.append(store.adapter_meta(member))
             continue
         options = {**dict(attack_options or {}), key: value}
-        if key == "eps" and "alpha" not in (attack_options or {}) and isinstance(value, (int, float)):
-            options["alpha"] = value / 4  # methods: α_i = ε_i / 4 per pool member
+        takes_alpha = "alpha" in ATTACKS.get(attack).config_cls.model_fields
+        if key == "eps" and takes_alpha and "alpha" not in (attack_options or {}) and isinstance(value, (int, float)):
+            options["alpha"] = value / 4  # a step of ε/4 per member (our choice; AMT publishes none)
         members.append(
             train_and_store_adapter(store, member, attack=attack, attack_options=options, overwrite=overwrite, **kwargs)
         )
@@ -193,7 +193,3 @@ def _save_base(
     update = {"name": name, "metrics": metrics, "seed": seed, "origin": provenance, "fingerprint": ""}
     meta = BaseMeta.model_validate(source.model_copy(update=update).model_dump())
     store.save_base(meta, state, overwrite=overwrite)
-
-
-def _fingerprint(options: Sequence[Any]) -> str:
-    return hashlib.sha256(json.dumps(list(options), sort_keys=True, default=str).encode()).hexdigest()

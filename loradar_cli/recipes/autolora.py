@@ -11,7 +11,8 @@ the feature-extractor thread (LoRA branch off); the output is that thread: a rob
   if fewer than ρ = 0.75 of the window's epochs improved the validation robust accuracy, or if the rate was
   not changed at the previous checkpoint and the best robust accuracy did not rise since; a halving reloads
   the best weights so far; training stops once the rate falls below 1e-5.
-- [ours] BatchNorm running statistics stay frozen (the loop's adapter mode); LoRA A starts Kaiming-uniform.
+- [paper][code] BatchNorm layers are shared by both threads and run in train mode (their statistics are part
+  of the stored base). [ours] LoRA A starts Kaiming-uniform.
 """
 
 from contextlib import AbstractContextManager
@@ -26,7 +27,7 @@ from loradar_cli.data import ImageData
 from loradar_cli.lora.inject import classifier_name, lora_layers
 from loradar_cli.lora.layers import lora_switched
 from loradar_cli.metrics import accuracy
-from loradar_cli.recipes.base import AttackFn, Recipe, RecipeConfig, StepOutput, register_recipe
+from loradar_cli.recipes.base import AttackFn, Recipe, RecipeConfig, StepOutput, norm_stats, register_recipe
 from loradar_cli.recipes.losses import kl_div
 
 
@@ -68,6 +69,7 @@ class AutoLoRa(Recipe):
     config_cls = AutoLoRaConfig
     config: AutoLoRaConfig
     output: ClassVar[str] = "base"
+    frozen_norm_stats: ClassVar[bool] = False
     default_targets: ClassVar[str | None] = "convs"  # [code] every conv (the paper skips the stem; we do not)
 
     def __init__(self, config: RecipeConfig | None = None) -> None:
@@ -80,6 +82,7 @@ class AutoLoRa(Recipe):
         self.lr = self.config.lr
         self._train: ImageData | None = None
         self._params: dict[str, list[nn.Parameter]] = {}
+        self._norm_stats: list[Tensor] = []  # BatchNorm running statistics: saved and reloaded with the weights
         self._best: list[Tensor] = []
         self._optimizer: torch.optim.Optimizer | None = None
 
@@ -87,6 +90,7 @@ class AutoLoRa(Recipe):
     def prepare(self, model: nn.Module, train: ImageData, val: ImageData, attack: AttackFn) -> None:
         """Unfreeze the feature extractor; measure SA and the starting robust accuracy RA(0)."""
         self._params = split_parameters(model)
+        self._norm_stats = norm_stats(model)
         for p in model.parameters():
             if p.dtype.is_floating_point:
                 p.requires_grad_(True)
@@ -161,8 +165,8 @@ class AutoLoRa(Recipe):
             for group in self._optimizer.param_groups:
                 group["lr"] = lr
 
-    def _all(self) -> list[nn.Parameter]:
-        return [p for group in ("fe", "lora", "head") for p in self._params.get(group, [])]
+    def _all(self) -> list[Tensor]:
+        return [p for group in ("fe", "lora", "head") for p in self._params.get(group, [])] + self._norm_stats
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

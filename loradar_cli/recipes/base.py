@@ -58,6 +58,7 @@ class Recipe:
     lora_init: ClassVar[str] = "kaiming"  # a key of lora.init.LORA_INITS
     default_targets: ClassVar[str | None] = None  # a LoRA target preset when --targets is not given
     output: ClassVar[str] = "adapter"  # "adapter", or "base" for a recipe whose result is a full model
+    frozen_norm_stats: ClassVar[bool] = True  # BatchNorm statistics stay the base's (exact adapter reloads)
     output_suffixes: ClassVar[tuple[str, ...]] = ("",)  # names of the adapters `export` writes: --name + suffix
 
     def __init__(self, config: RecipeConfig | None = None) -> None:
@@ -136,3 +137,8 @@ def build_recipe(name: str, options: Mapping[str, Any] | None = None) -> Recipe:
         raise InvalidValueError(
             f"invalid option for recipe {name!r}: {where}: {first['msg']} (got {first['input']!r})"
         ) from None
+
+
+def norm_stats(model: nn.Module) -> list[Tensor]:
+    """The BatchNorm running statistics of `model` (mean, variance, batch count), in module order."""
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]

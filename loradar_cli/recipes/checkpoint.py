@@ -6,7 +6,10 @@ and the recipe's own state. It is keyed by a fingerprint of the run's options, s
 options is refused instead of silently mixing two runs.
 """
 
+import hashlib
+import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,11 @@ from loradar_cli.errors import InvalidValueError
 from loradar_cli.files import atomic_path
 
 STATE_FILE = "state.pt"
+
+
+def run_fingerprint(options: Sequence[Any]) -> str:
+    """A stable digest of a run's options (JSON, sorted keys; non-JSON values by their str)."""
+    return hashlib.sha256(json.dumps(list(options), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def rng_state() -> dict[str, Any]:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from loradar_cli.data import ImageData
 from loradar_cli.lora.inject import trainable_parameters
 from loradar_cli.metrics import Progress, accuracy
-from loradar_cli.recipes.base import Recipe, build_recipe
+from loradar_cli.recipes.base import Recipe, build_recipe, norm_stats
 from loradar_cli.recipes.checkpoint import Checkpoint, rng_state, set_rng_state
 
 
@@ -106,7 +106,7 @@ def is_better(stats: EpochStats, best: EpochStats | None, select: str, min_clean
 class _Run:
     """The mutable state of an adapter run: what a checkpoint saves after each completed epoch."""
 
-    params: list[nn.Parameter]
+    params: list[Tensor]  # trained parameters (and moving BatchNorm statistics)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     generator: torch.Generator
@@ -162,12 +162,14 @@ def train_adapter(
     recipe.prepare(model, train, val, attack)
     params = trainable_parameters(model)
     optimizer, scheduler = recipe.build_optimizer(params, config.lr, config.step_size, config.gamma)
+    # what the best epoch and a checkpoint keep: trained parameters, plus BatchNorm statistics when they move
+    tracked = params + ([] if recipe.frozen_norm_stats else norm_stats(model))
     run = _Run(
-        params,
+        tracked,
         optimizer,
         scheduler,
         torch.Generator().manual_seed(config.seed),
-        best_state=[p.detach().clone() for p in params],
+        best_state=[p.detach().clone() for p in tracked],
     )
     static_adv = adversarial(attack, model, train.x, train.y, config.batch_size) if config.static_attack else None
     saved = checkpoint.load() if checkpoint is not None else None
@@ -189,13 +191,13 @@ def train_adapter(
         run.result.history.append(stats)
         if is_better(stats, best, config.select, config.min_clean):
             run.result.best_epoch = epoch
-            run.best_state = [p.detach().clone() for p in params]
+            run.best_state = [p.detach().clone() for p in tracked]
         if checkpoint is not None:
             checkpoint.save(run.state_dict(recipe))
         if stop:
             break
     with torch.no_grad():
-        for p, best_value in zip(params, run.best_state, strict=True):
+        for p, best_value in zip(tracked, run.best_state, strict=True):
             p.copy_(best_value)
     model.eval()
     return run.result
@@ -220,7 +222,7 @@ def train_epoch(
         batch_attack = (
             Precomputed(getattr(attack, "config", None), static_adv[idx]) if static_adv is not None else attack
         )
-        adapter_train_mode(model)
+        adapter_train_mode(model) if recipe.frozen_norm_stats else model.train()
         out = recipe.step(model, x, y, batch_attack)
         run.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -244,14 +246,26 @@ def fit_classifier(
     batch_size: int,
     seed: int,
     progress: Progress | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> float:
-    """Fit a base on clean data (all parameters that require grad); returns validation accuracy."""
+    """Fit a base on clean data (all parameters that require grad); returns validation accuracy.
+
+    With a `checkpoint`, the model, optimiser, schedule and RNG states are saved after every epoch and a saved
+    state is resumed from.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     steps_total = epochs * ((len(train) + batch_size - 1) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps_total, 1))
     generator = torch.Generator().manual_seed(seed)
-    for epoch in range(1, epochs + 1):
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        for key, part in parts.items():
+            part.load_state_dict(saved[key])
+        generator.set_state(saved["generator"])
+        set_rng_state(saved["rng"])
+    for epoch in range((saved or {}).get("epoch", 0) + 1, epochs + 1):
         model.train()
         steps = batches(len(train), batch_size, generator)
         for i, idx in enumerate(steps):
@@ -264,5 +278,8 @@ def fit_classifier(
             scheduler.step()
             if progress:
                 progress(f"fit epoch {epoch}/{epochs}", i + 1, len(steps))
+        if checkpoint is not None:
+            state = {key: part.state_dict() for key, part in parts.items()}
+            checkpoint.save({**state, "epoch": epoch, "generator": generator.get_state(), "rng": rng_state()})
     model.eval()
     return accuracy(model, val.x, val.y)

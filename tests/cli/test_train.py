@@ -48,3 +48,16 @@ def test_parse_pool():
     for bad in ("eps", "=1,2", "eps="):
         with pytest.raises(InvalidValueError):
             parse_pool(bad)
+
+
+def test_pool_option_trains_the_members_and_records_the_pool(store):
+    from loradar_cli.store.pools import load_pool
+
+    make_base(store)
+    result = _train(store, "--name", "P", "--recipe", "pgd-at", "--pool", "eps=0.02,1/20")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["pool"]["members"] == ["P-eps-0.02", "P-eps-1_20"] == load_pool(store.root, "P").members
+    eps = [m["attack_config"]["config"]["eps"] for m in out["members"]]
+    assert eps == pytest.approx([0.02, 0.05])  # the pool's values override --eps
+    assert runner.invoke(app, ["eval", "--adapter", "P", "--store", str(store.root), "--limit", "8"]).exit_code == 0

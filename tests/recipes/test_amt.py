@@ -102,7 +102,7 @@ def test_pool_trains_one_member_per_budget_and_merge_accepts_it(store):
 
     from loradar_cli.cli.app import app
     from loradar_cli.jobs.train import train_pool
-    from loradar_cli.store.pools import load_pool
+    from loradar_cli.store.pools import load_pool, pool_path
 
     base = make_base(store)
     config = TrainConfig(recipe="amt", epochs=1, batch_size=16, seed=0)
@@ -115,6 +115,13 @@ def test_pool_trains_one_member_per_budget_and_merge_accepts_it(store):
     for meta, eps in zip(members, (0.05, 0.1), strict=True):
         assert meta.attack_config["config"]["eps"] == pytest.approx(eps)
         assert meta.attack_config["config"]["alpha"] == pytest.approx(eps / 4)
+    # a pool run interrupted after its members: --resume keeps the stored members and writes the manifest
+    pool_path(store.root, "P").unlink()
+    again, kept = train_pool(
+        store, "P", "eps", values, attack="pgd", attack_options={"steps": 2}, base=base.name, data="digits",
+        config=config, r=2, limit=16, val_limit=8, resume=True,
+    )  # fmt: skip
+    assert again.members == manifest.members and [m.created_at for m in kept] == [m.created_at for m in members]
     out = CliRunner().invoke(app, ["merge", "P", "--name", "pm", "--store", str(store.root), "--json"])
     assert out.exit_code == 0, out.output
     assert store.adapter_meta("pm").parents == manifest.members

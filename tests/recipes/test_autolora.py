@@ -103,3 +103,6 @@ def test_the_train_job_stores_a_base_with_provenance(store):
     assert meta.origin["recipe"] == "autolora" and meta.origin["from_base"] == base.name
     assert meta.origin["recipe_config"]["recipe_options"]["rho"] == 0.75
     assert meta.fingerprint != base.fingerprint  # the feature extractor itself was trained
+    before, after = store.load_base(base.name).state, store.load_base("robust").state
+    moved = [k for k in before if k.endswith("running_mean") and not torch.equal(before[k], after[k])]
+    assert moved  # BatchNorm runs in train mode for both threads; its statistics are part of the result

@@ -39,21 +39,32 @@ def _train(store, name, base, recipe="loradar", **kwargs):
     )
 
 
-@pytest.mark.parametrize("recipe", ["loradar", "amt"])
+def _result(store, recipe: str, name: str):
+    """(stored tensors, history without timings): autolora's result is a base, the others' an adapter."""
+    if recipe == "autolora":
+        stored = store.load_base(name)
+        tensors, history = stored.state, stored.meta.origin["history"]
+    else:
+        stored = store.load_adapter(name)
+        tensors, history = stored.tensors, stored.meta.combination["history"]
+    return tensors, [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+@pytest.mark.parametrize("recipe", ["loradar", "amt", "autolora"])
 def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(store, recipe):
     base = make_base(store).name
-    full = _train(store, "full", base, recipe)
+    _train(store, "full", base, recipe)
     assert not resume_folder(store, "full").exists()  # removed once the entry is written
 
     with pytest.raises(Interrupt):
         _train(store, "cut", base, recipe, progress=_interrupt_at(2))
-    assert (resume_folder(store, "cut") / STATE_FILE).is_file() and not store.has_adapter("cut")
-    resumed = _train(store, "cut", base, recipe, resume=True)
+    assert (resume_folder(store, "cut") / STATE_FILE).is_file()
+    assert not store.has_adapter("cut") and not store.has_base("cut")
+    _train(store, "cut", base, recipe, resume=True)
 
-    a, b = store.load_adapter(full.name).tensors, store.load_adapter(resumed.name).tensors
+    (a, history_a), (b, history_b) = _result(store, recipe, "full"), _result(store, recipe, "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    drop_time = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
-    assert drop_time(resumed.combination["history"]) == drop_time(full.combination["history"])
+    assert history_a == history_b
     assert not resume_folder(store, "cut").exists()
 
 
@@ -95,3 +106,28 @@ def test_resume_after_sigkill_gives_the_uninterrupted_adapter(store):
     subprocess.run([*cmd, "--name", "cut", "--resume"], env=env, check=True, capture_output=True)
     a, b = store.load_adapter("full").tensors, store.load_adapter("cut").tensors
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_resume_after_an_interruption_gives_the_uninterrupted_base(store):
+    from loradar_cli.jobs.finetune import finetune_base
+
+    def fit(name: str, **kwargs):
+        return finetune_base(
+            store, name, model="test_resnet", data="digits", epochs=3, limit=64, batch_size=16, **kwargs
+        )
+
+    full = fit("full")
+    with pytest.raises(Interrupt):
+        fit("cut", progress=_interrupt_at_fit(2))
+    assert (store.root / ".resume-base-cut" / STATE_FILE).is_file() and not store.has_base("cut")
+    resumed = fit("cut", resume=True)
+    assert resumed.fingerprint == full.fingerprint  # sha256 of the weights: bit-identical
+    assert resumed.metrics == full.metrics and not (store.root / ".resume-base-cut").exists()
+
+
+def _interrupt_at_fit(epoch: int):
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage.startswith(f"fit epoch {epoch}/"):
+            raise Interrupt
+
+    return progress
