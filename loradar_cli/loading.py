@@ -4,8 +4,9 @@ from collections.abc import Sequence
 
 import torch
 
-from loradar_cli.data import ImageData, load_data
+from loradar_cli.data import ImageData
 from loradar_cli.errors import IncompatibleError, InvalidValueError
+from loradar_cli.loader import DEFAULT_CROP_PCT, FolderSource, TensorSource, crop_pct_of, materialize, open_split
 from loradar_cli.lora.inject import PEFT_PREFIX, inject_lora, load_lora_state_dict
 from loradar_cli.lora.layers import LoraLayer
 from loradar_cli.metrics import predict_logits  # noqa: F401  (old import path, kept one release)
@@ -80,12 +81,30 @@ def resolve_base_for(store: Store, adapters: Sequence[str], base_name: str | Non
     return bases.pop()
 
 
+def model_source(
+    spec: str, split: str, base: BaseMeta, *, seed: int = 0, limit: int | None = None, download: bool = False
+) -> "TensorSource | FolderSource":
+    """A split as a loader source in the base's channels and input size (image folders stream, centre-cropped)."""
+    c, h, w = base.input_size
+    source = open_split(
+        spec,
+        split,
+        seed=seed,
+        limit=limit,
+        channels=c,
+        size=(h, w),
+        crop_pct=crop_pct_of(base.timm_model) if spec.startswith("imagefolder:") else DEFAULT_CROP_PCT,
+        download=download,
+    )
+    if source.num_classes > base.num_classes:
+        raise InvalidValueError(
+            f"{spec} has {source.num_classes} classes but base {base.name!r} has {base.num_classes}"
+        )
+    return source
+
+
 def model_data(
     spec: str, split: str, base: BaseMeta, *, seed: int = 0, limit: int | None = None, download: bool = False
 ) -> ImageData:
-    """A split converted to the base's channels and input size."""
-    c, h, w = base.input_size
-    data = load_data(spec, split, seed=seed, limit=limit, channels=c, size=(h, w), download=download)
-    if data.num_classes > base.num_classes:
-        raise InvalidValueError(f"{spec} has {data.num_classes} classes but base {base.name!r} has {base.num_classes}")
-    return data
+    """A split converted to the base's channels and input size, in memory."""
+    return materialize(model_source(spec, split, base, seed=seed, limit=limit, download=download))

@@ -5,13 +5,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch.utils.data import Dataset
 
 from loradar_cli.advset import AdvSet, labelled_adv_sets
 from loradar_cli.attacks import build_attack
-from loradar_cli.data import ImageData
+from loradar_cli.device import Engine
 from loradar_cli.evaluation import EvalRow, evaluate, evaluate_group
-from loradar_cli.loading import model_data, model_on
+from loradar_cli.loading import model_on, model_source
 from loradar_cli.metrics import Progress
 from loradar_cli.store.store import Store
 
@@ -40,23 +40,38 @@ def evaluate_models(
     batch_size: int = 128,
     ensemble: EnsembleRows | None = None,
     progress: Progress | None = None,
+    engine: Engine | None = None,
 ) -> list[EvalRow]:
     """Evaluate the base (None), each adapter and each ensemble method: clean, attacks, saved sets, worst case.
 
     Attacks are white-box against each row's model; ensemble rows are attacked through the mean of their
-    members' logits (the decision of a vote has no gradient), never transferred from the base.
+    members' logits (the decision of a vote has no gradient), never transferred from the base. Batch k of every
+    attack is seeded by (seed, k), so under torchrun, where the processes split the batches, the rows equal a
+    one-process run's.
     """
+    engine = engine or Engine()
     stored = store.load_base(base)
-    clean = model_data(data, split, stored.meta, seed=seed, limit=limit)
+    clean = model_source(data, split, stored.meta, seed=seed, limit=limit)
     sets = labelled_adv_sets(adv_sets, stored.meta.input_size)
     built = {name: build_attack(name, **dict(options)) for name, options in attacks.items()}
     rows = []
     for adapter in adapters:
         model = model_on(store, stored, adapter)
-        torch.manual_seed(seed)
-        rows.append(evaluate(model, adapter or "base", clean, built, sets, batch_size=batch_size, progress=progress))
+        rows.append(
+            evaluate(
+                model,
+                adapter or "base",
+                clean,
+                built,
+                sets,
+                batch_size=batch_size,
+                progress=progress,
+                engine=engine,
+                seed=seed,
+            )
+        )
     if ensemble is not None:
-        rows += _evaluate_ensemble(store, base, ensemble, clean, built, sets, seed, batch_size, progress)
+        rows += _evaluate_ensemble(store, base, ensemble, clean, built, sets, seed, batch_size, progress, engine)
     return rows
 
 
@@ -64,12 +79,13 @@ def _evaluate_ensemble(
     store: Store,
     base: str,
     spec: EnsembleRows,
-    clean: ImageData,
+    clean: Dataset,
     attacks: Mapping[str, Any],
     sets: Mapping[str, AdvSet],
     seed: int,
     batch_size: int,
     progress: Progress | None,
+    engine: Engine,
 ) -> list[EvalRow]:
     """One row per ensemble method; all share the mean logits of the voters, so each attack is crafted once."""
     from loradar_cli.combine.ensemble import load_ensemble
@@ -80,7 +96,6 @@ def _evaluate_ensemble(
     classifiers = {
         method if method == "route" else f"vote:{method}": loaded.classifier(method) for method in loaded.decisions
     }
-    torch.manual_seed(seed)
     return evaluate_group(
         classifiers,
         loaded.surrogate(),
@@ -90,4 +105,6 @@ def _evaluate_ensemble(
         batch_size=batch_size,
         progress=progress,
         attacked=f"mean logits of {len(loaded.voters)} members",
+        engine=engine,
+        seed=seed,
     )
