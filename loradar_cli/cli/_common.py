@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,11 +144,20 @@ def open_store(path: Path | None) -> "Any":
     return Store(path)
 
 
+PLAIN_PROGRESS_EVERY_S = 5.0  # a redirected stderr gets one line per stage this often
+
+
 @contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
-    """A transient rich progress bar on stderr; yields a (stage, done, total) callback."""
+    """Progress on stderr with items (images) per second; yields a (stage, done, total) callback.
+
+    A terminal gets a transient rich bar; a redirected stderr (a log file) gets a plain line every few seconds.
+    """
     if not enabled:
         yield lambda stage, done, total: None
+        return
+    if not console.is_terminal:
+        yield _plain_progress()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -156,17 +166,38 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], Non
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
         console=console,
         transient=True,
     ) as bar:
+        starts: dict[str, float] = {}
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+                tasks[stage] = bar.add_task(stage, total=total, rate="")
+                starts[stage] = time.perf_counter()
+            rate = done / max(time.perf_counter() - starts[stage], 1e-9)
+            bar.update(tasks[stage], completed=done, total=total, rate=f"{rate:,.0f} img/s")
 
         yield update
+
+
+def _plain_progress() -> Callable[[str, int, int], None]:
+    """A (stage, done, total) callback printing 'stage: done/total (N img/s)' every few seconds of a stage."""
+    starts: dict[str, float] = {}
+    last: dict[str, float] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        starts.setdefault(stage, now)
+        if now - last.get(stage, starts[stage]) < PLAIN_PROGRESS_EVERY_S:
+            return
+        last[stage] = now
+        rate = done / max(now - starts[stage], 1e-9)
+        console.print(f"{stage}: {done}/{total} ({rate:,.0f} img/s)", highlight=False, soft_wrap=True)
+
+    return update
 
 
 def read_names(names: list[str]) -> list[str]:

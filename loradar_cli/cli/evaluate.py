@@ -1,5 +1,6 @@
 """`loradar eval`: clean, white-box robust and saved-set accuracy, with the per-point worst case."""
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +26,15 @@ from loradar_cli.cli._common import (
     progress_bar,
     read_names,
     run_command,
+)
+from loradar_cli.cli._engine_options import (
+    ChannelsLastOpt,
+    DeviceOpt,
+    EvalPrecisionOpt,
+    NprocOpt,
+    WorkersOpt,
+    engine_from,
+    launch_nproc,
 )
 from loradar_cli.cli._tables import eval_table
 from loradar_cli.errors import InvalidValueError
@@ -60,6 +70,11 @@ def eval_cli(
     alpha: AlphaOpt = None,
     steps: StepsOpt = None,
     attack_opt: AttackOptOpt = None,
+    device: DeviceOpt = None,
+    precision: EvalPrecisionOpt = "fp32",
+    channels_last: ChannelsLastOpt = False,
+    workers: WorkersOpt = 0,
+    nproc: NprocOpt = 1,
     limit: LimitOpt = None,
     batch_size: BatchOpt = 128,
     seed: SeedOpt = 0,
@@ -84,7 +99,11 @@ def eval_cli(
     names = list(dict.fromkeys(attack or []))
     options = attack_options(names, eps, alpha, steps, attack_opt)
     rows_for = ([] if no_base and (adapters or ensemble) else [None]) + adapters
-    with progress_bar(not quiet) as progress:
+    launch_nproc(nproc)
+    engine = engine_from(device, precision, channels_last, workers)
+    main = engine.world.is_main
+    start = time.perf_counter()
+    with progress_bar(not quiet and main) as progress:
         rows = evaluate_models(
             the_store,
             base=base_name,
@@ -98,7 +117,11 @@ def eval_cli(
             batch_size=batch_size,
             ensemble=ensemble,
             progress=progress,
+            engine=engine,
         )
+    if not main:
+        return
+    run = engine.record(time.perf_counter() - start, rows[0].n * len(rows))
     if not quiet:
         console.print(eval_table(rows, title=f"accuracy (%) on {data} {split}, n={rows[0].n}"))
     if json_out:
@@ -112,5 +135,6 @@ def eval_cli(
                 "attacks": options,
                 "members": voters if ensemble else None,
                 "rows": [r.model_dump() for r in rows],
+                "run": run,
             }
         )

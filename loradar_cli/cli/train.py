@@ -24,6 +24,16 @@ from loradar_cli.cli._common import (
     progress_bar,
     run_command,
 )
+from loradar_cli.cli._engine_options import (
+    AugmentOpt,
+    ChannelsLastOpt,
+    DeviceOpt,
+    NprocOpt,
+    PrecisionOpt,
+    WorkersOpt,
+    engine_from,
+    launch_nproc,
+)
 from loradar_cli.cli._tables import kv_table
 
 
@@ -65,6 +75,12 @@ def train_cli(
             "(e.g. 0.8): a near-constant predictor can look robust.",
         ),
     ] = 0.0,
+    augment: AugmentOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = "fp32",
+    channels_last: ChannelsLastOpt = False,
+    workers: WorkersOpt = 0,
+    nproc: NprocOpt = 1,
     limit: LimitOpt = None,
     val_limit: Annotated[int, typer.Option("--val-limit", min=1)] = 512,
     seed: SeedOpt = 0,
@@ -97,7 +113,10 @@ def train_cli(
             f"invalid training option: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}"
         ) from None
     options = attack_options([attack], eps, alpha, steps, attack_opt)[attack]
-    with progress_bar(not quiet) as progress:
+    launch_nproc(nproc)
+    engine = engine_from(device, precision, channels_last, workers)
+    main = engine.world.is_main
+    with progress_bar(not quiet and main) as progress:
         meta = train_and_store_adapter(
             open_store(store),
             name,
@@ -114,7 +133,11 @@ def train_cli(
             val_limit=val_limit,
             overwrite=overwrite,
             progress=progress,
+            engine=engine,
+            augment=augment,
         )
+    if not main:
+        return
     if json_out:
         emit_json(meta.model_dump(mode="json"))
         return
@@ -128,6 +151,9 @@ def train_cli(
                     "best epoch": int(meta.metrics["best_epoch"]),
                     "val clean acc": meta.metrics["val_clean_acc"],
                     "val robust acc": meta.metrics["val_robust_acc"],
+                    "augment": meta.combination["run"]["augment"],
+                    "device": meta.combination["run"]["device"],
+                    "images/s": meta.combination["run"]["images_per_s"],
                 },
             )
         )
