@@ -6,6 +6,7 @@ hold only parameters that require a gradient (the LoRA factors and the head on a
 every helper here is a no-op over a world of one.
 """
 
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,8 +61,14 @@ def wrap_ddp(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" and device.index is not None else None
-    # BatchNorm buffers: adapters train with BatchNorm in eval mode, and a fitted base broadcasts rank 0's anyway
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # no buffer broadcast before each forward: adapters train with BatchNorm in eval mode (buffers never change),
+    # and ranks start from the same buffers; newer torch names the switch forward_sync_buffers
+    sync = (
+        "forward_sync_buffers"
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else "broadcast_buffers"
+    )
+    return DistributedDataParallel(model, device_ids=ids, **{sync: False})
 
 
 def on_main(world: World, write: Callable[[], T]) -> T | None:

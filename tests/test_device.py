@@ -20,7 +20,7 @@ def test_explicit_device_beats_the_environment_which_beats_auto(monkeypatch):
     monkeypatch.setenv(DEVICE_ENV, "cpu")
     assert resolve_device(None) == torch.device("cpu")
     monkeypatch.setenv(DEVICE_ENV, "tpu")
-    with pytest.raises(InvalidValueError, match="auto|cpu"):
+    with pytest.raises(InvalidValueError, match=r"auto\|cpu"):
         resolve_device(None)
     assert resolve_device("cpu") == torch.device("cpu")  # the option wins over a bad environment
     monkeypatch.delenv(DEVICE_ENV)
