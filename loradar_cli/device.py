@@ -7,7 +7,9 @@ that is not there is a `NotFoundError`, one line at the CLI.
 """
 
 import os
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +135,24 @@ class Engine:
     def record(self, wall: float, images: int) -> dict[str, Any]:
         """`describe()` plus wall seconds and images per second of a job that processed `images` images."""
         return {**self.describe(), "wall_s": round(wall, 3), "images_per_s": round(images / max(wall, 1e-9), 2)}
+
+
+_ACTIVE: ContextVar["Engine | None"] = ContextVar("loradar_engine", default=None)
+
+
+@contextmanager
+def using(engine: Engine) -> Iterator[Engine]:
+    """Make `engine` the active one for jobs that take no engine argument (the combination jobs)."""
+    token = _ACTIVE.set(engine)
+    try:
+        yield engine
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_engine() -> Engine:
+    """The engine of the enclosing `using` block, else the CPU."""
+    return _ACTIVE.get() or Engine()
 
 
 def engine_for(

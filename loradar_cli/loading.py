@@ -49,7 +49,7 @@ def apply_adapter(model: ImageClassifier, adapter: Adapter, base: BaseMeta) -> I
             weight = _base_weight(model.model, name)
             if adapter.tensors[key].shape != weight.shape:
                 raise IncompatibleError(f"dense delta for {name!r} does not match the layer's weight shape")
-            weight.add_(adapter.tensors[key].to(weight.dtype))
+            weight.add_(adapter.tensors[key].to(weight.device, weight.dtype))
     return freeze(model).eval()
 
 

@@ -44,6 +44,31 @@ def test_cli_device_cuda_without_cuda_exits_with_one_line(tiny):
     assert result.stdout == ""
 
 
+@pytest.mark.skipif(not NO_CUDA, reason="checks the error of a machine without CUDA")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["finetune", "--name", "b"],
+        ["train", "--base", "b", "--attack", "pgd", "--name", "a"],
+        ["attack", "--base", "b", "--attack", "pgd", "--out", "x.safetensors"],
+        ["quickstart"],
+        ["merge", "a", "b", "--name", "m", "--method", "tts"],
+        ["trim", "a", "--name", "t", "--full-weight"],
+        ["ensemble-vote", "a", "b"],
+        ["identify-attack", "a", "b"],
+        ["identify-attack", "fit", "a", "b", "--name", "i"],
+    ],
+)
+def test_every_computing_command_refuses_a_missing_device(args, tmp_path):
+    result = CliRunner().invoke(app, [*args, "--device", "cuda:1", "--store", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: device cuda:1 is not available: torch sees no CUDA device "
+        f"(use --device cpu or auto (or set {DEVICE_ENV}))"
+    ]
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_cli_precision_names_are_the_registry():
     assert sorted(PRECISION_NAMES) == PRECISIONS.names()
     with pytest.raises(NotFoundError, match="valid: bf16, fp16, fp32"):

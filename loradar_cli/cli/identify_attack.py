@@ -31,6 +31,7 @@ from loradar_cli.cli._common import (
     read_names,
     run_command,
 )
+from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 
 DEFAULT_COMMAND = "predict"
 
@@ -90,6 +91,7 @@ def identify_cli(
         Path | None, typer.Option("--plot", help="Draw the confusion matrix to FILE.png (needs matplotlib).")
     ] = None,
     batch_size: BatchOpt = 256,
+    device: DeviceOpt = None,
     seed: SeedOpt = 0,
     store: StoreOpt = None,
     json_out: JsonOpt = False,
@@ -97,25 +99,27 @@ def identify_cli(
 ) -> None:
     """Predict the attack family of each input; with labelled sets, report accuracy and the confusion matrix."""
     from loradar_cli.combine import identify_sets
+    from loradar_cli.device import using
 
     check_plot_available(plot)
     names = read_names(adapters) if adapters else []
-    report = identify_sets(
-        open_store(store),
-        names,
-        base=base,
-        mode=mode,
-        identifier=identifier,
-        margin=margin,
-        clean=clean,
-        data=data,
-        split=split,
-        adv_sets=adv_set or [],
-        limit=limit,
-        seed=seed,
-        batch_size=batch_size,
-        out=out,
-    )
+    with using(engine_from(device)):
+        report = identify_sets(
+            open_store(store),
+            names,
+            base=base,
+            mode=mode,
+            identifier=identifier,
+            margin=margin,
+            clean=clean,
+            data=data,
+            split=split,
+            adv_sets=adv_set or [],
+            limit=limit,
+            seed=seed,
+            batch_size=batch_size,
+            out=out,
+        )
     confusion = report["confusion"]
     if plot is not None and confusion:
         plot_confusion(plot, confusion["labels"], confusion["matrix"], f"attack identification ({mode})")
@@ -144,6 +148,7 @@ def identify_fit_cli(
     base: BaseOpt = None,
     limit: LimitOpt = None,
     batch_size: BatchOpt = 256,
+    device: DeviceOpt = None,
     seed: SeedOpt = 0,
     store: StoreOpt = None,
     overwrite: OverwriteOpt = False,
@@ -152,24 +157,26 @@ def identify_fit_cli(
 ) -> None:
     """Fit the calibrated identifier on adversarial sets labelled by their attack (and clean data) and store it."""
     from loradar_cli.combine import fit_identifier_from_sets
+    from loradar_cli.device import using
 
-    _, report = fit_identifier_from_sets(
-        open_store(store),
-        read_names(adapters),
-        name=name,
-        adv_sets=adv_set or [],
-        base=base,
-        data=data,
-        split=split,
-        limit=limit,
-        clean=clean,
-        epochs=epochs,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-        batch_size=batch_size,
-        overwrite=overwrite,
-    )
+    with using(engine_from(device)):
+        _, report = fit_identifier_from_sets(
+            open_store(store),
+            read_names(adapters),
+            name=name,
+            adv_sets=adv_set or [],
+            base=base,
+            data=data,
+            split=split,
+            limit=limit,
+            clean=clean,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+            batch_size=batch_size,
+            overwrite=overwrite,
+        )
     if json_out:
         emit_json(report)
         return

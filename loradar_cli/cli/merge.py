@@ -17,6 +17,7 @@ from loradar_cli.cli._common import (
     read_names,
     run_command,
 )
+from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 
 
 @run_command
@@ -55,6 +56,7 @@ def merge_cli(
     augment: Annotated[
         bool, typer.Option("--augment/--no-augment", help="tts: score on an augmented copy of the support (AMT).")
     ] = True,
+    device: DeviceOpt = None,
     seed: SeedOpt = 0,
     store: StoreOpt = None,
     overwrite: OverwriteOpt = False,
@@ -63,6 +65,7 @@ def merge_cli(
 ) -> None:
     """Merge adapters into one: Σ wᵢ·ΔWᵢ per layer, re-factored by SVD; weights [1, 0, …] give the first back."""
     from loradar_cli.combine import TTSOptions, merge_adapters
+    from loradar_cli.device import using
 
     tts = (
         TTSOptions(
@@ -78,18 +81,19 @@ def merge_cli(
         if method == "tts" and support
         else None
     )
-    meta, report = merge_adapters(
-        open_store(store),
-        read_names(adapters),
-        name=name,
-        base=base,
-        method=method,
-        weights=parse_weights(weights),
-        rank=rank,
-        density=density,
-        tts=tts,
-        overwrite=overwrite,
-    )
+    with using(engine_from(device)):  # the device scores tts members; the other methods are weight arithmetic
+        meta, report = merge_adapters(
+            open_store(store),
+            read_names(adapters),
+            name=name,
+            base=base,
+            method=method,
+            weights=parse_weights(weights),
+            rank=rank,
+            density=density,
+            tts=tts,
+            overwrite=overwrite,
+        )
     if json_out:
         emit_json(report)
         return

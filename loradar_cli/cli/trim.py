@@ -16,6 +16,7 @@ from loradar_cli.cli._common import (
     read_names,
     run_command,
 )
+from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 
 
 @run_command
@@ -47,6 +48,7 @@ def trim_cli(
         ),
     ] = None,
     base: BaseOpt = None,
+    device: DeviceOpt = None,
     store: StoreOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -54,23 +56,25 @@ def trim_cli(
 ) -> None:
     """Trim an adapter by singular values into a new (smaller) adapter; reports kept rank and energy per layer."""
     from loradar_cli.combine import trim_adapter
+    from loradar_cli.device import using
     from loradar_cli.errors import InvalidValueError
 
     names = read_names([adapter])
     if len(names) != 1:
         raise InvalidValueError(f"trim takes one adapter, got {len(names)}: {', '.join(names[:4])}")
-    meta, report = trim_adapter(
-        open_store(store),
-        names[0],
-        out_name=name,
-        base=base,
-        rank=rank,
-        energy=energy,
-        full_weight=full_weight,
-        keep=keep,
-        layers_regex=layers,
-        overwrite=overwrite,
-    )
+    with using(engine_from(device)):  # --full-weight's SVDs run on the device
+        meta, report = trim_adapter(
+            open_store(store),
+            names[0],
+            out_name=name,
+            base=base,
+            rank=rank,
+            energy=energy,
+            full_weight=full_weight,
+            keep=keep,
+            layers_regex=layers,
+            overwrite=overwrite,
+        )
     if json_out:
         emit_json(report)
         return
