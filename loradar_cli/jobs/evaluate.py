@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from loradar_cli.advset import AdvSet, labelled_adv_sets
 from loradar_cli.attacks import build_attack
-from loradar_cli.device import Engine
+from loradar_cli.device import Engine, using
 from loradar_cli.evaluation import EvalRow, evaluate, evaluate_group
 from loradar_cli.loading import model_on, model_source
 from loradar_cli.metrics import Progress
@@ -90,9 +90,10 @@ def _evaluate_ensemble(
     """One row per ensemble method; all share the mean logits of the voters, so each attack is crafted once."""
     from loradar_cli.combine.ensemble import load_ensemble
 
-    loaded = load_ensemble(
-        store, spec.members, methods=spec.methods, base=base, weights=spec.weights, identifier=spec.identifier
-    )
+    with using(engine):  # members are built on the engine's device
+        loaded = load_ensemble(
+            store, spec.members, methods=spec.methods, base=base, weights=spec.weights, identifier=spec.identifier
+        )
     classifiers = {
         method if method == "route" else f"vote:{method}": loaded.classifier(method) for method in loaded.decisions
     }
