@@ -64,7 +64,7 @@ def ensemble_vote_cli(
     from loradar_cli.combine import vote_sets
     from loradar_cli.device import using
 
-    with using(engine_from(device)):
+    with using(engine_from(device)) as engine:
         report = vote_sets(
             open_store(store),
             read_names(adapters),
@@ -82,6 +82,6 @@ def ensemble_vote_cli(
             out=out,
         )
     if json_out:
-        emit_json(report)
+        emit_json({**report, "run": engine.describe()})
     elif not quiet:
         console.print(vote_table(report))

@@ -103,7 +103,7 @@ def identify_cli(
 
     check_plot_available(plot)
     names = read_names(adapters) if adapters else []
-    with using(engine_from(device)):
+    with using(engine_from(device)) as engine:
         report = identify_sets(
             open_store(store),
             names,
@@ -124,7 +124,7 @@ def identify_cli(
     if plot is not None and confusion:
         plot_confusion(plot, confusion["labels"], confusion["matrix"], f"attack identification ({mode})")
     if json_out:
-        emit_json(report)
+        emit_json({**report, "run": engine.describe()})
     elif not quiet:
         console.print(identify_table(report))
         if confusion:
@@ -159,7 +159,7 @@ def identify_fit_cli(
     from loradar_cli.combine import fit_identifier_from_sets
     from loradar_cli.device import using
 
-    with using(engine_from(device)):
+    with using(engine_from(device)) as engine:
         _, report = fit_identifier_from_sets(
             open_store(store),
             read_names(adapters),
@@ -178,7 +178,7 @@ def identify_fit_cli(
             overwrite=overwrite,
         )
     if json_out:
-        emit_json(report)
+        emit_json({**report, "run": engine.describe()})
         return
     if not quiet and report["confusion"]:
         confusion = report["confusion"]

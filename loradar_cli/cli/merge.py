@@ -81,7 +81,7 @@ def merge_cli(
         if method == "tts" and support
         else None
     )
-    with using(engine_from(device)):  # the device scores tts members; the other methods are weight arithmetic
+    with using(engine_from(device)) as engine:  # the device scores tts members; the other methods are weight arithmetic
         meta, report = merge_adapters(
             open_store(store),
             read_names(adapters),
@@ -95,7 +95,7 @@ def merge_cli(
             overwrite=overwrite,
         )
     if json_out:
-        emit_json(report)
+        emit_json({**report, "run": engine.describe()})
         return
     if not quiet:
         console.print(weights_table(report))

@@ -43,7 +43,7 @@ def quickstart_cli(
         )
     elapsed = time.perf_counter() - start
     if json_out:
-        emit_json({**report.model_dump(), "seconds": elapsed, "store": str(the_store.root), **engine.describe()})
+        emit_json({**report.model_dump(), "seconds": elapsed, "store": str(the_store.root), "run": engine.describe()})
         return
     console.print(eval_table(report.rows, title=f"digits test accuracy (%), n={report.rows[0].n}"))
     console.print(f"done in {elapsed:.0f} s; adapters in {the_store.root}: {', '.join(report.adapters)}")

@@ -62,7 +62,7 @@ def trim_cli(
     names = read_names([adapter])
     if len(names) != 1:
         raise InvalidValueError(f"trim takes one adapter, got {len(names)}: {', '.join(names[:4])}")
-    with using(engine_from(device)):  # --full-weight's SVDs run on the device
+    with using(engine_from(device)) as engine:  # --full-weight's SVDs run on the device
         meta, report = trim_adapter(
             open_store(store),
             names[0],
@@ -76,7 +76,7 @@ def trim_cli(
             overwrite=overwrite,
         )
     if json_out:
-        emit_json(report)
+        emit_json({**report, "run": engine.describe()})
         return
     if not quiet:
         console.print(layers_table(f"{names[0]} trimmed → {meta.name}", report["layers"]))
