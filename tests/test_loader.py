@@ -199,3 +199,22 @@ def _rgb_base(store) -> None:
         fingerprint=weights_fingerprint(net.state_dict()),
     )
     store.save_base(meta, net.state_dict())
+
+
+def test_finetune_streams_an_image_folder_at_the_requested_size_with_crop_flip(tmp_path, store):
+    """Mixed image sizes become --img-size inputs; 3-channel data gets crop-flip by default, recorded."""
+    from loradar_cli.jobs.finetune import finetune_base
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(2):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(6):
+                h, w = (20, 30) if i % 2 else (40, 24)
+                _png(tmp_path / split / f"c{c}" / f"{i}.png", (rng.random((h, w, 3)) * 255).astype(np.uint8))
+    meta = finetune_base(
+        store, "folder", model="test_resnet", data=f"imagefolder:{tmp_path}", epochs=1, batch_size=4, img_size=16
+    )
+    assert meta.input_size == (3, 16, 16) and meta.num_classes == 2
+    assert meta.training["augment"] == "crop-flip" and meta.training["world_size"] == 1
+    assert len(meta.mean) == 3 and all(0 < m < 1 for m in meta.mean)
