@@ -143,8 +143,7 @@ def crop_pct_of(timm_model: str) -> float:
     import timm
 
     try:
-        cfg = timm.models.get_pretrained_cfg(timm_model.split(".")[0]) if "." not in timm_model else None
-        cfg = cfg or timm.models.get_pretrained_cfg(timm_model)
+        cfg = timm.models.get_pretrained_cfg(timm_model)  # `name` or `name.tag`; None for unknown names
     except (RuntimeError, ValueError):
         cfg = None
     return float(getattr(cfg, "crop_pct", None) or DEFAULT_CROP_PCT)

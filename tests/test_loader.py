@@ -218,3 +218,13 @@ def test_finetune_streams_an_image_folder_at_the_requested_size_with_crop_flip(t
     assert meta.input_size == (3, 16, 16) and meta.num_classes == 2
     assert meta.training["augment"] == "crop-flip" and meta.training["world_size"] == 1
     assert len(meta.mean) == 3 and all(0 < m < 1 for m in meta.mean)
+
+
+def test_crop_fraction_comes_from_the_timm_config():
+    import timm
+
+    from loradar_cli.loader import DEFAULT_CROP_PCT, crop_pct_of
+
+    assert crop_pct_of("vit_base_patch16_224") == timm.models.get_pretrained_cfg("vit_base_patch16_224").crop_pct
+    assert crop_pct_of("resnet18.a1_in1k") == timm.models.get_pretrained_cfg("resnet18.a1_in1k").crop_pct
+    assert crop_pct_of("no_such_model") == DEFAULT_CROP_PCT
