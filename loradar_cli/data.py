@@ -403,14 +403,44 @@ def _read_image(path: Path) -> np.ndarray:
         raise CorruptError(f"cannot decode image {path}: {type(err).__name__}") from None
 
 
-def _read_imagefolder(root: Path | None) -> tuple[np.ndarray, ...]:
-    assert root is not None
+def _imagefolder_parts(root: Path) -> tuple[Path, Path, list[str]]:
     train = root / "train"
     test = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if not train.is_dir() or test is None:
         raise NotFoundError(f"imagefolder {root} needs train/ and val/ or test/ subfolders")
-    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    return train, test, sorted(p.name for p in train.iterdir() if p.is_dir())
+
+
+def _read_imagefolder(root: Path | None) -> tuple[np.ndarray, ...]:
+    assert root is not None
+    train, test, classes = _imagefolder_parts(root)
     return (*_read_image_dir(train, classes), *_read_image_dir(test, classes))
+
+
+def list_imagefolder(root: Path) -> tuple[np.ndarray, ...]:
+    """Paths (str arrays) and labels of an image folder's train and test images, decoding none of them."""
+    train, test, classes = _imagefolder_parts(root)
+    out: list[np.ndarray] = []
+    for folder in (train, test):
+        pairs = [
+            (str(path), label)
+            for label, cls in enumerate(classes)
+            for path in sorted((folder / cls).glob("*"))
+            if path.suffix.lower() in _IMAGE_SUFFIXES
+        ]
+        if not pairs:
+            raise NotFoundError(f"no images in {folder}")
+        out += [np.array([p for p, _ in pairs]), np.array([lbl for _, lbl in pairs], dtype=np.int64)]
+    return tuple(out)
+
+
+def split_arrays(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, split: str, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded split `load_data` uses, for arrays read elsewhere (e.g. the paths of a streamed folder)."""
+    if split not in SPLITS:
+        raise InvalidValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    return _split(train_x, train_y, test_x, test_y, split, seed)
 
 
 def _read_npz(path: Path | None) -> tuple[np.ndarray, ...]:

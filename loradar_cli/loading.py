@@ -4,8 +4,9 @@ from collections.abc import Sequence
 
 import torch
 
-from loradar_cli.data import ImageData, check_provenance, load_data
+from loradar_cli.data import ImageData, check_provenance
 from loradar_cli.errors import IncompatibleError, InvalidValueError
+from loradar_cli.loader import DEFAULT_CROP_PCT, FolderSource, TensorSource, crop_pct_of, materialize, open_split
 from loradar_cli.lora.inject import PEFT_PREFIX, inject_lora, load_lora_state_dict
 from loradar_cli.lora.layers import LoraLayer
 from loradar_cli.metrics import predict_logits  # noqa: F401  (old import path, kept one release)
@@ -48,7 +49,7 @@ def apply_adapter(model: ImageClassifier, adapter: Adapter, base: BaseMeta) -> I
             weight = _base_weight(model.model, name)
             if adapter.tensors[key].shape != weight.shape:
                 raise IncompatibleError(f"dense delta for {name!r} does not match the layer's weight shape")
-            weight.add_(adapter.tensors[key].to(weight.dtype))
+            weight.add_(adapter.tensors[key].to(weight.device, weight.dtype))
     return freeze(model).eval()
 
 
@@ -80,6 +81,44 @@ def resolve_base_for(store: Store, adapters: Sequence[str], base_name: str | Non
     return bases.pop()
 
 
+def model_source(
+    spec: str,
+    split: str,
+    base: BaseMeta,
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+    download: bool = False,
+    report_limit: bool = True,
+) -> "TensorSource | FolderSource":
+    """A split as a loader source in the base's channels and input size (image folders stream, centre-cropped).
+
+    In-memory data unlike the base's own (kind, classes, image statistics) is warned about (an error under --strict).
+    """
+    c, h, w = base.input_size
+    source = open_split(
+        spec,
+        split,
+        seed=seed,
+        limit=limit,
+        channels=c,
+        size=(h, w),
+        crop_pct=crop_pct_of(base.timm_model) if spec.startswith("imagefolder:") else DEFAULT_CROP_PCT,
+        download=download,
+        report_limit=report_limit,
+    )
+    if source.num_classes > base.num_classes:
+        raise InvalidValueError(
+            f"{spec} has {source.num_classes} classes but base {base.name!r} has {base.num_classes}"
+        )
+    if isinstance(source, TensorSource):
+        check_provenance(
+            source.data, dataset=base.dataset, num_classes=base.num_classes, mean=base.mean, std=base.std,
+            stats=not base.pretrained,
+        )  # fmt: skip
+    return source
+
+
 def model_data(
     spec: str,
     split: str,
@@ -90,19 +129,7 @@ def model_data(
     download: bool = False,
     report_limit: bool = True,
 ) -> ImageData:
-    """A split converted to the base's channels and input size; data unlike the base's own is warned about."""
-    c, h, w = base.input_size
-    data = load_data(
-        spec, split, seed=seed, limit=limit, channels=c, size=(h, w), download=download, report_limit=report_limit
+    """A split converted to the base's channels and input size, in memory; data unlike the base's is warned about."""
+    return materialize(
+        model_source(spec, split, base, seed=seed, limit=limit, download=download, report_limit=report_limit)
     )
-    if data.num_classes > base.num_classes:
-        raise InvalidValueError(f"{spec} has {data.num_classes} classes but base {base.name!r} has {base.num_classes}")
-    check_provenance(
-        data,
-        dataset=base.dataset,
-        num_classes=base.num_classes,
-        mean=base.mean,
-        std=base.std,
-        stats=not base.pretrained,
-    )
-    return data

@@ -14,13 +14,14 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
-    """Logits [N, C] in eval mode, batched; the model's previous mode is restored."""
+    """Logits [N, C] on `x`'s device, in eval mode, batched on the model's device; the model's mode is restored."""
     was_training = model.training
     model.eval()
+    device = next((p.device for p in model.parameters()), x.device)
     try:
         if not len(x):
             return x.new_zeros(0)
-        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        return torch.cat([model(x[i : i + batch_size].to(device)).to(x.device) for i in range(0, len(x), batch_size)])
     finally:
         model.train(was_training)
 

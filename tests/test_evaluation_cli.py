@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from loradar_cli.cli.app import app
 from loradar_cli.errors import EXIT_CODES
+from loradar_cli.names import NORMS as NORM_NAMES
 from loradar_cli.names import SUITES as SUITE_NAMES
 
 runner = CliRunner()

@@ -334,15 +334,19 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], Non
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
         console=console,
         transient=True,
     ) as bar:
+        starts: dict[str, float] = {}
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+                tasks[stage] = bar.add_task(stage, total=total, rate="")
+                starts[stage] = time.perf_counter()
+            rate = done / max(time.perf_counter() - starts[stage], 1e-9)
+            bar.update(tasks[stage], completed=done, total=total, rate=f"{rate:,.0f} img/s")
 
         yield update
 

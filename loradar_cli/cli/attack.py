@@ -25,6 +25,13 @@ from loradar_cli.cli._common import (
     progress_bar,
     run_command,
 )
+from loradar_cli.cli._engine_options import (
+    DeviceOpt,
+    NprocOpt,
+    WorkersOpt,
+    engine_from,
+    launch_nproc,
+)
 from loradar_cli.cli._tables import kv_table
 
 
@@ -40,6 +47,9 @@ def attack_cli(
     alpha: AlphaOpt = None,
     steps: StepsOpt = None,
     attack_opt: AttackOptOpt = None,
+    device: DeviceOpt = None,
+    workers: WorkersOpt = 0,
+    nproc: NprocOpt = 1,
     limit: LimitOpt = None,
     batch_size: BatchOpt = 128,
     seed: SeedOpt = 0,
@@ -51,7 +61,10 @@ def attack_cli(
     from loradar_cli.jobs.attack import craft_adv_set
 
     options = attack_options([attack], eps, alpha, steps, attack_opt)[attack]
-    with progress_bar(not quiet):
+    launch_nproc(nproc)
+    engine = engine_from(device, workers=workers)
+    main = engine.world.is_main
+    with progress_bar(not quiet and main) as progress:
         adv, acc = craft_adv_set(
             open_store(store),
             out,
@@ -64,7 +77,11 @@ def attack_cli(
             limit=limit,
             seed=seed,
             batch_size=batch_size,
+            progress=progress,
+            engine=engine,
         )
+    if not main:
+        return
     summary = {"out": str(out), "n": len(adv.y), "attack": attack, "target_accuracy": acc, **adv.info}
     if json_out:
         emit_json(summary)

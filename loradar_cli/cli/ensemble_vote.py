@@ -29,6 +29,7 @@ from loradar_cli.cli._common import (
     read_names,
     run_command,
 )
+from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 
 
 @run_command
@@ -55,6 +56,7 @@ def ensemble_vote_cli(
     limit: LimitOpt = None,
     out: OutOpt = None,
     batch_size: BatchOpt = 256,
+    device: DeviceOpt = None,
     seed: SeedOpt = 0,
     store: StoreOpt = None,
     json_out: JsonOpt = False,
@@ -62,24 +64,26 @@ def ensemble_vote_cli(
 ) -> None:
     """Classify inputs by an ensemble of adapters (each adapter's ΔW folded in once) and report accuracy per set."""
     from loradar_cli.combine import vote_sets
+    from loradar_cli.device import using
 
-    report = vote_sets(
-        open_store(store),
-        read_names(adapters),
-        base=base,
-        methods=method or ["majority"],
-        weights=parse_weights(weights),
-        data=data,
-        split=split,
-        adv_sets=adv_set or [],
-        limit=limit,
-        identifier=identifier,
-        compare=compare or [],
-        seed=seed,
-        batch_size=batch_size,
-        out=out,
-    )
+    with using(engine_from(device)) as engine:
+        report = vote_sets(
+            open_store(store),
+            read_names(adapters),
+            base=base,
+            methods=method or ["majority"],
+            weights=parse_weights(weights),
+            data=data,
+            split=split,
+            adv_sets=adv_set or [],
+            limit=limit,
+            identifier=identifier,
+            compare=compare or [],
+            seed=seed,
+            batch_size=batch_size,
+            out=out,
+        )
     if json_out:
-        emit_json(report)
+        emit_json({**report, "run": engine.describe()})
     elif not quiet:
         console.print(vote_table(report))

@@ -1,5 +1,6 @@
 """`loradar eval`: clean, white-box robust and saved-set accuracy, with the per-point worst case."""
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,6 +29,15 @@ from loradar_cli.cli._common import (
     progress_bar,
     read_names,
     run_command,
+)
+from loradar_cli.cli._engine_options import (
+    ChannelsLastOpt,
+    DeviceOpt,
+    EvalPrecisionOpt,
+    NprocOpt,
+    WorkersOpt,
+    engine_from,
+    launch_nproc,
 )
 from loradar_cli.cli._tables import eval_table, pct
 from loradar_cli.errors import InvalidValueError
@@ -85,6 +95,11 @@ def eval_cli(
     alpha: AlphaOpt = None,
     steps: StepsOpt = None,
     attack_opt: AttackOptOpt = None,
+    device: DeviceOpt = None,
+    precision: EvalPrecisionOpt = "fp32",
+    channels_last: ChannelsLastOpt = False,
+    workers: WorkersOpt = 0,
+    nproc: NprocOpt = 1,
     limit: LimitOpt = None,
     batch_size: BatchOpt = 128,
     seed: SeedOpt = 0,
@@ -121,7 +136,11 @@ def eval_cli(
     options = attack_options(names, *shared, attack_opts)
     spec = suite_spec(suite, norm, eps, steps, suite_opts, SuiteSpec)
     rows_for = ([] if no_base and (adapters or ensemble) else [None]) + adapters
-    with progress_bar(not quiet) as progress:
+    launch_nproc(nproc)
+    engine = engine_from(device, precision, channels_last, workers)
+    main = engine.world.is_main
+    start = time.perf_counter()
+    with progress_bar(not quiet and main) as progress:
         rows = evaluate_models(
             the_store,
             base=base_name,
@@ -137,7 +156,11 @@ def eval_cli(
             ensemble=ensemble,
             eps_sweep=sweep,
             progress=progress,
+            engine=engine,
         )
+    if not main:
+        return
+    run = engine.record(time.perf_counter() - start, rows[0].n * len(rows))
     written = plot_sweep(plot, rows, f"{data} {split}, n={rows[0].n}") if plot and sweep else None
     if not quiet:
         console.print(eval_table(rows, title=f"accuracy (%) on {data} {split}, n={rows[0].n}"))
@@ -158,6 +181,7 @@ def eval_cli(
                 "members": voters if ensemble else None,
                 "plot": str(written) if written else None,
                 "rows": [r.model_dump() for r in rows],
+                "run": run,
             }
         )
     if strict and any(r.flags for r in rows):

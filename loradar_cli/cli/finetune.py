@@ -21,6 +21,16 @@ from loradar_cli.cli._common import (
     progress_bar,
     run_command,
 )
+from loradar_cli.cli._engine_options import (
+    AugmentOpt,
+    ChannelsLastOpt,
+    DeviceOpt,
+    NprocOpt,
+    PrecisionOpt,
+    WorkersOpt,
+    engine_from,
+    launch_nproc,
+)
 from loradar_cli.cli._options import positive
 from loradar_cli.cli._tables import kv_table
 
@@ -46,12 +56,24 @@ def finetune_cli(
         list[str] | None, typer.Option("--model-kwarg", help="timm kwarg KEY=VALUE, e.g. img_size=32.")
     ] = None,
     img_size: Annotated[
-        int | None, typer.Option("--img-size", min=1, max=MAX_IMG_SIZE, help="Resize inputs to this size.")
+        int | None,
+        typer.Option(
+            "--img-size",
+            min=1,
+            max=MAX_IMG_SIZE,
+            help="Input size (image folders: resize + centre crop; default: the model's).",
+        ),
     ] = None,
     in_chans: Annotated[
         int | None, typer.Option("--in-chans", min=1, help="Input channels (default: the data's).")
     ] = None,
     download: Annotated[bool, typer.Option("--download", help="Download the dataset first (online).")] = False,
+    augment: AugmentOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = "fp32",
+    channels_last: ChannelsLastOpt = False,
+    workers: WorkersOpt = 0,
+    nproc: NprocOpt = 1,
     limit: LimitOpt = None,
     seed: SeedOpt = 0,
     store: StoreOpt = None,
@@ -68,7 +90,10 @@ def finetune_cli(
 
     model_kwargs = check_model_kwargs(parse_key_values(model_kwarg, "--model-kwarg"))
 
-    with progress_bar(not quiet) as progress:
+    launch_nproc(nproc)
+    engine = engine_from(device, precision, channels_last, workers)
+    main = engine.world.is_main
+    with progress_bar(not quiet and main) as progress:
         meta = finetune_base(
             open_store(store),
             name,
@@ -89,7 +114,11 @@ def finetune_cli(
             overwrite=overwrite,
             resume=resume,
             progress=progress,
+            engine=engine,
+            augment=augment,
         )
+    if not main:
+        return
     if json_out:
         emit_json(meta.model_dump(mode="json"))
     else:
@@ -101,6 +130,9 @@ def finetune_cli(
                         "model": meta.timm_model,
                         "input": meta.input_size,
                         "val clean acc": meta.metrics["val_clean_acc"],
+                        "augment": meta.training.get("augment"),
+                        "device": meta.training.get("device"),
+                        "images/s": meta.training.get("images_per_s"),
                     },
                 )
             )

@@ -35,6 +35,7 @@ from loradar_cli.ops.identify_modes import DEFAULT_MARGINS, modes_help
 
 if TYPE_CHECKING:
     from rich.table import Table
+from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 
 DEFAULT_COMMAND = "predict"
 
@@ -103,6 +104,7 @@ def identify_cli(
         bool, typer.Option("--reject/--no-reject", help="calibrated: answer 'unknown' far from the fitted classes.")
     ] = True,
     batch_size: BatchOpt = 256,
+    device: DeviceOpt = None,
     seed: SeedOpt = 0,
     store: StoreOpt = None,
     json_out: JsonOpt = False,
@@ -110,32 +112,34 @@ def identify_cli(
 ) -> None:
     """Predict the attack family of each input; with labelled sets, report accuracy and the confusion matrix."""
     from loradar_cli.combine import identify_sets
+    from loradar_cli.device import using
 
     check_plot_available(plot)
     names = read_names(adapters) if adapters else []
-    report = identify_sets(
-        open_store(store),
-        names,
-        base=base,
-        mode=mode,
-        identifier=identifier,
-        margin=margin,
-        clean=clean,
-        data=data,
-        split=split,
-        adv_sets=adv_set or [],
-        limit=limit,
-        seed=seed,
-        batch_size=batch_size,
-        out=out,
-        reject=reject,
-    )
+    with using(engine_from(device)) as engine:
+        report = identify_sets(
+            open_store(store),
+            names,
+            base=base,
+            mode=mode,
+            identifier=identifier,
+            margin=margin,
+            clean=clean,
+            data=data,
+            split=split,
+            adv_sets=adv_set or [],
+            limit=limit,
+            seed=seed,
+            batch_size=batch_size,
+            out=out,
+            reject=reject,
+        )
     confusion = report["confusion"]
     if plot is not None and confusion:
         written = plot_confusion(plot, confusion, f"attack identification ({report['mode']})")
         console.print(f"confusion matrix plot: {written}", highlight=False)
     if json_out:
-        emit_json(report)
+        emit_json({**report, "run": engine.describe()})
     elif not quiet:
         console.print(sets_table(report))
         if confusion:
@@ -181,6 +185,7 @@ def identify_fit_cli(
     base: BaseOpt = None,
     limit: LimitOpt = None,
     batch_size: BatchOpt = 256,
+    device: DeviceOpt = None,
     seed: SeedOpt = 0,
     store: StoreOpt = None,
     overwrite: OverwriteOpt = False,
@@ -189,29 +194,31 @@ def identify_fit_cli(
 ) -> None:
     """Fit the calibrated identifier on sets labelled by attack (and clean data), score it on a held-out part, store it."""
     from loradar_cli.combine import fit_identifier_from_sets
+    from loradar_cli.device import using
 
-    _, report = fit_identifier_from_sets(
-        open_store(store),
-        read_names(adapters),
-        name=name,
-        adv_sets=adv_set or [],
-        base=base,
-        data=data,
-        split=split,
-        limit=limit,
-        clean=clean,
-        features=[f.strip() for f in features.split(",") if f.strip()],
-        held_out=held_out,
-        reject_quantile=reject_quantile if reject_quantile < 1 else None,
-        epochs=epochs,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-        batch_size=batch_size,
-        overwrite=overwrite,
-    )
+    with using(engine_from(device)) as engine:
+        _, report = fit_identifier_from_sets(
+            open_store(store),
+            read_names(adapters),
+            name=name,
+            adv_sets=adv_set or [],
+            base=base,
+            data=data,
+            split=split,
+            limit=limit,
+            clean=clean,
+            features=[f.strip() for f in features.split(",") if f.strip()],
+            held_out=held_out,
+            reject_quantile=reject_quantile if reject_quantile < 1 else None,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+            batch_size=batch_size,
+            overwrite=overwrite,
+        )
     if json_out:
-        emit_json(report)
+        emit_json({**report, "run": engine.describe()})
         return
     if not quiet:
         held = report["held_out"]

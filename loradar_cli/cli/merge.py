@@ -18,6 +18,7 @@ from loradar_cli.cli._common import (
     read_names,
     run_command,
 )
+from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 from loradar_cli.cli._options import fraction, non_negative, unit_interval
 
 
@@ -68,6 +69,7 @@ def merge_cli(
     augment: Annotated[
         bool, typer.Option("--augment/--no-augment", help="tts: score on an augmented copy of the support (AMT).")
     ] = True,
+    device: DeviceOpt = None,
     seed: SeedOpt = 0,
     store: StoreOpt = None,
     overwrite: OverwriteOpt = False,
@@ -76,6 +78,7 @@ def merge_cli(
 ) -> None:
     """Merge adapters into one: Σ wᵢ·ΔWᵢ per layer, re-factored by SVD; weights [1, 0, …] give the first back."""
     from loradar_cli.combine import TTSOptions, merge_adapters
+    from loradar_cli.device import using
     from loradar_cli.store.pools import expand_pools
 
     tts = (
@@ -93,20 +96,21 @@ def merge_cli(
         else None
     )
     the_store = open_store(store)
-    meta, report = merge_adapters(
-        the_store,
-        expand_pools(the_store, read_names(adapters)),
-        name=name,
-        base=base,
-        method=method,
-        weights=parse_weights(weights),
-        rank=rank,
-        density=density,
-        tts=tts,
-        overwrite=overwrite,
-    )
+    with using(engine_from(device)) as engine:  # the device scores tts members; the other methods are weight arithmetic
+        meta, report = merge_adapters(
+            the_store,
+            expand_pools(the_store, read_names(adapters)),
+            name=name,
+            base=base,
+            method=method,
+            weights=parse_weights(weights),
+            rank=rank,
+            density=density,
+            tts=tts,
+            overwrite=overwrite,
+        )
     if json_out:
-        emit_json(report)
+        emit_json({**report, "run": engine.describe()})
         return
     if not quiet:
         console.print(weights_table(report))

@@ -26,6 +26,16 @@ from loradar_cli.cli._common import (
     progress_bar,
     run_command,
 )
+from loradar_cli.cli._engine_options import (
+    AugmentOpt,
+    ChannelsLastOpt,
+    DeviceOpt,
+    NprocOpt,
+    PrecisionOpt,
+    WorkersOpt,
+    engine_from,
+    launch_nproc,
+)
 from loradar_cli.cli._options import non_blank, positive
 from loradar_cli.cli._tables import kv_table
 
@@ -93,6 +103,12 @@ def train_cli(
             "(e.g. 0.8): a near-constant predictor can look robust.",
         ),
     ] = 0.0,
+    augment: AugmentOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = "fp32",
+    channels_last: ChannelsLastOpt = False,
+    workers: WorkersOpt = 0,
+    nproc: NprocOpt = 1,
     limit: LimitOpt = None,
     val_limit: Annotated[int, typer.Option("--val-limit", min=1)] = 512,
     seed: SeedOpt = 0,
@@ -128,6 +144,9 @@ def train_cli(
             f"invalid training option: {first['loc'][0]}: {first['msg']} (got {first['input']!r})"
         ) from None
     options = attack_options([attack], eps, alpha, steps, attack_opt)[attack]
+    launch_nproc(nproc)
+    engine = engine_from(device, precision, channels_last, workers)
+    main = engine.world.is_main
     if pool is not None:
         _train_pool_cli(
             name,
@@ -149,10 +168,12 @@ def train_cli(
                 "limit": limit,
                 "val_limit": val_limit,
                 "resume": resume,
+                "engine": engine,
+                "augment": augment,
             },
         )
         return
-    with progress_bar(not quiet) as progress:
+    with progress_bar(not quiet and main) as progress:
         meta = train_and_store_adapter(
             open_store(store),
             name,
@@ -170,11 +191,16 @@ def train_cli(
             val_limit=val_limit,
             overwrite=overwrite,
             progress=progress,
+            engine=engine,
+            augment=augment,
         )
+    if not main:
+        return
     if json_out:
         emit_json(meta.model_dump(mode="json"))
         return
     is_base = not hasattr(meta, "lora")  # recipes whose result is a full model (autolora) store a base
+    run = (meta.origin if is_base else meta.combination).get("run", {})
     if not quiet:
         console.print(
             kv_table(
@@ -186,6 +212,9 @@ def train_cli(
                     "best epoch": int(meta.metrics["best_epoch"]),
                     "val clean acc": meta.metrics["val_clean_acc"],
                     "val robust acc": meta.metrics["val_robust_acc"],
+                    "augment": run.get("augment"),
+                    "device": run.get("device"),
+                    "images/s": run.get("images_per_s"),
                 },
             )
         )

@@ -19,6 +19,7 @@ from loradar_cli.cli._common import (
     read_names,
     run_command,
 )
+from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 from loradar_cli.cli._options import fraction, regex
 from loradar_cli.cli._tables import kv_table
 
@@ -58,6 +59,7 @@ def trim_cli(
     split: SplitOpt = "test",
     limit: LimitOpt = 256,
     batch_size: BatchOpt = 128,
+    device: DeviceOpt = None,
     store: StoreOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -65,31 +67,33 @@ def trim_cli(
 ) -> None:
     """Trim an adapter by singular values into a new (smaller) adapter; reports kept rank and energy per layer."""
     from loradar_cli.combine import trim_adapter
+    from loradar_cli.device import using
     from loradar_cli.errors import InvalidValueError
 
     names = read_names([adapter])
     if len(names) != 1:
         raise InvalidValueError(f"trim takes one adapter, got {len(names)}: {', '.join(names[:4])}")
     the_store = open_store(store)
-    check = _Accuracy(the_store, names[0], data, split, limit, batch_size) if data else None
-    before = check.of(names[0]) if check else None  # first: bad --data fails before anything is written
-    meta, report = trim_adapter(
-        the_store,
-        names[0],
-        out_name=name,
-        base=base,
-        rank=rank,
-        energy=energy,
-        full_weight=full_weight,
-        keep=keep,
-        layers_regex=layers,
-        overwrite=overwrite,
-    )
+    with using(engine_from(device)) as engine:  # --full-weight's SVDs and the accuracy checks run on the device
+        check = _Accuracy(the_store, names[0], data, split, limit, batch_size) if data else None
+        before = check.of(names[0]) if check else None  # first: bad --data fails before anything is written
+        meta, report = trim_adapter(
+            the_store,
+            names[0],
+            out_name=name,
+            base=base,
+            rank=rank,
+            energy=energy,
+            full_weight=full_weight,
+            keep=keep,
+            layers_regex=layers,
+            overwrite=overwrite,
+        )
+        if check and before is not None:
+            report["accuracy"] = {"before": before, "after": check.of(meta.name), **check.describe()}
     report["energy_kept"] = energy_kept(report["layers"])
-    if check and before is not None:
-        report["accuracy"] = {"before": before, "after": check.of(meta.name), **check.describe()}
     if json_out:
-        emit_json(report)
+        emit_json({**report, "run": engine.describe()})
         return
     if not quiet:
         console.print(layers_table(f"{names[0]} trimmed → {meta.name}", report["layers"]))

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from loradar_cli.advset import labelled_adv_sets
+from loradar_cli.device import active_engine
 from loradar_cli.errors import IncompatibleError, InvalidValueError
 from loradar_cli.files import atomic_path
 from loradar_cli.loading import (
@@ -77,7 +78,7 @@ def merged_model(template: ImageClassifier, adapter: Adapter, base: BaseMeta) ->
 
 def member_models(members: Members, extra: Sequence[str] = ()) -> dict[str, ImageClassifier]:
     """Merged models keyed by adapter name, plus the base itself under BASE_MEMBER if asked for in `extra`."""
-    template = build_model(members.base)
+    template = active_engine().model(build_model(members.base))
     models = {a.meta.name: merged_model(template, a, members.base.meta) for a in members.adapters}
     if BASE_MEMBER in extra:
         models[BASE_MEMBER] = template

@@ -19,6 +19,7 @@ from loradar_cli.combine.factors import (
     save_derived,
 )
 from loradar_cli.combine.members import Members, load_members, merged_model
+from loradar_cli.device import active_engine
 from loradar_cli.errors import IncompatibleError, InvalidValueError
 from loradar_cli.loading import build_model, model_data
 from loradar_cli.lora.inject import head_tensors
@@ -253,8 +254,9 @@ def per_class(y: Tensor, shots: int | None) -> Tensor:
 def penultimate_features(model: ImageClassifier, x: Tensor, batch_size: int = 256) -> Tensor:
     """Pre-logit features [N, D] of a timm model on inputs in [0, 1] (forward_features + pre-logits head)."""
     net = model.eval().model
+    device = next(net.parameters()).device
     parts = [
-        net.forward_head(net.forward_features(model.normalize(x[i : i + batch_size])), pre_logits=True)
+        net.forward_head(net.forward_features(model.normalize(x[i : i + batch_size].to(device))), pre_logits=True).cpu()
         for i in range(0, len(x), batch_size)
     ]
     return torch.cat(parts).flatten(1)
@@ -264,7 +266,7 @@ def tts_merge_weights(members: Members, opts: TTSOptions) -> tuple[TTSResult, di
     """AMT scores of each member on the support set (clean + one shared augmented copy)."""
     x, y = support_set(opts.support, members.base.meta, split=opts.split, shots=opts.shots, seed=opts.seed)
     x_aug = augment_support(x, torch.Generator().manual_seed(opts.seed)) if opts.augment else x
-    template = build_model(members.base)
+    template = active_engine().model(build_model(members.base))
     clean, aug = [], []
     for adapter in members.adapters:
         model = merged_model(template, adapter, members.base.meta)

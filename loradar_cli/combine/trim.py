@@ -15,6 +15,7 @@ from loradar_cli.combine.factors import (
     save_derived,
 )
 from loradar_cli.combine.members import Members, load_members
+from loradar_cli.device import active_engine
 from loradar_cli.errors import IncompatibleError, InvalidValueError, NotFoundError
 from loradar_cli.lora.inject import head_tensors
 from loradar_cli.ops.trim import full_weight_trim, lowrank_or_dense, trim_delta
@@ -108,7 +109,9 @@ def _full_weight_layers(
         if groups.get(name, 1) != 1:
             raise IncompatibleError(f"layer {name!r} is a grouped conv; --full-weight supports groups == 1 only")
         w0 = members.base.state[f"{name}.weight"].float()
-        new_delta, info = full_weight_trim(w0, deltas[name], keep)
+        device = active_engine().device
+        new_delta, info = full_weight_trim(w0.to(device), deltas[name].to(device), keep)
+        new_delta = new_delta.cpu()
         packed = lowrank_or_dense(new_delta, storage_rank(new_delta))
         if packed is None:
             dense[name] = new_delta

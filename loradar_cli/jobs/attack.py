@@ -1,5 +1,6 @@
 """The job behind `loradar attack`: craft a labelled adversarial set against a stored model and save it."""
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -8,9 +9,11 @@ import torch
 
 from loradar_cli.advset import AdvSet, save_adv_set
 from loradar_cli.attacks import build_attack
-from loradar_cli.loading import load_model, model_data
-from loradar_cli.metrics import Progress, accuracy
-from loradar_cli.recipes.loop import adversarial
+from loradar_cli.device import Engine
+from loradar_cli.distributed import batch_seed, gather_points, on_main
+from loradar_cli.loader import eval_batches
+from loradar_cli.loading import load_model, model_source
+from loradar_cli.metrics import Progress, correct, mean_flag
 from loradar_cli.store.store import Store
 
 
@@ -28,15 +31,32 @@ def craft_adv_set(
     seed: int = 0,
     batch_size: int = 128,
     progress: Progress | None = None,
+    engine: Engine | None = None,
 ) -> tuple[AdvSet, float]:
-    """Attack the test split against base (+ adapter) and save the set; returns it and the target's accuracy on it."""
-    model = load_model(store, base, adapter)
+    """Attack the test split against base (+ adapter) and save the set; returns it and the target's accuracy on it.
+
+    Batch k's attack is seeded by (seed, k); under torchrun the processes split the batches, rank 0 gathers the
+    examples in point order and alone writes the file, so the set equals a one-process run's.
+    """
+    engine = engine or Engine()
+    model = engine.model(load_model(store, base, adapter))
     stored_meta = store.base_meta(base)
     attack_fn = build_attack(attack, **dict(attack_options or {}))
-    clean = model_data(data, split, stored_meta, seed=seed, limit=limit)
-    torch.manual_seed(seed)
-    x_adv = adversarial(attack_fn, model, clean.x, clean.y, batch_size)
-    acc = accuracy(model, x_adv, clean.y)
+    clean = model_source(data, split, stored_meta, seed=seed, limit=limit)
+    start = time.perf_counter()
+    parts, flags, done = [], [], 0
+    devices = [engine.device] if engine.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), engine.autocast():
+        for number, first, x, y in eval_batches(clean, batch_size, engine):
+            torch.manual_seed(batch_seed(seed, number))
+            x_adv = attack_fn(model, x, y)
+            parts.append((first, x_adv.cpu()))
+            flags.append((first, correct(model, x_adv, y, batch_size).cpu()))
+            done += len(y) * engine.world.size
+            if progress:
+                progress(f"{attack} → {out.name}", min(done, len(clean)), len(clean))
+    x_all = gather_points(engine.world, parts, len(clean))
+    acc = mean_flag(gather_points(engine.world, flags, len(clean)))
     info = {
         "config": attack_fn.describe(),
         "target": {"base": base, "adapter": adapter, "base_fingerprint": stored_meta.fingerprint},
@@ -45,7 +65,8 @@ def craft_adv_set(
         "limit": limit,
         "seed": seed,
         "target_accuracy": acc,
+        "run": engine.record(time.perf_counter() - start, len(clean)),
     }
-    adv = AdvSet(x_adv, clean.y, attack, info)
-    save_adv_set(out, adv)
+    adv = AdvSet(x_all.contiguous(), clean.labels.clone(), attack, info)
+    on_main(engine.world, lambda: save_adv_set(out, adv))
     return adv, acc

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from loradar_cli.advset import labelled_adv_sets
+from loradar_cli.advset import AdvSet, labelled_adv_sets
 from loradar_cli.attacks import Attack, build_attack
 from loradar_cli.data import ImageData
+from loradar_cli.device import Engine, using
 from loradar_cli.evaluation import EvalRow, evaluate_suite, run_suite, suite_attacks
 from loradar_cli.evaluation.checks import flag, noise
 from loradar_cli.loading import model_data, model_on
@@ -66,6 +67,7 @@ def evaluate_models(
     eps_sweep: Sequence[float] = (),
     early_stop: bool = True,
     progress: Progress | None = None,
+    engine: Engine | None = None,
 ) -> list[EvalRow]:
     """Evaluate the base (None), each adapter and each ensemble method: clean, attacks, saved sets, worst case.
 
@@ -74,13 +76,19 @@ def evaluate_models(
     route through the routed decision; never transferred from the base. Each row carries its sanity flags and,
     with `eps_sweep`, the worst case at each eps of the suite (or of the attacks).
     """
+    engine = engine or Engine()
     stored = store.load_base(base)
-    clean = model_data(data, split, stored.meta, seed=seed, limit=limit)
-    sets = labelled_adv_sets(adv_sets, stored.meta.input_size, num_classes=stored.meta.num_classes)
+    clean = _on(engine, model_data(data, split, stored.meta, seed=seed, limit=limit))
+    sets = {
+        label: AdvSet(engine.batch(s.x), s.y.to(engine.device), s.attack, s.info)
+        for label, s in labelled_adv_sets(adv_sets, stored.meta.input_size, num_classes=stored.meta.num_classes).items()
+    }
     built = build_attacks(attacks or {}, suite, seed)
     meta = _meta(suite, built, seed)
     rows = []
-    for row in _rows(store, stored, base, adapters, ensemble):
+    with using(engine):  # models are built on the engine's device
+        row_specs = _rows(store, stored, base, adapters, ensemble, engine)
+    for row in row_specs:
         torch.manual_seed(seed)
         result = evaluate_suite(
             row.name, row.judge, clean, built, sets, targets=row.targets, early_stop=early_stop,
@@ -116,13 +124,23 @@ def _meta(suite: SuiteSpec | None, built: Mapping[str, Attack[Any]], seed: int) 
     return {"suite": suite.name if suite else None, "norm": norm, "eps": eps, "seed": seed}
 
 
+def _on(engine: Engine, data: ImageData) -> ImageData:
+    """The split's tensors on the engine's device (labels too), so attacks and models never cross devices."""
+    return ImageData(engine.batch(data.x), data.y.to(engine.device), data.num_classes, data.name)
+
+
 def _rows(
-    store: Store, stored: Any, base: str, adapters: Sequence[str | None], ensemble: EnsembleRows | None
+    store: Store,
+    stored: Any,
+    base: str,
+    adapters: Sequence[str | None],
+    ensemble: EnsembleRows | None,
+    engine: Engine,
 ) -> list[_Row]:
     """Single models attacked white-box, then one row per ensemble method with its attack targets."""
     rows = []
     for adapter in adapters:
-        model = model_on(store, stored, adapter)
+        model = engine.model(model_on(store, stored, adapter))
         rows.append(_Row(adapter or "base", model, {"white-box": model}))
     if ensemble is not None:
         from loradar_cli.combine.ensemble import load_ensemble

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
+from loradar_cli.device import Engine
 from loradar_cli.evaluation import EvalRow
 from loradar_cli.metrics import Progress
 from loradar_cli.recipes.loop import TrainConfig
@@ -38,6 +39,7 @@ def run_quickstart(
     eval_limit: int | None = 200,
     seed: int = 0,
     progress: Progress | None = None,
+    engine: Engine | None = None,
 ) -> QuickstartReport:
     """Fit `<prefix>-base`, train `<prefix>-<attack>` adapters, and evaluate {base, adapters} × attacks."""
     from loradar_cli.jobs.evaluate import evaluate_models
@@ -57,6 +59,7 @@ def run_quickstart(
         seed=seed,
         overwrite=True,
         progress=progress,
+        engine=engine,
     )
     names = []
     for attack in attacks:
@@ -74,6 +77,7 @@ def run_quickstart(
             val_limit=128,
             overwrite=True,
             progress=progress,
+            engine=engine,
         )
         names.append(name)
     options = {a: QUICKSTART_ATTACKS[a] for a in attacks}
@@ -86,5 +90,6 @@ def run_quickstart(
         limit=eval_limit,
         seed=seed,
         progress=progress,
+        engine=engine,
     )
     return QuickstartReport(base=base, adapters=names, attacks=options, rows=rows)

@@ -2,8 +2,10 @@
 
 With `pool`, one adapter per value of an attack option (e.g. eps) is trained with the same recipe and the
 members are recorded as one named pool (`<store>/pools/<name>.json`) that merge and eval accept by name.
+Under torchrun every process trains its shard of each batch and rank 0 alone writes to the store.
 """
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,10 @@ from typing import Any
 import torch
 
 from loradar_cli.attacks import ATTACKS, build_attack
-from loradar_cli.loading import build_model, model_data
+from loradar_cli.device import Engine
+from loradar_cli.distributed import on_main
+from loradar_cli.loader import resolve_augment
+from loradar_cli.loading import build_model, model_source
 from loradar_cli.lora.init import init_lora
 from loradar_cli.lora.inject import classifier_name, default_targets, inject_lora, select_targets
 from loradar_cli.lora.spec import LoraSpec
@@ -49,6 +54,8 @@ def train_and_store_adapter(
     overwrite: bool = False,
     resume: bool = False,
     progress: Progress | None = None,
+    engine: Engine | None = None,
+    augment: str | None = None,
 ) -> AdapterMeta | BaseMeta:
     """Train an adapter on a frozen base and store it (nothing is written if training fails).
 
@@ -56,14 +63,16 @@ def train_and_store_adapter(
     The run state is checkpointed after every epoch in a hidden folder beside the entry; `resume` continues
     from it (same options required) and the folder is removed once the adapter is stored.
     """
+    engine = engine or Engine()
     config = config or TrainConfig()
     recipe = build_recipe(config.recipe, config.recipe_options)
     for suffix in recipe.output_suffixes:
         store.check_free(recipe.output, name + suffix, overwrite)
     stored = store.load_base(base)
     attack_fn = build_attack(attack, **dict(attack_options or {}))
-    train = model_data(data, "train", stored.meta, seed=config.seed, limit=limit)
-    val = model_data(data, "val", stored.meta, seed=config.seed, limit=val_limit, report_limit=False)
+    train = model_source(data, "train", stored.meta, seed=config.seed, limit=limit)
+    val = model_source(data, "val", stored.meta, seed=config.seed, limit=val_limit, report_limit=False)
+    augment = resolve_augment(augment, stored.meta.input_size[0])
     model = build_model(stored)
     targets = targets or recipe.default_targets
     spec = lora_spec_for(model, r=r, lora_alpha=lora_alpha, targets=targets, train_head=train_head)
@@ -72,10 +81,15 @@ def train_and_store_adapter(
     init_lora(layers, recipe.lora_init)
     recipe_config = {**config.model_dump(), "recipe_options": recipe.config.model_dump(mode="json")}
     run_options = [stored.meta.fingerprint, attack_fn.describe(), recipe_config, spec.model_dump(), data, limit]
-    checkpoint = Checkpoint(resume_folder(store, name), run_fingerprint([*run_options, val_limit]))
+    checkpoint = Checkpoint(resume_folder(store, name), run_fingerprint([*run_options, val_limit, augment]))
     if not resume:
         checkpoint.clear()
-    result = train_adapter(model, attack_fn, train, val, config, progress, recipe=recipe, checkpoint=checkpoint)
+    start = time.perf_counter()
+    result = train_adapter(
+        model, attack_fn, train, val, config, progress, recipe=recipe, checkpoint=checkpoint, engine=engine,
+        augment=augment,
+    )  # fmt: skip
+    run = {"augment": augment, **engine.record(time.perf_counter() - start, config.epochs * len(train))}
     best = result.best
     metrics = {
         "val_clean_acc": best.val_clean_acc,
@@ -83,7 +97,13 @@ def train_and_store_adapter(
         "best_epoch": float(result.best_epoch),
         "train_loss": best.loss,
     }
-    training = {"data": data, "limit": limit, "val_limit": val_limit, "history": [vars(h) for h in result.history]}
+    training = {
+        "data": data,
+        "limit": limit,
+        "val_limit": val_limit,
+        "history": [vars(h) for h in result.history],
+        "run": run,
+    }
     if recipe.output == "base":
         provenance = {
             "command": "train",
@@ -95,8 +115,13 @@ def train_and_store_adapter(
             "attack_config": attack_fn.describe(),
             **training,
         }
-        _save_base(store, name, stored.meta, base_state(model.model), metrics, config.seed, provenance, overwrite)
-        checkpoint.clear()
+        state = base_state(model.model)
+        on_main(
+            engine.world,
+            lambda: _save_base(store, name, stored.meta, state, metrics, config.seed, provenance, overwrite),
+        )
+        if engine.world.is_main:
+            checkpoint.clear()
         return store.base_meta(name)
     for suffix, out in recipe.export(model, spec).items():
         meta = AdapterMeta(
@@ -115,8 +140,10 @@ def train_and_store_adapter(
             parents=[name + p for p in out.extra.get("parents", [])],
             combination={**training, **out.extra.get("combination", {})},
         )
-        store.save_adapter(meta, out.tensors, overwrite=overwrite)
-    checkpoint.clear()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in out.tensors.items()}
+        on_main(engine.world, lambda meta=meta, tensors=tensors: store.save_adapter(meta, tensors, overwrite=overwrite))
+    if engine.world.is_main:
+        checkpoint.clear()
     return store.adapter_meta(name)
 
 

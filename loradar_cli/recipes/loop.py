@@ -12,12 +12,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from loradar_cli.data import ImageData
+from loradar_cli.device import Engine
+from loradar_cli.distributed import all_mean, batch_seed, gather_points, wrap_ddp
+from loradar_cli.loader import Batch, TensorSource, augment_batch, eval_batches, materialize, train_batches
 from loradar_cli.lora.inject import trainable_parameters
-from loradar_cli.metrics import Progress, accuracy
+from loradar_cli.metrics import Progress, correct, mean_flag
 from loradar_cli.recipes.base import Recipe, build_recipe, norm_stats
 from loradar_cli.recipes.checkpoint import Checkpoint, rng_state, set_rng_state
+
+Source = Dataset[Batch]
 
 
 class TrainConfig(BaseModel):
@@ -141,16 +147,28 @@ class _Run:
         recipe.load_state_dict(state["recipe"])
 
 
+def as_source(data: ImageData | Source) -> Source:
+    """In-memory data as a loader source; sources pass through."""
+    return TensorSource(data) if isinstance(data, ImageData) else data
+
+
+def _in_memory(source: Source) -> ImageData:
+    """What a recipe's `prepare` sees: the split's tensors (a streamed folder is read whole, once)."""
+    return source.data if isinstance(source, TensorSource) else materialize(source)
+
+
 def train_adapter(
     model: nn.Module,
     attack: Callable,
-    train: ImageData,
-    val: ImageData,
+    train: ImageData | Source,
+    val: ImageData | Source,
     config: TrainConfig,
     progress: Progress | None = None,
     *,
     recipe: Recipe | None = None,
     checkpoint: Checkpoint | None = None,
+    engine: Engine | None = None,
+    augment: str = "none",
 ) -> TrainResult:
     """Train LoRA factors (and head) of `model` with `recipe`; on return the model holds the best epoch's weights.
 
@@ -158,8 +176,11 @@ def train_adapter(
     `static_attack` crafts the whole training set once against the model as it starts (= the base). With a
     `checkpoint`, the run state is saved after every completed epoch and a saved state is resumed from.
     """
+    engine = engine or Engine()
+    train, val = as_source(train), as_source(val)
     recipe = recipe or build_recipe(config.recipe, config.recipe_options)
-    recipe.prepare(model, train, val, attack)
+    engine.model(model)
+    recipe.prepare(model, _in_memory(train), _in_memory(val), attack)
     params = trainable_parameters(model)
     optimizer, scheduler = recipe.build_optimizer(params, config.lr, config.step_size, config.gamma)
     # what the best epoch and a checkpoint keep: trained parameters, plus BatchNorm statistics when they move
@@ -168,23 +189,25 @@ def train_adapter(
         tracked,
         optimizer,
         scheduler,
-        torch.Generator().manual_seed(config.seed),
+        augment_generator(config.seed, engine),
         best_state=[p.detach().clone() for p in tracked],
     )
-    static_adv = adversarial(attack, model, train.x, train.y, config.batch_size) if config.static_attack else None
+    static_adv = _static_adversarial(attack, model, train, config.batch_size, engine) if config.static_attack else None
+    steps = _Steps(
+        wrap_ddp(model, engine.world, engine.device), optimizer, engine.scaler(), engine, augment, run.generator
+    )
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         run.load_state_dict(saved, recipe)
     for epoch in range(len(run.result.history) + 1, config.epochs + 1):
         start = time.perf_counter()
         recipe.on_epoch_start(model, epoch)
-        loss = train_epoch(model, recipe, attack, train, static_adv, run, config, epoch, progress)
+        loss = train_epoch(model, recipe, attack, train, static_adv, run, steps, config, epoch, progress)
         seconds = time.perf_counter() - start
         if run.scheduler is not None:
             run.scheduler.step()
         with recipe.inference(model):
-            clean = accuracy(model, val.x, val.y)
-            robust = accuracy(model, adversarial(attack, model, val.x, val.y, config.batch_size), val.y)
+            clean, robust = validate(model, val, config.batch_size, engine, attack, seed=config.seed + epoch)
         stats = EpochStats(epoch, loss, clean, robust, seconds)
         stop = recipe.on_epoch_end(model, epoch, clean, robust)
         best = run.result.best if run.result.best_epoch else None
@@ -192,7 +215,7 @@ def train_adapter(
         if is_better(stats, best, config.select, config.min_clean):
             run.result.best_epoch = epoch
             run.best_state = [p.detach().clone() for p in tracked]
-        if checkpoint is not None:
+        if checkpoint is not None and engine.world.is_main:
             checkpoint.save(run.state_dict(recipe))
         if stop:
             break
@@ -203,43 +226,102 @@ def train_adapter(
     return run.result
 
 
+@dataclass
+class _Steps:
+    """What one optimisation step needs besides the batch: the (DDP-wrapped) model, optimiser, scaler, engine."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: "torch.amp.GradScaler"
+    engine: Engine
+    augment: str
+    generator: torch.Generator
+
+    def step(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def augment_generator(seed: int, engine: Engine) -> torch.Generator:
+    """The CPU generator of training augmentations: seeded, and distinct per process."""
+    return torch.Generator().manual_seed(seed + 7919 * engine.world.rank)
+
+
+def _static_adversarial(attack: Callable, model: nn.Module, train: Source, batch_size: int, engine: Engine) -> Tensor:
+    """The whole training set attacked once (on the CPU, in point order): every process crafts all of it."""
+    whole = Engine(engine.device, engine.precision, engine.channels_last, engine.workers)
+    with engine.autocast():
+        return torch.cat([attack(model, x, y).cpu() for _, _, x, y in eval_batches(train, batch_size, whole)])
+
+
 def train_epoch(
     model: nn.Module,
     recipe: Recipe,
     attack: Callable,
-    train: ImageData,
+    train: Source,
     static_adv: Tensor | None,
     run: _Run,
+    steps: _Steps,
     config: TrainConfig,
     epoch: int,
     progress: Progress | None,
 ) -> float:
-    """One pass over the training set in a seeded order; returns the mean loss."""
-    total, count = 0.0, 0
-    steps = batches(len(train), config.batch_size, run.generator)
-    for i, idx in enumerate(steps):
-        x, y = train.x[idx], train.y[idx]
-        batch_attack = (
-            Precomputed(getattr(attack, "config", None), static_adv[idx]) if static_adv is not None else attack
-        )
-        adapter_train_mode(model) if recipe.frozen_norm_stats else model.train()
-        out = recipe.step(model, x, y, batch_attack)
-        run.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        run.optimizer.step()
+    """One pass over this process's share of the training set in a seeded order; returns the mean loss."""
+    total, count, engine = 0.0, 0, steps.engine
+    for idx, x, y in train_batches(train, config.batch_size, engine, seed=config.seed, epoch=epoch):
+        batch_attack: Callable = attack
+        if static_adv is not None:  # one draw of crop and flip for an image and its adversarial copy
+            pair = augment_batch(steps.augment, torch.cat([x, engine.batch(static_adv[idx])], 1), steps.generator)
+            x, x_adv = pair.split(x.shape[1], dim=1)
+            batch_attack = Precomputed(getattr(attack, "config", None), x_adv)
+        else:
+            x = augment_batch(steps.augment, x, steps.generator)
+        adapter_train_mode(steps.net) if recipe.frozen_norm_stats else steps.net.train()
+        with engine.autocast():
+            out = recipe.step(steps.net, x, y, batch_attack)
+        steps.step(out.loss)
         recipe.after_step(model)
         total += out.loss.item() * len(y)
         count += len(y)
         if progress:
-            progress(f"epoch {epoch}/{config.epochs}", i + 1, len(steps))
+            progress(f"epoch {epoch}/{config.epochs}", min(count * engine.world.size, len(train)), len(train))
     model.eval()
-    return total / max(count, 1)
+    return all_mean(engine.world, total / max(count, 1), count)
+
+
+def validate(
+    model: nn.Module,
+    data: Source,
+    batch_size: int,
+    engine: Engine,
+    attack: Callable | None = None,
+    *,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Clean and attacked accuracy over `data`, sharded over the processes; attacks run in fp32.
+
+    Each batch's attack is seeded by (seed, batch number) inside a forked RNG, so the result does not depend on the
+    number of processes and the training RNG does not move.
+    """
+    clean, robust = [], []
+    devices = [engine.device] if engine.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for number, start, x, y in eval_batches(data, batch_size, engine):
+            clean.append((start, correct(model, x, y, batch_size).cpu()))
+            if attack is not None:
+                torch.manual_seed(batch_seed(seed, number))
+                robust.append((start, correct(model, attack(model, x, y), y, batch_size).cpu()))
+    n = len(data)
+    clean_acc = mean_flag(gather_points(engine.world, clean, n))
+    return clean_acc, (mean_flag(gather_points(engine.world, robust, n)) if attack is not None else clean_acc)
 
 
 def fit_classifier(
     model: nn.Module,
-    train: ImageData,
-    val: ImageData,
+    train: ImageData | Source,
+    val: ImageData | Source,
     *,
     epochs: int,
     lr: float,
@@ -247,39 +329,52 @@ def fit_classifier(
     seed: int,
     progress: Progress | None = None,
     checkpoint: Checkpoint | None = None,
+    engine: Engine | None = None,
+    augment: str = "none",
 ) -> float:
     """Fit a base on clean data (all parameters that require grad); returns validation accuracy.
 
     With a `checkpoint`, the model, optimiser, schedule and RNG states are saved after every epoch and a saved
     state is resumed from.
     """
+    engine = engine or Engine()
+    train, val = as_source(train), as_source(val)
+    engine.model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    steps_total = epochs * ((len(train) + batch_size - 1) // batch_size)
+    per_process = -(-len(train) // engine.world.size)
+    steps_total = epochs * -(-per_process // max(batch_size // engine.world.size, 1))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps_total, 1))
-    generator = torch.Generator().manual_seed(seed)
+    steps = _Steps(
+        wrap_ddp(model, engine.world, engine.device),
+        optimizer,
+        engine.scaler(),
+        engine,
+        augment,
+        augment_generator(seed, engine),
+    )
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         for key, part in parts.items():
             part.load_state_dict(saved[key])
-        generator.set_state(saved["generator"])
+        steps.generator.set_state(saved["generator"])
         set_rng_state(saved["rng"])
     for epoch in range((saved or {}).get("epoch", 0) + 1, epochs + 1):
-        model.train()
-        steps = batches(len(train), batch_size, generator)
-        for i, idx in enumerate(steps):
-            if len(idx) < 2:  # BatchNorm cannot normalise a batch of one in train mode
+        steps.net.train()
+        done = 0
+        for _, x, y in train_batches(train, batch_size, engine, seed=seed, epoch=epoch):
+            done += len(y) * engine.world.size
+            if len(y) < 2:  # BatchNorm cannot normalise a batch of one in train mode
                 continue
-            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            with engine.autocast():
+                loss = F.cross_entropy(steps.net(augment_batch(augment, x, steps.generator)), y)
+            steps.step(loss)
             scheduler.step()
             if progress:
-                progress(f"fit epoch {epoch}/{epochs}", i + 1, len(steps))
-        if checkpoint is not None:
+                progress(f"fit epoch {epoch}/{epochs}", min(done, len(train)), len(train))
+        if checkpoint is not None and engine.world.is_main:
             state = {key: part.state_dict() for key, part in parts.items()}
-            checkpoint.save({**state, "epoch": epoch, "generator": generator.get_state(), "rng": rng_state()})
+            checkpoint.save({**state, "epoch": epoch, "generator": steps.generator.get_state(), "rng": rng_state()})
     model.eval()
-    return accuracy(model, val.x, val.y)
+    return validate(model, val, batch_size, engine)[0]

@@ -40,6 +40,7 @@ class BaseMeta(_Meta):
     head_only: bool = False
     metrics: dict[str, float] = Field(default_factory=dict)
     seed: int | None = None
+    training: dict[str, Any] = Field(default_factory=dict)  # augmentation, device, precision, throughput
     fingerprint: str
     origin: dict[str, Any] = Field(default_factory=dict)  # how the base came to be if not by finetune
 

@@ -323,7 +323,8 @@ def _fixture_cases() -> list[tuple[str, list[str], str]]:
     for name in BAD_IDX:
         cases.append(("eval", ["--data", f"mnist:BAD/idx-{name}"], "idx"))
     cases.append(("eval", ["--data", "imagefolder:BAD/images"], "broken.png"))
-    cases.append(("finetune", ["--data", "imagefolder:BAD/images"], "broken.png"))
+    # finetune streams the train split only (decoded lazily), so the broken test image is eval's to find
+    cases.append(("attack", ["--data", "imagefolder:BAD/images"], "broken.png"))
     cases.append(("eval", ["--data", "imagefolder:BAD/empty-images"], "empty-images"))
     for name in BAD_CIFAR:
         cases.append(("eval", ["--data", f"cifar10:BAD/cifar-{name}"], "cifar"))

@@ -90,15 +90,15 @@ def _run_selection(store, history, select, min_clean=0.0):
     model = build_model(store.load_base(base.name))
     inject_lora(model.model, lora_spec_for(model, r=2, lora_alpha=None, targets=None, train_head=False))
     data = load_data("digits", "train", limit=8, channels=1, size=16)
-    accs = iter(a for clean, robust in history for a in (clean, robust))
-    original = loop.accuracy
-    loop.accuracy = lambda *args, **kwargs: next(accs)
+    accs = iter(history)
+    original = loop.validate
+    loop.validate = lambda *args, **kwargs: next(accs)  # (val clean, val robust) of each epoch, scripted
     try:
         values = [0.1 * (e + 1) for e in range(len(history))]
         config = TrainConfig(epochs=len(history), batch_size=8, select=select, min_clean=min_clean)
         result = train_adapter(model, build_attack("fgsm", eps=0.0), data, data, config, recipe=_Scripted(values))
     finally:
-        loop.accuracy = original
+        loop.validate = original
     kept = next(iter(lora_layers(model.model).values())).lora_B.weight.flatten()[0].item()
     return result.best_epoch, round(kept, 6)
 

@@ -1,0 +1,94 @@
+"""Where a command runs: --device, --precision, --channels-last, --workers, --augment and --nproc, declared once.
+
+Torch-free at import (so `loradar --help` stays fast): the choice lists are static tuples that a test keeps equal
+to the registries (`loradar_cli.device.PRECISIONS`, `loradar_cli.loader.AUGMENTS`).
+"""
+
+import os
+import subprocess
+import sys
+from typing import Annotated, Any
+
+import typer
+
+PRECISION_NAMES = ("bf16", "fp16", "fp32")
+AUGMENT_NAMES = ("crop-flip", "none")
+NPROC_ENV = "LORADAR_LAUNCHED"  # set in the processes `--nproc` starts, so they do not start torchrun again
+
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="auto | cpu | cuda | cuda:N | mps [env LORADAR_DEVICE; default auto: cuda, then mps, then cpu]. "
+        "A device that is not there is an error, never a silent fallback.",
+        show_default=False,
+    ),
+]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help=f"{' | '.join(PRECISION_NAMES)}: autocast dtype of training (fp16 adds gradient scaling).",
+    ),
+]
+EvalPrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help=f"{' | '.join(PRECISION_NAMES)}: autocast dtype of predictions and attacks, recorded in the report. "
+        "Keep fp32 for robustness numbers: low-precision gradients weaken attacks and overstate robustness.",
+    ),
+]
+ChannelsLastOpt = Annotated[
+    bool, typer.Option("--channels-last", help="NHWC memory format (faster convolutions on recent GPUs).")
+]
+WorkersOpt = Annotated[
+    int, typer.Option("--workers", min=0, help="DataLoader worker processes decoding batches (0: in this process).")
+]
+AugmentOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--augment",
+        help=f"Training augmentation: {' | '.join(AUGMENT_NAMES)} (crop-flip: 4-pixel padded random crop and "
+        "horizontal flip) [default: crop-flip for 3-channel data, none for 1-channel].",
+        show_default=False,
+    ),
+]
+NprocOpt = Annotated[
+    int,
+    typer.Option(
+        "--nproc",
+        min=1,
+        help="Run as N processes on this machine (starts torchrun --standalone; one GPU per process on CUDA).",
+    ),
+]
+
+
+def engine_from(device: str | None, precision: str = "fp32", channels_last: bool = False, workers: int = 0) -> Any:
+    """The job's Engine (joins torchrun's process group when started by torchrun)."""
+    from loradar_cli.device import engine_for
+
+    return engine_for(device, precision, channels_last=channels_last, workers=workers)
+
+
+def launch_nproc(nproc: int) -> None:
+    """With --nproc N > 1 outside torchrun, run this same command under torchrun and exit with its status."""
+    if nproc <= 1 or "WORLD_SIZE" in os.environ or os.environ.get(NPROC_ENV):
+        return
+    args = _without_nproc(sys.argv[1:])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command += ["-m", "loradar_cli", *args]
+    env = {**os.environ, NPROC_ENV: "1"}
+    raise typer.Exit(subprocess.call(command, env=env))
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out

@@ -1,0 +1,85 @@
+"""Several processes: sharding and gathering helpers, and torchrun runs (gloo on CPU) that equal one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loradar_cli.advset import load_adv_set
+from loradar_cli.distributed import World, all_mean, gather_points, local_batches, on_main
+from loradar_cli.store.store import ADAPTER_WEIGHTS
+from tests.conftest import make_adapter, make_base
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_batches_are_dealt_out_without_gaps_or_overlaps():
+    one = local_batches(70, 16, World())
+    shards = [local_batches(70, 16, World(r, 3)) for r in range(3)]
+    assert sorted((b, tuple(r)) for s in shards for b, r in s) == [(b, tuple(r)) for b, r in one]
+    assert [b for b, _ in shards[1]] == [1, 4]
+    assert list(one[-1][1]) == list(range(64, 70))
+
+
+def test_a_world_of_one_needs_no_process_group():
+    assert not torch.distributed.is_initialized()
+    parts = [(4, torch.tensor([4, 5])), (0, torch.tensor([0, 1, 2, 3]))]
+    assert gather_points(World(), parts, 6).tolist() == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(Exception, match="gathered 6 results for 7 points"):
+        gather_points(World(), parts, 7)
+    assert on_main(World(), lambda: 42) == 42
+    assert all_mean(World(), 0.25, 8) == 0.25
+
+
+def _cli(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORADAR_DEVICE": "cpu"}
+    env.pop("WORLD_SIZE", None)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    done = subprocess.run(
+        [sys.executable, *launcher, "-m", "loradar_cli", *args], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+@pytest.mark.slow
+def test_two_process_training_gives_the_one_process_adapter(store):
+    """Same global batch, seed and data order: DDP's averaged gradients reproduce one process's steps."""
+    make_base(store)
+    common = ["train", "--base", "tiny", "--attack", "fgsm", "--eps", "0.05", "--data", "digits", "--limit", "128"]
+    common += ["--batch-size", "32", "--epochs", "2", "--val-limit", "64", "--store", str(store.root), "--json"]
+    one = json.loads(_cli(*common, "--name", "one").stdout)
+    two = _cli(*common, "--name", "two", "--nproc", "2").stdout  # --nproc starts torchrun itself
+    two = json.loads(two)  # rank 0 alone prints: exactly one JSON document
+    a = load_file(str(store.adapter_dir("one") / ADAPTER_WEIGHTS))
+    b = load_file(str(store.adapter_dir("two") / ADAPTER_WEIGHTS))
+    assert a.keys() == b.keys()
+    assert any(t.abs().max() > 1e-3 for k, t in a.items() if "lora_B" in k)  # trained, not the zero init
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+    assert (one["combination"]["run"]["world_size"], two["combination"]["run"]["world_size"]) == (1, 2)
+    assert one["metrics"]["val_clean_acc"] == pytest.approx(two["metrics"]["val_clean_acc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_rank_eval_and_attack_equal_one_rank(store, tmp_path):
+    """Random-start PGD seeded per batch: the same adversarial points and the same report on 1 and 2 ranks."""
+    make_base(store)
+    make_adapter(store, "tiny")
+    common = ["--base", "tiny", "--attack", "pgd", "--eps", "0.1", "--steps", "3", "--data", "digits"]
+    common += ["--limit", "100", "--batch-size", "16", "--store", str(store.root), "--json", "--quiet"]
+    reports = [json.loads(_cli("eval", *common, "--adapter", "ad", nproc=n).stdout) for n in (1, 2)]
+    assert [r["run"]["world_size"] for r in reports] == [1, 2]
+    assert reports[0]["rows"] == reports[1]["rows"]
+    assert 0 < reports[0]["rows"][0]["attacks"]["pgd"] < reports[0]["rows"][0]["clean"]  # the attack bites
+    sets = []
+    for n in (1, 2):
+        _cli("attack", *common, "--out", str(tmp_path / f"adv{n}.safetensors"), nproc=n)
+        sets.append(load_adv_set(tmp_path / f"adv{n}.safetensors"))
+    assert torch.equal(sets[0].x, sets[1].x) and torch.equal(sets[0].y, sets[1].y)
+    assert not torch.equal(sets[0].x[:16], sets[0].x[16:32])  # batches got their own random starts
