@@ -73,6 +73,11 @@ def test_fit_reports_held_out_next_to_training_then_predict_reports_per_class(ro
               for row, line in zip(as_json["confusion"]["rows"], matrix, strict=True)}  # fmt: skip
     assert {k: v["recall"] for k, v in as_json["per_class"].items()} == pytest.approx(recall)
     assert as_json["mode"] == "calibrated" and as_json["features"]
+    closed = json.loads(
+        invoke(root, "identify-attack", "--identifier", "idc", "--no-reject", "--adv-set", test, "--json").stdout
+    )
+    assert closed["reject"] is False and closed["unknown_rate"] == 0.0
+    assert closed["confusion"]["matrix"][0][-1] == 0  # nothing in the unknown column
 
 
 def test_fit_human_output_labels_held_out_and_training(root):
