@@ -5,6 +5,11 @@ value (Click's usage errors use 2 as well), 3 not found, 4 name taken, 5 corrupt
 70 internal error (a bug: rerun with LORADAR_DEBUG=1 for the traceback), 130 interrupted (Ctrl-C).
 """
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 INTERNAL_EXIT_CODE = 70  # EX_SOFTWARE in sysexits.h
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
@@ -66,3 +71,15 @@ class LoradarWarning(UserWarning):
 
 class ProvenanceWarning(LoradarWarning):
     """Data that does not match what a base was fitted on (classes, image statistics); an error under --strict."""
+
+
+def validation_message(err: "ValidationError", *, first: bool = False, values: bool = True) -> str:
+    """The one formatter of pydantic's multi-line report: `field: message (got value)` items joined by '; '.
+
+    `first` keeps only the first problem; `values` off leaves the offending values out (e.g. file contents).
+    """
+    items = [
+        f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" + (f" (got {e['input']!r})" if values else "")
+        for e in err.errors()[: 1 if first else None]
+    ]
+    return "; ".join(items)

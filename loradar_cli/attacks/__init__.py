@@ -25,7 +25,7 @@ from loradar_cli.attacks.fia import FIA, FIAConfig, default_feature_layer
 from loradar_cli.attacks.pgd import PGD, PGDL2, PGDConfig, PGDL2Config
 from loradar_cli.attacks.roa import ROA, ROAConfig
 from loradar_cli.attacks.square import Square, SquareConfig, SquareL2, SquareL2Config
-from loradar_cli.errors import InvalidValueError
+from loradar_cli.errors import InvalidValueError, validation_message
 
 
 def _import_attack_modules() -> None:
@@ -100,7 +100,7 @@ def build_attack(name: str, **options: Any) -> Attack[Any]:
     try:
         config = cls.config_cls(**options)
     except ValidationError as err:
-        raise InvalidValueError(f"invalid options for attack {name!r}: {_one_line(err)}") from None
+        raise InvalidValueError(f"invalid options for attack {name!r}: {validation_message(err)}") from None
     for key, value in config:
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidValueError(f"invalid options for attack {name!r}: {key} must be finite, got {value}")
@@ -111,12 +111,6 @@ def _types(annotation: Any) -> set[Any]:
     """The plain types a field annotation admits (`int | None` -> {int, NoneType})."""
     args = typing.get_args(annotation)
     return {annotation} if not args else {t for arg in args for t in _types(arg)}
-
-
-def _one_line(err: ValidationError) -> str:
-    """Pydantic's multi-line report as `field: message (got value)` items joined by '; '."""
-    items = [f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']} (got {e['input']!r})" for e in err.errors()]
-    return "; ".join(items)
 
 
 def attack_fields(name: str) -> set[str]:

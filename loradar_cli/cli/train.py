@@ -121,7 +121,7 @@ def train_cli(
     from pydantic import ValidationError
 
     from loradar_cli.cli._common import parse_key_values
-    from loradar_cli.errors import InvalidValueError
+    from loradar_cli.errors import InvalidValueError, validation_message
     from loradar_cli.jobs.train import train_and_store_adapter
     from loradar_cli.recipes.loop import TrainConfig
 
@@ -139,10 +139,7 @@ def train_cli(
             seed=seed,
         )
     except ValidationError as err:
-        first = err.errors()[0]
-        raise InvalidValueError(
-            f"invalid training option: {first['loc'][0]}: {first['msg']} (got {first['input']!r})"
-        ) from None
+        raise InvalidValueError(f"invalid training option: {validation_message(err, first=True)}") from None
     options = attack_options([attack], eps, alpha, steps, attack_opt)[attack]
     launch_nproc(nproc)
     engine = engine_from(device, precision, channels_last, workers)

@@ -23,7 +23,7 @@ from loradar_cli.combine.members import (
     member_models,
     write_json,
 )
-from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError
+from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError, validation_message
 from loradar_cli.loading import model_data
 from loradar_cli.models import weights_fingerprint
 from loradar_cli.ops.identify import (
@@ -123,9 +123,8 @@ def load_identifier(store: Store, name: str, base: BaseMeta | None = None) -> Id
     try:
         meta = IdentifierMeta.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
         raise CorruptError(
-            f"identifier {name!r} has invalid metadata: {'.'.join(map(str, first['loc']))}: {first['msg']}"
+            f"identifier {name!r} has invalid metadata: {validation_message(err, first=True, values=False)}"
         ) from None
     if weights_fingerprint(tensors) != meta.tensors_sha256:
         raise CorruptError(f"identifier {name!r}: tensors do not match their recorded sha256")

@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from loradar_cli.errors import InvalidValueError
+from loradar_cli.errors import InvalidValueError, validation_message
 from loradar_cli.lora.spec import LoraSpec
 from loradar_cli.lora.state import adapter_tensors
 from loradar_cli.registry import Registry
@@ -132,11 +132,7 @@ def build_recipe(name: str, options: Mapping[str, Any] | None = None) -> Recipe:
     try:
         return cls(cls.config_cls(**options))
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(map(str, first["loc"])) or "config"
-        raise InvalidValueError(
-            f"invalid option for recipe {name!r}: {where}: {first['msg']} (got {first['input']!r})"
-        ) from None
+        raise InvalidValueError(f"invalid option for recipe {name!r}: {validation_message(err, first=True)}") from None
 
 
 def norm_stats(model: nn.Module) -> list[Tensor]:

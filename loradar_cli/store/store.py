@@ -20,7 +20,14 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from torch import Tensor
 
-from loradar_cli.errors import CorruptError, ExistsError, IncompatibleError, InvalidValueError, NotFoundError
+from loradar_cli.errors import (
+    CorruptError,
+    ExistsError,
+    IncompatibleError,
+    InvalidValueError,
+    NotFoundError,
+    validation_message,
+)
 from loradar_cli.files import dir_mode, exchange, make_temp_dir, read_file, write_new_file
 from loradar_cli.models import weights_fingerprint
 from loradar_cli.store import lock
@@ -396,9 +403,8 @@ class Store:
         try:
             checked = IdentifierMeta.model_validate(raw)
         except ValidationError as err:
-            first = err.errors()[0]
             raise InvalidValueError(
-                f"identifier {name!r}: {'.'.join(map(str, first['loc']))}: {first['msg']}"
+                f"identifier {name!r}: {validation_message(err, first=True, values=False)}"
             ) from None
         if checked.name != name:
             raise InvalidValueError(f"identifier metadata names {checked.name!r}, not {name!r}")
@@ -707,9 +713,7 @@ def _parse_meta(data: bytes, path: Path, model: type[M]) -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise CorruptError(f"{path} is invalid: {where}: {first['msg']}") from None
+        raise CorruptError(f"{path} is invalid: {validation_message(err, first=True, values=False)}") from None
 
 
 def _fsync_dir(folder: Path) -> None:
