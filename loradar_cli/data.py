@@ -38,9 +38,6 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.y)
 
-    def take(self, n: int | None) -> "ImageData":
-        return self if n is None else ImageData(self.x[:n], self.y[:n], self.num_classes, self.name)
-
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
     kind, _, arg = spec.partition(":")

@@ -21,7 +21,7 @@ from loradar_cli.loading import (
     model_data,
     resolve_base_for,
 )
-from loradar_cli.lora.inject import lora_layers
+from loradar_cli.lora.inject import lora_layers, replace_module
 from loradar_cli.metrics import predict_logits
 from loradar_cli.models import ImageClassifier
 from loradar_cli.store.meta import BaseMeta
@@ -71,8 +71,7 @@ def merged_model(template: ImageClassifier, adapter: Adapter, base: BaseMeta) ->
     model = apply_adapter(copy.deepcopy(template), adapter, base)
     for name, layer in lora_layers(model.model).items():
         layer.merge()
-        parent, _, child = name.rpartition(".")
-        setattr(model.model.get_submodule(parent) if parent else model.model, child, layer.base_layer)
+        replace_module(model.model, name, layer.base_layer)
     return model.eval()
 
 

@@ -18,7 +18,7 @@ from loradar_cli.combine.members import Members, load_members
 from loradar_cli.device import active_engine
 from loradar_cli.errors import IncompatibleError, InvalidValueError, NotFoundError
 from loradar_cli.lora.inject import head_tensors
-from loradar_cli.ops.trim import full_weight_trim, lowrank_or_dense, trim_delta
+from loradar_cli.ops.trim import full_weight_trim, lowrank_or_dense, trim_deltas
 from loradar_cli.store.meta import AdapterMeta
 from loradar_cli.store.store import Adapter, Store
 
@@ -81,17 +81,9 @@ def _svd_trim_layers(
     adapter: Adapter, rank: int | None, energy: float | None
 ) -> tuple[dict[str, Layer], dict[str, dict[str, Any]]]:
     """Keep the top triplets of each layer's ΔW by rank and/or energy."""
-    groups = layer_groups(adapter)
-    layers: dict[str, Layer] = {}
-    report: dict[str, dict[str, Any]] = {}
-    for layer, delta in adapter_deltas(adapter).items():
-        try:
-            factors, info = trim_delta(delta, rank, energy, groups=groups.get(layer, 1))
-        except IncompatibleError as err:
-            raise IncompatibleError(f"layer {layer!r}: {err.message}", hint=err.hint) from None
-        layers[layer] = Layer(factors.a, factors.b, info.rank)
-        report[layer] = info.model_dump()
-    return layers, report
+    factors, infos = trim_deltas(adapter_deltas(adapter), rank, energy, groups=layer_groups(adapter))
+    layers = {name: Layer(f.a, f.b, infos[name].rank) for name, f in factors.items()}
+    return layers, {name: info.model_dump() for name, info in infos.items()}
 
 
 def _full_weight_layers(

@@ -126,8 +126,7 @@ def inject_lora(model: nn.Module, spec: LoraSpec) -> dict[str, LoraLayer]:
         if cls is None:
             raise IncompatibleError(f"layer {name!r} is a {type(base).__name__}; LoRA supports Linear and Conv2d")
         layer = cls(base, spec.rank_of(name), spec.alpha_of(name), spec.dropout)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        replace_module(model, name, layer)
         layers[name] = layer
     if spec.head:
         for p in model.get_submodule(spec.head).parameters():
@@ -227,14 +226,10 @@ def head_tensors(tensors: Mapping[str, Tensor], spec: LoraSpec) -> dict[str, Ten
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def conv_groups(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
-    """groups of each named conv (1 for linears), read from the base model."""
-    out: dict[str, int] = {}
-    for name in names:
-        module = model.get_submodule(name)
-        module = module.base_layer if isinstance(module, LoraLayer) else module
-        out[name] = module.groups if isinstance(module, nn.Conv2d) else 1
-    return out
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where the submodule `name` (dotted path) is: the one place the LoRA code rewires a model."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -247,7 +242,6 @@ __all__ = [
     "LoraConv2d",
     "check_ranks",
     "classifier_name",
-    "conv_groups",
     "default_targets",
     "delta_weights",
     "head_tensors",
@@ -256,6 +250,7 @@ __all__ = [
     "lora_layers",
     "lora_state_dict",
     "max_rank",
+    "replace_module",
     "select_targets",
     "trainable_parameters",
 ]

@@ -54,7 +54,7 @@ def trim_deltas(
         try:
             factors[name], report[name] = trim_delta(delta, rank, energy, groups=groups.get(name, 1))
         except IncompatibleError as err:
-            raise IncompatibleError(f"module {name!r}: {err.message}", hint=err.hint) from err
+            raise IncompatibleError(f"layer {name!r}: {err.message}", hint=err.hint) from None
     return factors, report
 
 
