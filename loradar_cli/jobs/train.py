@@ -18,7 +18,7 @@ from loradar_cli.distributed import on_main
 from loradar_cli.loader import resolve_augment
 from loradar_cli.loading import build_model, model_source
 from loradar_cli.lora.init import init_lora
-from loradar_cli.lora.inject import classifier_name, default_targets, inject_lora, select_targets
+from loradar_cli.lora.inject import capped_ranks, classifier_name, default_targets, inject_lora, select_targets
 from loradar_cli.lora.spec import LoraSpec
 from loradar_cli.lora.state import base_state
 from loradar_cli.metrics import Progress
@@ -196,13 +196,22 @@ def train_pool(
 def lora_spec_for(
     model: ImageClassifier, *, r: int, lora_alpha: float | None, targets: str | None, train_head: bool
 ) -> LoraSpec:
-    """Resolve targets to exact module names; lora_alpha defaults to r (scale 1, the LoRADAR update)."""
+    """Resolve targets to exact module names; lora_alpha defaults to r (scale 1, the LoRADAR update).
+
+    A layer that cannot use rank r (ΔW of a 1-channel 3×3 conv has rank ≤ 9) gets its largest useful rank, with
+    alpha scaled alike so every layer keeps the scale alpha / r; the caps are recorded as PEFT's rank_pattern.
+    """
     preset = targets or default_targets(model.model)
+    names = select_targets(model.model, preset)
+    alpha = lora_alpha if lora_alpha is not None else float(r)
+    caps = capped_ranks(model.model, names, r)
     return LoraSpec(
         r=r,
-        lora_alpha=lora_alpha if lora_alpha is not None else float(r),
-        targets=select_targets(model.model, preset),
+        lora_alpha=alpha,
+        targets=names,
         head=classifier_name(model.model) if train_head else None,
+        rank_pattern=caps,
+        alpha_pattern={name: alpha * cap / r for name, cap in caps.items()},
     )
 
 

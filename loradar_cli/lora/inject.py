@@ -113,7 +113,7 @@ def _check_grouped(name: str, module: nn.Conv2d) -> None:
 
 def inject_lora(model: nn.Module, spec: LoraSpec) -> dict[str, LoraLayer]:
     """Wrap every target of `spec` in a LoRA layer (in place); freeze everything but LoRA factors and head."""
-    check_ranks(model, spec)
+    check_allocatable(model, spec)
     for p in model.parameters():
         p.requires_grad_(False)
     layers: dict[str, LoraLayer] = {}
@@ -157,6 +157,41 @@ def check_ranks(model: nn.Module, spec: LoraSpec) -> None:
                 f"rank {spec.rank_of(name)} is more than layer {name!r} can use (at most {limit})",
                 hint="pick a smaller --rank",
             )
+
+
+def check_allocatable(model: nn.Module, spec: LoraSpec) -> None:
+    """Refuse a rank beyond a layer's largest dimension before any factor is allocated (a typo, not an adapter).
+
+    Ranks between the useful maximum (`max_rank`) and that bound are wasteful but valid, as in adapters stored
+    by earlier versions, so they load; new adapters get capped ranks (`capped_ranks`).
+    """
+    for name in spec.targets:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # inject_lora names the missing layer
+        module = module.base_layer if isinstance(module, LoraLayer) else module
+        weight = getattr(module, "weight", None)
+        bound = max(weight.shape[0], weight[0].numel()) if isinstance(weight, Tensor) and weight.dim() >= 2 else None
+        if bound is not None and spec.rank_of(name) > bound:
+            raise InvalidValueError(
+                f"rank {spec.rank_of(name)} is more than layer {name!r} can hold (its largest dimension is {bound})",
+                hint="pick a smaller --rank",
+            )
+
+
+def capped_ranks(model: nn.Module, targets: list[str], r: int) -> dict[str, int]:
+    """Per-layer ranks for a uniform `r` that some targets cannot use: each capped at its layer's `max_rank`.
+
+    A rank beyond what every target can hold is a typo (or a request for terabytes of factors): refused.
+    """
+    limits = {name: max_rank(model.get_submodule(name)) for name in targets}
+    known = [limit for limit in limits.values() if limit is not None]
+    if known and r > max(known):
+        raise InvalidValueError(
+            f"rank {r} is more than any target layer can use (at most {max(known)})", hint="pick a smaller --rank"
+        )
+    return {name: limit for name, limit in limits.items() if limit is not None and r > limit}
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -240,6 +275,8 @@ __all__ = [
     "PEFT_PREFIX",
     "PRESETS",
     "LoraConv2d",
+    "capped_ranks",
+    "check_allocatable",
     "check_ranks",
     "classifier_name",
     "default_targets",

@@ -99,7 +99,7 @@ def test_rank_is_bounded_by_what_each_layer_can_reach():
     check_ranks(model, LoraSpec(r=limit, targets=[name]))
     with pytest.raises(InvalidValueError, match=f"at most {limit}"):
         check_ranks(model, LoraSpec(r=limit + 1, targets=[name]))
-    with pytest.raises(InvalidValueError, match="at most"):
+    with pytest.raises(InvalidValueError, match="largest dimension"):
         inject_lora(model, LoraSpec(r=10**12, targets=[name]))  # refused before allocating anything
     assert not lora_layers(model)
 
@@ -113,3 +113,23 @@ def test_bad_regex_targets_are_one_line_errors(pattern):
         select_targets(model, pattern)
     with pytest.raises(InvalidValueError, match="must not be empty"):
         select_targets(model, "  ")
+
+
+def test_a_uniform_rank_is_capped_per_layer_and_keeps_the_scale():
+    """`-r 16 --targets all` on 1-channel input: the first conv (ΔW rank ≤ 9) gets rank 9 and alpha 9, the scale 1."""
+    import timm
+
+    from loradar_cli.errors import InvalidValueError
+    from loradar_cli.jobs.train import lora_spec_for
+    from loradar_cli.models import ImageClassifier
+
+    model = ImageClassifier(timm.create_model("test_resnet", num_classes=10, in_chans=1), [0.5], [0.25])
+    spec = lora_spec_for(model, r=16, lora_alpha=None, targets="all", train_head=True)
+    first = model.model.get_submodule(spec.targets[0])
+    cap = first.in_channels * first.kernel_size[0] * first.kernel_size[1]
+    assert cap < 16 and spec.rank_of(spec.targets[0]) == cap
+    assert all(spec.alpha_of(t) / spec.rank_of(t) == 1.0 for t in spec.targets)
+    assert all(spec.rank_of(t) == 16 for t in spec.targets if t not in spec.rank_pattern)
+    inject_lora(model.model, spec)  # allocates within every layer's limit
+    with pytest.raises(InvalidValueError, match="any target layer"):
+        lora_spec_for(model, r=10**9, lora_alpha=None, targets="all", train_head=True)
