@@ -67,6 +67,11 @@ def test_two_process_training_gives_the_one_process_adapter(store):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the evaluation suite (jobs/evaluate.py -> evaluation/report.py) runs on the split in memory and "
+    "un-sharded; streaming and sharding it over torchrun ranks is open work (issue 8)",
+)
 def test_two_rank_eval_and_attack_equal_one_rank(store, tmp_path):
     """Random-start PGD seeded per batch: the same adversarial points and the same report on 1 and 2 ranks."""
     make_base(store)
