@@ -84,7 +84,7 @@ class RoutedLogits(nn.Module):
         soft = (probs.max(dim=-1).values / self.temperature).softmax(dim=0)  # [K, B]
         with torch.no_grad():
             named = dict(zip(self.decision.voters, probs.detach(), strict=True))
-            routed = route_choice(probs.detach(), self.decision.voters, self.decision.router, named)
+            routed = route_choice(probs.detach(), self.decision.voters, self.decision.router, named, x.detach())
         hard = nn.functional.one_hot(routed.to(x.device), len(self.members)).T.to(soft.dtype)
         weights = hard + soft - soft.detach()
         return (weights[..., None] * logits).sum(dim=0)
