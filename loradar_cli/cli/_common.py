@@ -353,7 +353,8 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], Non
 
 class PlainProgress:
     """(stage, done, total) -> a line `stage: done/total (p %), r/s, t s`: when a stage starts, then at most every
-    `interval` seconds, and when it ends (the rate counts from the stage's first report)."""
+    `interval` seconds, and when it ends (the rate counts from the stage's first report; a stage whose count
+    goes back, such as `epoch 1/4` of the next adapter of a pool, starts over)."""
 
     def __init__(
         self,
@@ -364,9 +365,14 @@ class PlainProgress:
         self.write, self.interval, self.clock = write, interval, clock
         self.started: dict[str, float] = {}
         self.last: dict[str, float] = {}
+        self.done: dict[str, int] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         now = self.clock()
+        if done < self.done.get(stage, 0):  # the same stage name run again: a new stage
+            self.started.pop(stage, None)
+            self.last.pop(stage, None)
+        self.done[stage] = done
         start = self.started.setdefault(stage, now)
         if stage in self.last and done < total and now - self.last[stage] < self.interval:
             return

@@ -48,6 +48,11 @@ def test_plain_progress_writes_a_line_per_interval_and_at_the_end():
         progress("eval", done, 10)
     # a line when the stage starts (t=0, no rate yet), the next one due 5 s later (t=6), then only the last one
     assert lines == ["eval: 1/10 (10 %), 0 s", "eval: 4/10 (40 %), 0.7/s, 6 s", "eval: 10/10 (100 %), 1.2/s, 8 s"]
+    now[0] = 300.0  # the same stage name again (the next adapter of a pool): its rate starts over
+    progress("eval", 2, 10)
+    now[0] = 302.0
+    progress("eval", 10, 10)
+    assert lines[-2:] == ["eval: 2/10 (20 %), 0 s", "eval: 10/10 (100 %), 5.0/s, 2 s"]
 
 
 def test_piped_tables_keep_long_names_whole(capsys):
