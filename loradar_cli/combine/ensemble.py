@@ -73,10 +73,18 @@ class RoutedLogits(nn.Module):
     The temperature 0.1 is a choice, unverified against alternatives.
     """
 
-    def __init__(self, members: Sequence[nn.Module], decision: "Decision", temperature: float = 0.1) -> None:
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        decision: "Decision",
+        temperature: float = 0.1,
+        extra: Mapping[str, nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.extra = nn.ModuleList(list(dict(extra or {}).values()))  # non-voting models the router reads (the base)
         self.decision, self.temperature = decision, temperature
+        self._extra_names = list(extra or {})  # ModuleDict keys cannot hold ':base'
 
     def forward(self, x: Tensor) -> Tensor:
         logits = torch.stack([m(x) for m in self.members])  # [K, B, C]
@@ -84,6 +92,7 @@ class RoutedLogits(nn.Module):
         soft = (probs.max(dim=-1).values / self.temperature).softmax(dim=0)  # [K, B]
         with torch.no_grad():
             named = dict(zip(self.decision.voters, probs.detach(), strict=True))
+            named.update({n: m(x).softmax(dim=-1) for n, m in zip(self._extra_names, self.extra, strict=True)})
             routed = route_choice(probs.detach(), self.decision.voters, self.decision.router, named, x.detach())
         hard = nn.functional.one_hot(routed.to(x.device), len(self.members)).T.to(soft.dtype)
         weights = hard + soft - soft.detach()
@@ -164,7 +173,8 @@ class Ensemble:
         decision = self.decisions[method]
         members = [self.models[n] for n in self.voters]
         if method == "route":
-            return {"routed decision": RoutedLogits(members, decision)}
+            extra = {n: m for n, m in self.models.items() if n not in self.voters}
+            return {"routed decision": RoutedLogits(members, decision, extra=extra)}
         weighted = method == "weighted" and decision.weights is not None
         soft = SoftVote(members, decision.weights if weighted else None)
         return {"mean logits": self.surrogate(), "weighted soft vote" if weighted else "soft vote": soft}
