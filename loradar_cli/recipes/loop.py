@@ -71,17 +71,6 @@ def adapter_train_mode(model: nn.Module) -> None:
             module.eval()
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[Tensor]:
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    return list(order.split(batch_size))
-
-
-def adversarial(attack: Callable, model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
-    return torch.cat(
-        [attack(model, x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    )
-
-
 class Precomputed:
     """The attack a recipe sees in static mode: returns the batch's examples crafted once against the base."""
 
