@@ -118,6 +118,7 @@ def run_command(func: F) -> F:
                 raise
             _fail(f"{err} (--strict)", IncompatibleError.exit_code)
         except KeyboardInterrupt:
+            forget_interrupt()
             _fail("Ctrl-C; no partial file was left behind", INTERRUPTED_EXIT_CODE, prefix="interrupted")
         except BrokenPipeError:  # `loradar ... | head`: the reader left; exit as `yes | head` does, silently
             _quiet_stdout()
@@ -133,6 +134,16 @@ def run_command(func: F) -> F:
             )
 
     return wrapper  # type: ignore[return-value]
+
+
+def forget_interrupt() -> None:
+    """Tell CPython the Ctrl-C was handled, so `python -m loradar_cli` exits 130 rather than dying by SIGINT.
+
+    A KeyboardInterrupt that leaves any `exec` of a string (dataclass and pydantic code generation during a lazy
+    import) sets the interpreter's "unhandled Ctrl-C" flag, which is never cleared when the exception is caught
+    later; at exit the interpreter then re-raises SIGINT on itself. Every `exec` of a string clears the flag first.
+    """
+    exec("pass")  # a constant string: only its side effect on the flag is wanted
 
 
 def _quiet_stdout() -> None:

@@ -6,7 +6,7 @@ import sys
 import typer
 
 from loradar_cli import __version__
-from loradar_cli.cli._common import click, console, set_strict
+from loradar_cli.cli._common import click, console, forget_interrupt, set_strict
 from loradar_cli.cli.attack import attack_cli
 from loradar_cli.cli.browse import list_cli, show_cli
 from loradar_cli.cli.ensemble_vote import ensemble_vote_cli
@@ -85,6 +85,7 @@ def run(args: list[str] | None = None) -> int:
     except typer.Exit as done:
         return done.exit_code
     except typer.Abort:
+        forget_interrupt()
         console.print("[bold red]interrupted:[/] no partial file was left behind", highlight=False)
         return 130
     except click.ClickException as err:
@@ -103,6 +104,7 @@ def main() -> None:
     try:
         code = run()
     except KeyboardInterrupt:
+        forget_interrupt()
         console.print("[bold red]interrupted:[/] no partial file was left behind", highlight=False)
         code = 130
     sys.exit(code)

@@ -32,3 +32,23 @@ def test_sigint_exits_130_with_one_line_and_no_partial_file(store, tmp_path, del
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 1 and stdout == ""
     assert not out.exists() or not any(out.iterdir())
     assert sorted(p.name for p in store.root.rglob("*")) == before
+
+
+def test_ctrl_c_caught_after_it_left_an_exec_still_exits_130(tmp_path):
+    """A Ctrl-C raised inside `exec` of a string (code generation during a lazy import) and handled by the
+    command wrapper must not make `python -m` re-raise SIGINT on itself at exit (returncode -2)."""
+    module = tmp_path / "interrupted_in_exec.py"
+    module.write_text(
+        "import sys\n"
+        "import typer\n"
+        "from loradar_cli.cli._common import run_command\n"
+        "command = run_command(lambda: exec('raise KeyboardInterrupt'))\n"
+        "try:\n"
+        "    command()\n"
+        "except typer.Exit as done:\n"
+        "    sys.exit(done.exit_code)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}"}
+    proc = subprocess.run([sys.executable, "-m", module.stem], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip().startswith("interrupted:")
