@@ -5,6 +5,7 @@ import ctypes.util
 import errno
 import functools
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,11 +89,49 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+def _host() -> str:
+    """This machine's short host name, safe inside a file name."""
+    name = socket.gethostname().split(".")[0]
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_orphans(path: Path) -> list[Path]:
+    """Remove the temporary files of writes to `path` whose process died (SIGKILL, power loss) on this host.
+
+    A writer's temporary name records its host and process id, so a live writer's file, or one written from
+    another machine sharing the folder, is never touched.
+    """
+    removed = []
+    host = _host()
+    for tmp in path.parent.glob(f".{path.name}.*.part"):
+        parts = tmp.name.rsplit(".", 3)  # [".NAME.RANDOM", HOST, PID, "part"]
+        if len(parts) != 4 or parts[1] != host or not parts[2].isdigit() or _pid_alive(int(parts[2])):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary file beside `path` to write to; it replaces `path` on success and is removed on failure."""
+    """A temporary file beside `path` to write to; it replaces `path` on success and is removed on failure.
+
+    Temporary files left by a killed earlier write to the same path are removed first (see `remove_orphans`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{_host()}.{os.getpid()}.part", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
