@@ -63,8 +63,8 @@ def ensemble_vote_cli(
     quiet: QuietOpt = False,
 ) -> None:
     """Classify inputs by an ensemble of adapters (each adapter's ΔW folded in once) and report accuracy per set."""
-    from loradar_cli.combine import vote_sets
     from loradar_cli.device import using
+    from loradar_cli.jobs.ensemble_vote import vote_sets
 
     with using(engine_from(device)) as engine:
         report = vote_sets(

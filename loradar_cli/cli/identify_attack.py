@@ -111,8 +111,8 @@ def identify_cli(
     quiet: QuietOpt = False,
 ) -> None:
     """Predict the attack family of each input; with labelled sets, report accuracy and the confusion matrix."""
-    from loradar_cli.combine import identify_sets
     from loradar_cli.device import using
+    from loradar_cli.jobs.identify import identify_sets
 
     check_plot_available(plot)
     names = read_names(adapters) if adapters else []
@@ -193,8 +193,8 @@ def identify_fit_cli(
     quiet: QuietOpt = False,
 ) -> None:
     """Fit the calibrated identifier on sets labelled by attack (and clean data), score it on a held-out part, store it."""
-    from loradar_cli.combine import fit_identifier_from_sets
     from loradar_cli.device import using
+    from loradar_cli.jobs.identify import fit_identifier_from_sets
 
     with using(engine_from(device)) as engine:
         _, report = fit_identifier_from_sets(

@@ -77,8 +77,8 @@ def merge_cli(
     quiet: QuietOpt = False,
 ) -> None:
     """Merge adapters into one: Σ wᵢ·ΔWᵢ per layer, re-factored by SVD; weights [1, 0, …] give the first back."""
-    from loradar_cli.combine import TTSOptions, merge_adapters
     from loradar_cli.device import using
+    from loradar_cli.jobs.merge import TTSOptions, merge_adapters
     from loradar_cli.store.pools import expand_pools
 
     tts = (

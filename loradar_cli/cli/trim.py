@@ -66,9 +66,9 @@ def trim_cli(
     quiet: QuietOpt = False,
 ) -> None:
     """Trim an adapter by singular values into a new (smaller) adapter; reports kept rank and energy per layer."""
-    from loradar_cli.combine import trim_adapter
     from loradar_cli.device import using
     from loradar_cli.errors import InvalidValueError
+    from loradar_cli.jobs.trim import trim_adapter
 
     names = read_names([adapter])
     if len(names) != 1:

@@ -5,10 +5,10 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from loradar_cli.combine.members import Members
 from loradar_cli.loading import DENSE_SUFFIX
 from loradar_cli.lora.inject import PEFT_PREFIX
 from loradar_cli.lora.spec import LoraSpec
+from loradar_cli.members import Members
 from loradar_cli.ops.merge import LoraFactors, factor_groups, factors_to_delta
 from loradar_cli.store.meta import AdapterMeta
 from loradar_cli.store.store import Adapter, Store

@@ -12,7 +12,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
-from loradar_cli.combine.members import (
+from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError, validation_message
+from loradar_cli.loading import model_data
+from loradar_cli.members import (
     BASE_MEMBER,
     CLEAN,
     InputSet,
@@ -23,8 +25,6 @@ from loradar_cli.combine.members import (
     member_models,
     write_json,
 )
-from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError, validation_message
-from loradar_cli.loading import model_data
 from loradar_cli.models import weights_fingerprint
 from loradar_cli.ops.identify import (
     UNKNOWN,

@@ -9,7 +9,9 @@ import torch
 from torch import Tensor
 
 from loradar_cli.advset import labelled_adv_sets
-from loradar_cli.combine.factors import (
+from loradar_cli.device import active_engine
+from loradar_cli.errors import IncompatibleError, InvalidValueError
+from loradar_cli.jobs._derived import (
     Layer,
     adapter_deltas,
     adapter_layers,
@@ -18,11 +20,9 @@ from loradar_cli.combine.factors import (
     pack,
     save_derived,
 )
-from loradar_cli.combine.members import Members, load_members, merged_model
-from loradar_cli.device import active_engine
-from loradar_cli.errors import IncompatibleError, InvalidValueError
 from loradar_cli.loading import build_model, model_data
 from loradar_cli.lora.inject import head_tensors
+from loradar_cli.members import Members, load_members, merged_model
 from loradar_cli.models import ImageClassifier
 from loradar_cli.ops._linalg import check_weights
 from loradar_cli.ops.merge import (

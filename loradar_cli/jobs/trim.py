@@ -5,7 +5,9 @@ from typing import Any
 
 from torch import Tensor
 
-from loradar_cli.combine.factors import (
+from loradar_cli.device import active_engine
+from loradar_cli.errors import IncompatibleError, InvalidValueError, NotFoundError
+from loradar_cli.jobs._derived import (
     Layer,
     adapter_deltas,
     adapter_layers,
@@ -14,10 +16,8 @@ from loradar_cli.combine.factors import (
     pack,
     save_derived,
 )
-from loradar_cli.combine.members import Members, load_members
-from loradar_cli.device import active_engine
-from loradar_cli.errors import IncompatibleError, InvalidValueError, NotFoundError
 from loradar_cli.lora.inject import head_tensors
+from loradar_cli.members import Members, load_members
 from loradar_cli.ops.trim import full_weight_trim, lowrank_or_dense, trim_deltas
 from loradar_cli.store.meta import AdapterMeta
 from loradar_cli.store.store import Adapter, Store

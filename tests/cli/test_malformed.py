@@ -498,7 +498,7 @@ def _write_checkpoints(folder: Path) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny store (base, two adapters, a NaN adapter, a dense-delta adapter), a broken store, corrupt files."""
-    from loradar_cli.combine import trim_adapter
+    from loradar_cli.jobs.trim import trim_adapter
     from loradar_cli.store.store import Store
 
     root = tmp_path_factory.mktemp("malformed")

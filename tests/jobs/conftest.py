@@ -1,4 +1,4 @@
-"""Shared fixtures for combine tests: a store of random adapters and independent ΔW/probability helpers."""
+"""Shared fixtures of the merge, trim, vote and identify job tests: random adapters, independent ΔW helpers."""
 
 import pytest
 import torch

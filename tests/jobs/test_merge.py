@@ -1,18 +1,15 @@
-"""combine.merge: ΔW-space and test-time scored merges, checked against independent computations."""
+"""jobs.merge: ΔW-space and test-time scored merges, checked against independent computations."""
 
 import numpy as np
 import pytest
 import torch
 
-from loradar_cli.combine import (
-    TTSOptions,
-    merge_adapters,
-)
 from loradar_cli.data import load_data
 from loradar_cli.errors import IncompatibleError, InvalidValueError
+from loradar_cli.jobs.merge import TTSOptions, merge_adapters
 from loradar_cli.loading import load_model
 from loradar_cli.ops.merge import MERGE_METHODS, augment_support, tts_scores
-from tests.combine.conftest import NAMES, base_plus, delta_of, head_of
+from tests.jobs.conftest import NAMES, base_plus, delta_of, head_of
 
 
 def test_one_hot_linear_merge_reproduces_the_first_adapter(pool, x):

@@ -1,16 +1,14 @@
-"""combine.trim: singular-value trims report and keep exactly what they were asked to."""
+"""jobs.trim: singular-value trims report and keep exactly what they were asked to."""
 
 import numpy as np
 import pytest
 import torch
 
-from loradar_cli.combine import (
-    merge_adapters,
-    trim_adapter,
-)
 from loradar_cli.errors import InvalidValueError
+from loradar_cli.jobs.merge import merge_adapters
+from loradar_cli.jobs.trim import trim_adapter
 from loradar_cli.loading import load_model
-from tests.combine.conftest import delta_of, effective_weight
+from tests.jobs.conftest import delta_of, effective_weight
 
 
 def test_trim_by_rank_and_by_energy_report_what_they_kept(pool):

@@ -108,7 +108,7 @@ def check_store(store: Store, out: Path) -> None:
 # not an interpreter start, so a hundred of them fit in the time budget.
 ZYGOTE = """
 import json, os, runpy, sys, traceback
-import torch, timm, sklearn.datasets, loradar_cli.cli.app, loradar_cli.loading, loradar_cli.combine.identify
+import torch, timm, sklearn.datasets, loradar_cli.cli.app, loradar_cli.loading, loradar_cli.jobs.identify
 for line in sys.stdin:
     req = json.loads(line)
     if "wait" in req:
