@@ -110,9 +110,9 @@ def merge_cli(
             overwrite=overwrite,
         )
     if json_out:
-        emit_json({**report, "run": engine.describe()})
+        emit_json({**report.model_dump(mode="json"), "run": engine.describe()})
         return
     if not quiet:
-        console.print(weights_table(report))
-        console.print(layers_table(f"layers of {meta.name}", report["layers"]))
+        console.print(weights_table(report.model_dump()))
+        console.print(layers_table(f"layers of {meta.name}", report.layers))
     print(meta.name)

@@ -89,20 +89,21 @@ def trim_cli(
             layers_regex=layers,
             overwrite=overwrite,
         )
+        result = report.model_dump(mode="json")
         if check and before is not None:
-            report["accuracy"] = {"before": before, "after": check.of(meta.name), **check.describe()}
-    report["energy_kept"] = energy_kept(report["layers"])
+            result["accuracy"] = {"before": before, "after": check.of(meta.name), **check.describe()}
+    result["energy_kept"] = energy_kept(report.layers)
     if json_out:
-        emit_json({**report, "run": engine.describe()})
+        emit_json({**result, "run": engine.describe()})
         return
     if not quiet:
-        console.print(layers_table(f"{names[0]} trimmed → {meta.name}", report["layers"]))
-        kept = report["energy_kept"]
+        console.print(layers_table(f"{names[0]} trimmed → {meta.name}", report.layers))
+        kept = result["energy_kept"]
         console.print(
             f"energy kept: {kept['mean']:.1%} on average, {kept['min']:.1%} at least ({kept['layers']} layers)"
         )
-        if "accuracy" in report:
-            console.print(kv_table(f"accuracy before → after on {data} {split}", _before_after(report["accuracy"])))
+        if "accuracy" in result:
+            console.print(kv_table(f"accuracy before → after on {data} {split}", _before_after(result["accuracy"])))
         if meta.dense_deltas:
             console.print(f"{len(meta.dense_deltas)} layer(s) stored as dense deltas: not loadable by PEFT")
     print(meta.name)

@@ -1,8 +1,9 @@
 """`trim`: singular-value trimming of an adapter's ΔW (by rank or energy) or of W0 + ΔW (AMT's full-weight trim)."""
 
 import re
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 from torch import Tensor
 
 from loradar_cli.device import active_engine
@@ -28,6 +29,39 @@ PEFT_NOTE = (
 )
 
 
+class TrimReport(BaseModel):
+    """What a trim kept per layer; `rank`/`energy` belong to the svd mode, `keep`/`layers_regex` to full-weight.
+
+    The JSON holds the fields of its mode only (as the stored `combination` always did); `dense_deltas` (a note
+    that PEFT cannot load them) only when some layer is stored dense.
+    """
+
+    name: str
+    parent: str
+    layers: dict[str, dict[str, Any]]
+    mode: Literal["svd", "full-weight"]
+    rank: int | None = None
+    energy: float | None = None
+    keep: float | None = None
+    layers_regex: str | None = None
+    dense_deltas: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _mode_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        other = ("keep", "layers_regex") if self.mode == "svd" else ("rank", "energy")
+        data = {k: v for k, v in handler(self).items() if k not in other}
+        if data.get("dense_deltas") is None:
+            data.pop("dense_deltas", None)
+        return data
+
+    def combination(self) -> dict[str, Any]:
+        """The provenance stored with the trimmed adapter: method 'trim' and the report less name and parent."""
+        return {
+            "method": "trim",
+            **{k: v for k, v in self.model_dump(mode="json").items() if k not in ("name", "parent")},
+        }
+
+
 def trim_adapter(
     store: Store,
     name: str,
@@ -40,7 +74,7 @@ def trim_adapter(
     keep: float = 0.7,
     layers_regex: str | None = None,
     overwrite: bool = False,
-) -> tuple[AdapterMeta, dict[str, Any]]:
+) -> tuple[AdapterMeta, TrimReport]:
     """Singular-value trimming of ΔW (--rank/--energy) or of W0 + ΔW (--full-weight); returns metadata and report."""
     if full_weight and (rank is not None or energy is not None):
         raise InvalidValueError("--full-weight trims W0 + ΔW by --keep; it cannot be combined with --rank/--energy")
@@ -49,18 +83,23 @@ def trim_adapter(
     store.check_free("adapter", out_name, overwrite)
     members = load_members(store, [name], base)
     adapter = members.adapters[0]
-    report: dict[str, Any] = {"name": out_name, "parent": name}
     if full_weight:
-        layers, dense, report["layers"] = _full_weight_layers(members, keep, layers_regex)
-        report.update(mode="full-weight", keep=keep, layers_regex=layers_regex)
-        if dense:
-            report["dense_deltas"] = PEFT_NOTE
+        layers, dense, layer_report = _full_weight_layers(members, keep, layers_regex)
+        report = TrimReport(
+            name=out_name,
+            parent=name,
+            layers=layer_report,
+            mode="full-weight",
+            keep=keep,
+            layers_regex=layers_regex,
+            dense_deltas=PEFT_NOTE if dense else None,
+        )
     else:
-        layers, report["layers"] = _svd_trim_layers(adapter, rank, energy)
+        layers, layer_report = _svd_trim_layers(adapter, rank, energy)
         dense = {}
-        report.update(mode="svd", rank=rank, energy=energy)
+        report = TrimReport(name=out_name, parent=name, layers=layer_report, mode="svd", rank=rank, energy=energy)
     spec, tensors = pack(layers, dense, adapter.meta.lora.head, head_tensors(adapter.tensors, adapter.meta.lora))
-    combination = {"method": "trim", **{k: v for k, v in report.items() if k not in ("name", "parent")}}
+    combination = report.combination()
     meta = save_derived(
         store,
         members,
