@@ -1,13 +1,14 @@
 """Old import path of the store-level merge/trim/vote/identify jobs (kept one release).
 
 Use `loradar_cli.jobs.<command>` (merge, trim, ensemble_vote, identify) and `loradar_cli.members` instead. The old
-submodules (`loradar_cli.combine.merge`, ...) are aliases of the new ones, so their objects are the same.
+submodules (`loradar_cli.combine.merge`, ...) are aliases of the new ones, so their objects are the same; the
+tensor helpers of `combine.factors` are in `loradar_cli.lora.state`.
 """
 
 import sys
 
 from loradar_cli import members
-from loradar_cli.jobs import _derived, ensemble_vote, identify, merge, trim
+from loradar_cli.jobs import ensemble_vote, identify, merge, trim
 from loradar_cli.jobs.ensemble_vote import (
     ENSEMBLE_METHODS,
     Ensemble,
@@ -40,11 +41,9 @@ from loradar_cli.members import (
 )
 
 ensemble = ensemble_vote
-factors = _derived
 for _old, _new in {"merge": merge, "trim": trim, "ensemble": ensemble_vote, "identify": identify}.items():
     sys.modules[f"{__name__}.{_old}"] = _new
 sys.modules[f"{__name__}.members"] = members
-sys.modules[f"{__name__}.factors"] = _derived
 
 __all__ = [
     "BASE_MEMBER",

@@ -12,17 +12,9 @@ from torch import Tensor
 from loradar_cli.advset import labelled_adv_sets
 from loradar_cli.device import active_engine
 from loradar_cli.errors import IncompatibleError, InvalidValueError
-from loradar_cli.jobs._derived import (
-    Layer,
-    adapter_deltas,
-    adapter_layers,
-    factors_of,
-    layer_groups,
-    pack,
-    save_derived,
-)
+from loradar_cli.jobs._derived import save_derived
 from loradar_cli.loading import build_model, model_data
-from loradar_cli.lora.inject import head_tensors
+from loradar_cli.lora.state import LoraFactors, head_tensors, pack, stored_deltas, stored_factors, stored_groups
 from loradar_cli.members import Members, load_members, merged_model
 from loradar_cli.models import ImageClassifier
 from loradar_cli.ops._linalg import check_weights
@@ -105,7 +97,7 @@ def merge_adapters(
         raise InvalidValueError(f"--rank must be >= 1, got {rank}")
     store.check_free("adapter", name, overwrite)
     members = load_members(store, names, base)
-    deltas = [adapter_deltas(a) for a in members.adapters]
+    deltas = [stored_deltas(a.meta.lora, a.tensors, a.meta.dense_deltas) for a in members.adapters]
     check_compatible(deltas, members.names)
     w, scored = _merge_weights(members, spec, weights, tts)
     if spec.merge is None:
@@ -200,15 +192,16 @@ def _score_rows(names: Sequence[str], result: TTSResult) -> list[dict[str, Any]]
 
 def _refactor_all(
     merged: Mapping[str, Tensor], members: Members, rank: int | None
-) -> tuple[dict[str, Layer], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, LoraFactors], dict[str, dict[str, Any]]]:
     """SVD re-factoring of each merged ΔW: exact (at most Σ ranks) unless `rank` caps it."""
-    groups = layer_groups(members.adapters[0])
-    layers: dict[str, Layer] = {}
+    first = members.adapters[0]
+    groups = stored_groups(first.meta.lora, first.tensors)
+    layers: dict[str, LoraFactors] = {}
     report: dict[str, dict[str, Any]] = {}
     for name, delta in merged.items():
         cap = rank if rank is not None else sum(_member_rank(a, name, delta) for a in members.adapters)
         a, b, info = _refactor_layer(name, delta, groups.get(name, 1), cap)
-        layers[name] = Layer(a, b, info.rank)
+        layers[name] = LoraFactors(a, b)
         report[name] = info.model_dump()
     return layers, report
 
@@ -231,7 +224,7 @@ def _refactor_layer(name: str, delta: Tensor, groups: int, cap: int) -> tuple[Te
     return a, b, info
 
 
-def _cat_layers(members: Members, weights: Sequence[float], method: str) -> dict[str, Layer]:
+def _cat_layers(members: Members, weights: Sequence[float], method: str) -> dict[str, LoraFactors]:
     """Exact concatenation of the members' factors (rank Σ rᵢ, scale 1)."""
     for adapter in members.adapters:
         if adapter.meta.dense_deltas:
@@ -239,10 +232,7 @@ def _cat_layers(members: Members, weights: Sequence[float], method: str) -> dict
                 f"merge method {method!r} needs LoRA factors; {adapter.meta.name!r} has dense deltas",
                 hint="use --method linear",
             )
-    merged = cat_merge(
-        [{n: factors_of(layer) for n, layer in adapter_layers(a).items()} for a in members.adapters], weights
-    )
-    return {n: Layer(f.a, f.b, f.a.shape[0]) for n, f in merged.items()}
+    return cat_merge([stored_factors(a.meta.lora, a.tensors) for a in members.adapters], weights)
 
 
 def _merged_head(members: Members, weights: Sequence[float]) -> tuple[str | None, dict[str, Tensor]]:

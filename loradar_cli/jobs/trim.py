@@ -8,16 +8,16 @@ from torch import Tensor
 
 from loradar_cli.device import active_engine
 from loradar_cli.errors import IncompatibleError, InvalidValueError, NotFoundError
-from loradar_cli.jobs._derived import (
-    Layer,
-    adapter_deltas,
-    adapter_layers,
+from loradar_cli.jobs._derived import save_derived
+from loradar_cli.lora.state import (
+    LoraFactors,
     dense_key,
-    layer_groups,
+    head_tensors,
     pack,
-    save_derived,
+    stored_deltas,
+    stored_factors,
+    stored_groups,
 )
-from loradar_cli.lora.inject import head_tensors
 from loradar_cli.members import Members, load_members
 from loradar_cli.ops.trim import full_weight_trim, lowrank_or_dense, trim_deltas
 from loradar_cli.store.meta import AdapterMeta
@@ -118,24 +118,26 @@ def trim_adapter(
 
 def _svd_trim_layers(
     adapter: Adapter, rank: int | None, energy: float | None
-) -> tuple[dict[str, Layer], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, LoraFactors], dict[str, dict[str, Any]]]:
     """Keep the top triplets of each layer's ΔW by rank and/or energy."""
-    factors, infos = trim_deltas(adapter_deltas(adapter), rank, energy, groups=layer_groups(adapter))
-    layers = {name: Layer(f.a, f.b, infos[name].rank) for name, f in factors.items()}
-    return layers, {name: info.model_dump() for name, info in infos.items()}
+    spec, tensors = adapter.meta.lora, adapter.tensors
+    deltas = stored_deltas(spec, tensors, adapter.meta.dense_deltas)
+    factors, infos = trim_deltas(deltas, rank, energy, groups=stored_groups(spec, tensors))
+    return factors, {name: info.model_dump() for name, info in infos.items()}
 
 
 def _full_weight_layers(
     members: Members, keep: float, regex: str | None
-) -> tuple[dict[str, Layer], dict[str, Tensor], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, LoraFactors], dict[str, Tensor], dict[str, dict[str, Any]]]:
     """AMT trim of W0 + ΔW on the selected layers; the rest are copied unchanged."""
     adapter = members.adapters[0]
     chosen = _select_layers(adapter, regex)
-    groups = layer_groups(adapter)
-    layers = {n: layer for n, layer in adapter_layers(adapter).items() if n not in chosen}
+    spec, tensors = adapter.meta.lora, adapter.tensors
+    groups = stored_groups(spec, tensors)
+    layers = {n: f for n, f in stored_factors(spec, tensors).items() if n not in chosen}
     dense = {n: adapter.tensors[dense_key(n)] for n in adapter.meta.dense_deltas if n not in chosen}
     report: dict[str, dict[str, Any]] = {}
-    deltas = adapter_deltas(adapter)
+    deltas = stored_deltas(spec, tensors, adapter.meta.dense_deltas)
     for name in chosen:
         if groups.get(name, 1) != 1:
             raise IncompatibleError(f"layer {name!r} is a grouped conv; --full-weight supports groups == 1 only")
@@ -147,7 +149,7 @@ def _full_weight_layers(
         if packed is None:
             dense[name] = new_delta
         else:
-            layers[name] = Layer(packed[0].a, packed[0].b, packed[1].rank)
+            layers[name] = packed[0]
         report[name] = {
             **info.model_dump(),
             "storage": "dense" if packed is None else "lora",

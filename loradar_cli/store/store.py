@@ -29,6 +29,7 @@ from loradar_cli.errors import (
     validation_message,
 )
 from loradar_cli.files import dir_mode, exchange, make_temp_dir, read_file, write_new_file
+from loradar_cli.lora.state import dense_key, factor_keys, head_prefix
 from loradar_cli.models import weights_fingerprint
 from loradar_cli.store import lock
 from loradar_cli.store.manifest import (
@@ -60,8 +61,6 @@ IDENTIFIER_WEIGHTS = "identifier.safetensors"
 IDENTIFIER_META = "identifier.json"
 DEFAULT_STORE = Path("adapters")
 LEFTOVER_PREFIXES = (".tmp-", ".old-", ".rm-")
-PEFT_PREFIX = "base_model.model."
-DENSE_SUFFIX = "weight_delta"
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -657,7 +656,7 @@ def check_adapter_tensors(meta: AdapterMeta, tensors: Mapping[str, Tensor], labe
     spec = meta.lora
     expected: set[str] = set()
     for module in spec.targets:
-        a_key, b_key = f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
+        a_key, b_key = factor_keys(module)
         expected |= {a_key, b_key}
         a, b = tensors.get(a_key), tensors.get(b_key)
         if a is None or b is None:
@@ -667,8 +666,8 @@ def check_adapter_tensors(meta: AdapterMeta, tensors: Mapping[str, Tensor], labe
             raise CorruptError(
                 f"{label}: {module!r} factors have shapes {tuple(a.shape)} and {tuple(b.shape)}, not rank {r}"
             )
-    expected |= {f"{PEFT_PREFIX}{module}.{DENSE_SUFFIX}" for module in meta.dense_deltas}
-    head = f"{PEFT_PREFIX}{spec.head}." if spec.head else None
+    expected |= {dense_key(module) for module in meta.dense_deltas}
+    head = head_prefix(spec.head) if spec.head else None
     extra = sorted(k for k in set(tensors) - expected if not (head and k.startswith(head)))
     missing = sorted(k for k in expected if k not in tensors)
     if extra or missing:

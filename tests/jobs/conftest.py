@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from loradar_cli.loading import load_model
-from loradar_cli.lora.inject import PEFT_PREFIX
 from loradar_cli.lora.layers import LoraLayer
+from loradar_cli.lora.state import PEFT_PREFIX
 from loradar_cli.store.store import Store
 from tests.conftest import make_adapter, make_base
 

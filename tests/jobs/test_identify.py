@@ -11,7 +11,7 @@ from loradar_cli.errors import CorruptError, IncompatibleError
 from loradar_cli.jobs.ensemble_vote import vote_sets
 from loradar_cli.jobs.identify import fit_identifier_from_sets, identify_sets, load_identifier
 from loradar_cli.loading import load_model
-from loradar_cli.lora.inject import PEFT_PREFIX
+from loradar_cli.lora.state import PEFT_PREFIX
 from loradar_cli.members import adapter_models, ensemble_probs
 from loradar_cli.ops.identify import (
     accuracy,
