@@ -29,7 +29,7 @@ IdentifierOpt = Annotated[
     str | None,
     typer.Option(
         "--identifier",
-        help="route: a fitted identifier (identify-attack fit); default: the most confident adapter classifies.",
+        help="route: a fitted identifier (fit-identifier); default: the most confident adapter classifies.",
     ),
 ]
 

@@ -24,12 +24,12 @@ from loradar_cli.cli._common import (
     SeedOpt,
     StoreOpt,
     console,
-    emit_json,
     open_store,
     read_names,
     run_command,
 )
 from loradar_cli.cli._engine_options import DeviceOpt, engine_from
+from loradar_cli.cli._output import show_result
 
 
 @run_command
@@ -83,7 +83,6 @@ def ensemble_vote_cli(
             batch_size=batch_size,
             out=out,
         )
-    if json_out:
-        emit_json({**report, "run": engine.describe()})
-    elif not quiet:
-        console.print(vote_table(report))
+    show_result(
+        json_out, {**report, "run": engine.describe()}, quiet=quiet, human=lambda: console.print(vote_table(report))
+    )

@@ -13,13 +13,13 @@ from loradar_cli.cli._common import (
     SeedOpt,
     StoreOpt,
     console,
-    emit_json,
     open_store,
     read_names,
     run_command,
 )
 from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 from loradar_cli.cli._options import fraction, non_negative, unit_interval
+from loradar_cli.cli._output import show_result
 
 
 @run_command
@@ -109,10 +109,15 @@ def merge_cli(
             tts=tts,
             overwrite=overwrite,
         )
-    if json_out:
-        emit_json({**report.model_dump(mode="json"), "run": engine.describe()})
-        return
-    if not quiet:
+
+    def human() -> None:
         console.print(weights_table(report.model_dump()))
         console.print(layers_table(f"layers of {meta.name}", report.layers))
-    print(meta.name)
+
+    show_result(
+        json_out,
+        {**report.model_dump(mode="json"), "run": engine.describe()},
+        quiet=quiet,
+        human=human,
+        result=meta.name,
+    )

@@ -14,13 +14,13 @@ from loradar_cli.cli._common import (
     QuietOpt,
     StoreOpt,
     console,
-    emit_json,
     open_store,
     read_names,
     run_command,
 )
 from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 from loradar_cli.cli._options import fraction, regex
+from loradar_cli.cli._output import show_result
 from loradar_cli.cli._tables import kv_table
 
 
@@ -93,10 +93,8 @@ def trim_cli(
         if check and before is not None:
             result["accuracy"] = {"before": before, "after": check.of(meta.name), **check.describe()}
     result["energy_kept"] = energy_kept(report.layers)
-    if json_out:
-        emit_json({**result, "run": engine.describe()})
-        return
-    if not quiet:
+
+    def human() -> None:
         console.print(layers_table(f"{names[0]} trimmed → {meta.name}", report.layers))
         kept = result["energy_kept"]
         console.print(
@@ -106,7 +104,8 @@ def trim_cli(
             console.print(kv_table(f"accuracy before → after on {data} {split}", _before_after(result["accuracy"])))
         if meta.dense_deltas:
             console.print(f"{len(meta.dense_deltas)} layer(s) stored as dense deltas: not loadable by PEFT")
-    print(meta.name)
+
+    show_result(json_out, {**result, "run": engine.describe()}, quiet=quiet, human=human, result=meta.name)
 
 
 def energy_kept(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

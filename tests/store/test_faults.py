@@ -62,7 +62,7 @@ def commands(out: Path) -> dict[str, list[str]]:
         "merge": ["merge", "pgd", "fgsm", "--name", "k-merge", "--method", "linear", "--overwrite"],
         "trim": ["trim", "both", "--name", "k-trim", "--rank", "1", "--overwrite"],
         "attack": f"attack --base tiny --attack fgsm --eps 0.1 --limit 32 --out {out / 'k-fgsm.safetensors'}".split(),
-        "fit": f"identify-attack fit pgd fgsm --name k-who --adv-set {out / 'fixed.safetensors'} --data digits "
+        "fit": f"fit-identifier pgd fgsm --name k-who --adv-set {out / 'fixed.safetensors'} --data digits "
         "--limit 32 --epochs 20 --overwrite".split(),
     }
 
