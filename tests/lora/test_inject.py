@@ -92,3 +92,13 @@ def test_a_uniform_rank_is_capped_per_layer_and_keeps_the_scale():
     inject_lora(model.model, spec)  # allocates within every layer's limit
     with pytest.raises(InvalidValueError, match="any target layer"):
         lora_spec_for(model, r=10**9, lora_alpha=None, targets="all", train_head=True)
+
+
+def test_old_state_dict_names_resolve_to_lora_state():
+    """The state-dict helpers moved to lora.state; their old lora.inject names are the same objects for one release."""
+    from loradar_cli.lora import inject, state
+
+    for name in ("PEFT_PREFIX", "head_tensors", "load_lora_state_dict", "lora_state_dict", "lora_state_dict_shapes"):
+        assert getattr(inject, name) is getattr(state, name)
+    with pytest.raises(AttributeError):
+        inject.delta_weights  # noqa: B018  (gone: lora.state.stored_deltas)
