@@ -14,7 +14,6 @@ from loradar_cli.cli._combine import (
     SplitOpt,
     WeightsOpt,
     parse_weights,
-    vote_table,
 )
 from loradar_cli.cli._common import (
     BatchOpt,
@@ -30,6 +29,7 @@ from loradar_cli.cli._common import (
 )
 from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 from loradar_cli.cli._output import show_result
+from loradar_cli.cli._tables import vote_table
 
 
 @run_command

@@ -3,7 +3,7 @@ identifier it can use."""
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
@@ -28,14 +28,11 @@ from loradar_cli.cli._common import (
     read_names,
     run_command,
 )
+from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 from loradar_cli.cli._options import positive
 from loradar_cli.cli._output import show_result
-from loradar_cli.cli._tables import pct
+from loradar_cli.cli._tables import confusion_table, pct, per_class_table, sets_table
 from loradar_cli.ops.identify_modes import DEFAULT_MARGINS, modes_help
-
-if TYPE_CHECKING:
-    from rich.table import Table
-from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 
 CleanOpt = Annotated[
     str,
@@ -228,44 +225,6 @@ def fit_identifier_cli(
         console.print(per_class_table(held["per_class"], "held-out per-class scores"))
 
     show_result(json_out, {**report, "run": engine.describe()}, quiet=quiet, human=human, result=name)
-
-
-def sets_table(report: Mapping[str, Any]) -> "Table":
-    """Per input set: the true attack, identification accuracy and what was predicted."""
-    from rich.table import Table
-
-    table = Table(title=f"attack identification ({report['mode']})")
-    for col in ("set", "attack", "n", "accuracy (%)", "predicted"):
-        table.add_column(col)
-    for label, row in report["sets"].items():
-        predicted = ", ".join(f"{k}: {v}" for k, v in row["predicted"].items())
-        table.add_row(label, row["attack"], str(row["n"]), pct(row["accuracy"]), predicted)
-    return table
-
-
-def confusion_table(confusion: Mapping[str, Any], title: str) -> "Table":
-    """Confusion matrix: rows true attack, columns predicted (the last column is 'unknown')."""
-    from rich.table import Table
-
-    table = Table(title=f"{title} (rows: true, columns: predicted)")
-    table.add_column("true \\ predicted", style="bold")
-    for label in confusion["columns"]:
-        table.add_column(label, justify="right")
-    for label, row in zip(confusion["rows"], confusion["matrix"], strict=True):
-        table.add_row(label, *(str(v) for v in row))
-    return table
-
-
-def per_class_table(per_class: Mapping[str, Mapping[str, Any]], title: str = "per-class scores") -> "Table":
-    """Precision, recall and support per true class (precision '-' for a class never predicted)."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("class", "precision (%)", "recall (%)", "n"):
-        table.add_column(col, justify="right" if col != "class" else "left")
-    for name, row in per_class.items():
-        table.add_row(name, pct(row["precision"]), pct(row["recall"]), str(row["support"]))
-    return table
 
 
 def plot_confusion(path: Path, confusion: Mapping[str, Any], title: str) -> Path:

@@ -5,7 +5,7 @@ from typing import Annotated
 import typer
 
 from loradar_cli import names
-from loradar_cli.cli._combine import BaseOpt, layers_table, parse_weights, weights_table
+from loradar_cli.cli._combine import BaseOpt, parse_weights
 from loradar_cli.cli._common import (
     JsonOpt,
     OverwriteOpt,
@@ -20,6 +20,7 @@ from loradar_cli.cli._common import (
 from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 from loradar_cli.cli._options import fraction, non_negative, unit_interval
 from loradar_cli.cli._output import show_result
+from loradar_cli.cli._tables import layers_table, weights_table
 
 
 @run_command

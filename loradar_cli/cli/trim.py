@@ -5,7 +5,7 @@ from typing import Annotated, Any
 
 import typer
 
-from loradar_cli.cli._combine import BaseOpt, OptDataOpt, SplitOpt, layers_table
+from loradar_cli.cli._combine import BaseOpt, OptDataOpt, SplitOpt
 from loradar_cli.cli._common import (
     BatchOpt,
     JsonOpt,
@@ -21,7 +21,7 @@ from loradar_cli.cli._common import (
 from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 from loradar_cli.cli._options import fraction, regex
 from loradar_cli.cli._output import show_result
-from loradar_cli.cli._tables import kv_table
+from loradar_cli.cli._tables import kv_table, layers_table
 
 
 @run_command
