@@ -229,7 +229,7 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def _ensemble_rows(arch: str, model: nn.Module, x: Tensor, repeats: int) -> list[dict[str, Any]]:
     """K = 4 adapters: the project's ensemble forward vs K merged forwards and vs a PEFT mixed-adapter batch."""
-    from loradar_cli.combine.members import ensemble_probs
+    from loradar_cli.members import ensemble_probs
     from loradar_cli.models import ImageClassifier
 
     adapted = [_lora(model, seed=k) for k in range(4)]

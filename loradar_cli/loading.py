@@ -7,14 +7,13 @@ import torch
 from loradar_cli.data import ImageData, check_provenance
 from loradar_cli.errors import IncompatibleError, InvalidValueError
 from loradar_cli.loader import DEFAULT_CROP_PCT, FolderSource, TensorSource, crop_pct_of, materialize, open_split
-from loradar_cli.lora.inject import PEFT_PREFIX, inject_lora, load_lora_state_dict
+from loradar_cli.lora.inject import inject_lora
 from loradar_cli.lora.layers import LoraLayer
+from loradar_cli.lora.state import dense_key, load_lora_state_dict
 from loradar_cli.metrics import predict_logits  # noqa: F401  (old import path, kept one release)
 from loradar_cli.models import ImageClassifier, create_timm_model, freeze, load_weights
 from loradar_cli.store.meta import BaseMeta
 from loradar_cli.store.store import Adapter, Base, Store
-
-DENSE_SUFFIX = "weight_delta"
 
 
 def build_model(base: Base) -> ImageClassifier:
@@ -40,7 +39,7 @@ def check_adapter_fits(adapter: Adapter, base: BaseMeta) -> None:
 def apply_adapter(model: ImageClassifier, adapter: Adapter, base: BaseMeta) -> ImageClassifier:
     """Inject the adapter's LoRA layers into `model` and load its factors (and head), in place."""
     check_adapter_fits(adapter, base)
-    dense = {f"{PEFT_PREFIX}{name}.{DENSE_SUFFIX}": name for name in adapter.meta.dense_deltas}
+    dense = {dense_key(name): name for name in adapter.meta.dense_deltas}
     factors = {k: v for k, v in adapter.tensors.items() if k not in dense}
     inject_lora(model.model, adapter.meta.lora)
     load_lora_state_dict(model.model, adapter.meta.lora, factors)

@@ -64,7 +64,8 @@ def make_adapter(store, base: str, name: str = "ad", targets: str | None = None,
     """An adapter with random (non-zero) factors and head, saved in `store`."""
     from loradar_cli.jobs.train import lora_spec_for
     from loradar_cli.loading import build_model
-    from loradar_cli.lora.inject import inject_lora, lora_layers, lora_state_dict
+    from loradar_cli.lora.inject import inject_lora, lora_layers
+    from loradar_cli.lora.state import lora_state_dict
     from loradar_cli.store.meta import AdapterMeta
 
     stored = store.load_base(base)

@@ -56,7 +56,7 @@ def test_cli_device_cuda_without_cuda_exits_with_one_line(tiny):
         ["trim", "a", "--name", "t", "--full-weight"],
         ["ensemble-vote", "a", "b"],
         ["identify-attack", "a", "b"],
-        ["identify-attack", "fit", "a", "b", "--name", "i"],
+        ["fit-identifier", "a", "b", "--name", "i"],
     ],
 )
 def test_every_computing_command_refuses_a_missing_device(args, tmp_path):

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console, ConsoleDimensions
 
 from loradar_cli import names
+from loradar_cli.cli._output import emit_json  # noqa: F401  (its home is cli/_output.py; re-exported for old imports)
 from loradar_cli.errors import (
     INTERNAL_EXIT_CODE,
     INTERRUPTED_EXIT_CODE,
@@ -310,12 +311,6 @@ def attack_options(
             raise InvalidValueError(f"--attack-opt {key} is given twice")
         target[field] = value
     return route_options(names, shared, specific)
-
-
-def emit_json(data: Any) -> None:
-    """The command's machine result: exactly one JSON document on stdout."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
 
 
 def open_store(path: Path | None) -> "Any":

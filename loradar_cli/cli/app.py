@@ -13,7 +13,7 @@ from loradar_cli.cli.ensemble_vote import ensemble_vote_cli
 from loradar_cli.cli.evaluate import eval_cli
 from loradar_cli.cli.export import export_cli
 from loradar_cli.cli.finetune import finetune_cli
-from loradar_cli.cli.identify_attack import identify_app
+from loradar_cli.cli.identify_attack import fit_identifier_cli, identify_cli
 from loradar_cli.cli.import_ import import_base_cli, import_cli
 from loradar_cli.cli.merge import merge_cli
 from loradar_cli.cli.mv import mv_cli
@@ -68,7 +68,8 @@ app.command("export")(export_cli)
 app.command("merge")(merge_cli)
 app.command("trim")(trim_cli)
 app.command("ensemble-vote")(ensemble_vote_cli)
-app.add_typer(identify_app, name="identify-attack")
+app.command("identify-attack", no_args_is_help=True)(identify_cli)
+app.command("fit-identifier")(fit_identifier_cli)
 
 
 @functools.cache

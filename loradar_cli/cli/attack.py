@@ -20,7 +20,6 @@ from loradar_cli.cli._common import (
     StoreOpt,
     attack_options,
     console,
-    emit_json,
     open_store,
     progress_bar,
     run_command,
@@ -32,6 +31,7 @@ from loradar_cli.cli._engine_options import (
     engine_from,
     launch_nproc,
 )
+from loradar_cli.cli._output import show_result
 from loradar_cli.cli._tables import kv_table
 
 
@@ -83,9 +83,10 @@ def attack_cli(
     if not main:
         return
     summary = {"out": str(out), "n": len(adv.y), "attack": attack, "target_accuracy": acc, **adv.info}
-    if json_out:
-        emit_json(summary)
-        return
-    if not quiet:
-        console.print(kv_table(f"{attack} → {out}", {"examples": len(adv.y), "target accuracy": acc}))
-    print(out)
+    show_result(
+        json_out,
+        summary,
+        quiet=quiet,
+        human=lambda: console.print(kv_table(f"{attack} → {out}", {"examples": len(adv.y), "target accuracy": acc})),
+        result=str(out),
+    )

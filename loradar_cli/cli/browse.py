@@ -5,7 +5,8 @@ from typing import Annotated, Any
 
 import typer
 
-from loradar_cli.cli._common import JsonOpt, StoreOpt, console, emit_json, open_store, run_command
+from loradar_cli.cli._common import JsonOpt, StoreOpt, console, open_store, run_command
+from loradar_cli.cli._output import show_result
 from loradar_cli.cli._tables import pct
 
 KIND_HELP = "base, adapter or identifier"
@@ -28,12 +29,9 @@ def list_cli(
     report = list_entries(open_store(store), kind=kind, base=base, attack=attack, recipe=recipe)
     for problem in report.skipped:
         console.print(f"[yellow]skipped:[/] {problem} (run loradar verify)", highlight=False, soft_wrap=True)
-    if json_out:
-        emit_json(report.as_json())
-        return
-    for row in report.rows:
-        print(row.name)
-    _print_table(report)
+    show_result(
+        json_out, report.as_json(), human=lambda: _print_table(report), result=[row.name for row in report.rows]
+    )
 
 
 def _print_table(report: Any) -> None:
@@ -66,12 +64,12 @@ def show_cli(
 
     the_store = open_store(store)
     resolved, data = show_entry(the_store, name, kind)
-    if json_out:
-        emit_json(data)
-        return
-    if resolved == "adapter":
-        _wide_console().print(_tree(lineage(the_store, name)), crop=False)
-    print(json.dumps(data, indent=2, default=str))
+
+    def human() -> None:
+        if resolved == "adapter":
+            _wide_console().print(_tree(lineage(the_store, name)), crop=False)
+
+    show_result(json_out, data, human=human, result=json.dumps(data, indent=2, default=str))
 
 
 def _tree(node: Any, tree: Any = None) -> Any:

@@ -14,7 +14,6 @@ from loradar_cli.cli._combine import (
     SplitOpt,
     WeightsOpt,
     parse_weights,
-    vote_table,
 )
 from loradar_cli.cli._common import (
     BatchOpt,
@@ -24,12 +23,13 @@ from loradar_cli.cli._common import (
     SeedOpt,
     StoreOpt,
     console,
-    emit_json,
     open_store,
     read_names,
     run_command,
 )
 from loradar_cli.cli._engine_options import DeviceOpt, engine_from
+from loradar_cli.cli._output import show_result
+from loradar_cli.cli._tables import vote_table
 
 
 @run_command
@@ -63,8 +63,8 @@ def ensemble_vote_cli(
     quiet: QuietOpt = False,
 ) -> None:
     """Classify inputs by an ensemble of adapters (each adapter's ΔW folded in once) and report accuracy per set."""
-    from loradar_cli.combine import vote_sets
     from loradar_cli.device import using
+    from loradar_cli.jobs.ensemble_vote import vote_sets
 
     with using(engine_from(device)) as engine:
         report = vote_sets(
@@ -83,7 +83,6 @@ def ensemble_vote_cli(
             batch_size=batch_size,
             out=out,
         )
-    if json_out:
-        emit_json({**report, "run": engine.describe()})
-    elif not quiet:
-        console.print(vote_table(report))
+    show_result(
+        json_out, {**report, "run": engine.describe()}, quiet=quiet, human=lambda: console.print(vote_table(report))
+    )

@@ -5,7 +5,8 @@ from typing import Annotated
 
 import typer
 
-from loradar_cli.cli._common import JsonOpt, StoreOpt, console, emit_json, open_store, run_command
+from loradar_cli.cli._common import JsonOpt, StoreOpt, console, open_store, run_command
+from loradar_cli.cli._output import show_result
 
 
 @run_command
@@ -22,9 +23,10 @@ def export_cli(
     from loradar_cli.jobs.export import export_entries
 
     report = export_entries(open_store(store), names, out, with_base=not no_base)
-    if json_out:
-        emit_json(report.model_dump())
-        return
-    console.print(f"wrote {report.out} ({report.bytes} bytes, sha256 {report.sha256[:12]})", highlight=False)
-    for entry in report.entries:
-        console.print(f"  {entry}", highlight=False)
+
+    def human() -> None:
+        console.print(f"wrote {report.out} ({report.bytes} bytes, sha256 {report.sha256[:12]})", highlight=False)
+        for entry in report.entries:
+            console.print(f"  {entry}", highlight=False)
+
+    show_result(json_out, report.model_dump(), human=human)

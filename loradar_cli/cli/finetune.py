@@ -15,7 +15,6 @@ from loradar_cli.cli._common import (
     SeedOpt,
     StoreOpt,
     console,
-    emit_json,
     open_store,
     parse_key_values,
     progress_bar,
@@ -32,6 +31,7 @@ from loradar_cli.cli._engine_options import (
     launch_nproc,
 )
 from loradar_cli.cli._options import positive
+from loradar_cli.cli._output import show_result
 from loradar_cli.cli._tables import kv_table
 
 MAX_IMG_SIZE = 8192  # a side beyond this is a typo, not an image a CPU or one GPU can hold in batches
@@ -119,21 +119,18 @@ def finetune_cli(
         )
     if not main:
         return
-    if json_out:
-        emit_json(meta.model_dump(mode="json"))
-    else:
-        if not quiet:
-            console.print(
-                kv_table(
-                    f"base {meta.name}",
-                    {
-                        "model": meta.timm_model,
-                        "input": meta.input_size,
-                        "val clean acc": meta.metrics["val_clean_acc"],
-                        "augment": meta.training.get("augment"),
-                        "device": meta.training.get("device"),
-                        "images/s": meta.training.get("images_per_s"),
-                    },
-                )
-            )
-        print(meta.name)
+    rows = {
+        "model": meta.timm_model,
+        "input": meta.input_size,
+        "val clean acc": meta.metrics["val_clean_acc"],
+        "augment": meta.training.get("augment"),
+        "device": meta.training.get("device"),
+        "images/s": meta.training.get("images_per_s"),
+    }
+    show_result(
+        json_out,
+        meta.model_dump(mode="json"),
+        quiet=quiet,
+        human=lambda: console.print(kv_table(f"base {meta.name}", rows)),
+        result=meta.name,
+    )

@@ -1,11 +1,11 @@
-"""`loradar identify-attack`: which attack family each input came from (`fit` learns the calibrated identifier)."""
+"""`loradar identify-attack`: which attack family each input came from; `loradar fit-identifier` learns the calibrated
+identifier it can use."""
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
 from loradar_cli.cli._combine import (
     AdvSetsOpt,
@@ -24,39 +24,15 @@ from loradar_cli.cli._common import (
     SeedOpt,
     StoreOpt,
     console,
-    emit_json,
     open_store,
     read_names,
     run_command,
 )
-from loradar_cli.cli._options import positive
-from loradar_cli.cli._tables import pct
-from loradar_cli.ops.identify_modes import DEFAULT_MARGINS, modes_help
-
-if TYPE_CHECKING:
-    from rich.table import Table
 from loradar_cli.cli._engine_options import DeviceOpt, engine_from
-
-DEFAULT_COMMAND = "predict"
-
-
-class DefaultToPredict(TyperGroup):
-    """A group whose default command is `predict`: `identify-attack A B` runs `identify-attack predict A B`."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
-            args = [DEFAULT_COMMAND, *args]
-        return super().parse_args(ctx, args)
-
-
-identify_app = typer.Typer(
-    cls=DefaultToPredict,
-    help="Identify the attack family of each input from the adapters' outputs: `identify-attack A B C ...` "
-    "(predict, the default) or `identify-attack fit A B C ...`.",
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode=None,
-)
+from loradar_cli.cli._options import positive
+from loradar_cli.cli._output import show_result
+from loradar_cli.cli._tables import confusion_table, pct, per_class_table, sets_table
+from loradar_cli.ops.identify_modes import DEFAULT_MARGINS, modes_help
 
 CleanOpt = Annotated[
     str,
@@ -64,7 +40,6 @@ CleanOpt = Annotated[
 ]
 
 
-@identify_app.command(DEFAULT_COMMAND)
 @run_command
 def identify_cli(
     adapters: Annotated[
@@ -110,9 +85,10 @@ def identify_cli(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Predict the attack family of each input; with labelled sets, report accuracy and the confusion matrix."""
-    from loradar_cli.combine import identify_sets
+    """Identify the attack family of each input from the adapters' outputs (with --identifier: a classifier fitted by
+    `loradar fit-identifier`); with labelled sets, report accuracy and the confusion matrix."""
     from loradar_cli.device import using
+    from loradar_cli.jobs.identify import identify_sets
 
     check_plot_available(plot)
     names = read_names(adapters) if adapters else []
@@ -138,18 +114,29 @@ def identify_cli(
     if plot is not None and confusion:
         written = plot_confusion(plot, confusion, f"attack identification ({report['mode']})")
         console.print(f"confusion matrix plot: {written}", highlight=False)
-    if json_out:
-        emit_json({**report, "run": engine.describe()})
-    elif not quiet:
+
+    def human() -> None:
         console.print(sets_table(report))
         if confusion:
             console.print(confusion_table(confusion, f"confusion matrix, accuracy {pct(report['accuracy'])} %"))
             console.print(per_class_table(report["per_class"]))
 
+    show_result(json_out, {**report, "run": engine.describe()}, quiet=quiet, human=human)
 
-@identify_app.command("fit")
+
+def _list_features(value: bool) -> None:
+    """--list-features: the feature groups an identifier can be fitted on, one per line (name, reads, summary)."""
+    if value:
+        from loradar_cli.ops.identify_features import IDENTIFY_FEATURES
+
+        for name in IDENTIFY_FEATURES.names():
+            group = IDENTIFY_FEATURES.get(name)
+            print(f"{name}\t{'input' if group.needs_input else 'members'}\t{group.doc}")
+        raise typer.Exit()
+
+
 @run_command
-def identify_fit_cli(
+def fit_identifier_cli(
     adapters: Annotated[list[str], typer.Argument(help="Attack-specific adapters ('-' reads stdin).")],
     name: Annotated[str, typer.Option("--name", help="Name of the identifier (stored under identifiers/).")],
     adv_set: AdvSetsOpt = None,
@@ -163,7 +150,7 @@ def identify_fit_cli(
         typer.Option(
             "--features",
             help="auto (greedy selection of feature groups by cross-validated accuracy) or a comma list of groups; "
-            "`identify-attack features` lists them.",
+            "--list-features lists them.",
         ),
     ] = "auto",
     held_out: Annotated[
@@ -191,10 +178,16 @@ def identify_fit_cli(
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    list_features: Annotated[
+        bool,
+        typer.Option(
+            "--list-features", callback=_list_features, is_eager=True, help="List the feature groups and exit."
+        ),
+    ] = False,
 ) -> None:
     """Fit the calibrated identifier on sets labelled by attack (and clean data), score it on a held-out part, store it."""
-    from loradar_cli.combine import fit_identifier_from_sets
     from loradar_cli.device import using
+    from loradar_cli.jobs.identify import fit_identifier_from_sets
 
     with using(engine_from(device)) as engine:
         _, report = fit_identifier_from_sets(
@@ -217,10 +210,8 @@ def identify_fit_cli(
             batch_size=batch_size,
             overwrite=overwrite,
         )
-    if json_out:
-        emit_json({**report, "run": engine.describe()})
-        return
-    if not quiet:
+
+    def human() -> None:
         held = report["held_out"]
         console.print(
             f"features: {', '.join(report['features'])}\n"
@@ -232,56 +223,8 @@ def identify_fit_cli(
         )
         console.print(confusion_table(held["confusion"], "held-out confusion matrix (with rejection)"))
         console.print(per_class_table(held["per_class"], "held-out per-class scores"))
-    print(name)
 
-
-@identify_app.command("features")
-@run_command
-def identify_features_cli() -> None:
-    """List the feature groups an identifier can be fitted on."""
-    from loradar_cli.ops.identify_features import IDENTIFY_FEATURES
-
-    for name in IDENTIFY_FEATURES.names():
-        group = IDENTIFY_FEATURES.get(name)
-        print(f"{name}\t{'input' if group.needs_input else 'members'}\t{group.doc}")
-
-
-def sets_table(report: Mapping[str, Any]) -> "Table":
-    """Per input set: the true attack, identification accuracy and what was predicted."""
-    from rich.table import Table
-
-    table = Table(title=f"attack identification ({report['mode']})")
-    for col in ("set", "attack", "n", "accuracy (%)", "predicted"):
-        table.add_column(col)
-    for label, row in report["sets"].items():
-        predicted = ", ".join(f"{k}: {v}" for k, v in row["predicted"].items())
-        table.add_row(label, row["attack"], str(row["n"]), pct(row["accuracy"]), predicted)
-    return table
-
-
-def confusion_table(confusion: Mapping[str, Any], title: str) -> "Table":
-    """Confusion matrix: rows true attack, columns predicted (the last column is 'unknown')."""
-    from rich.table import Table
-
-    table = Table(title=f"{title} (rows: true, columns: predicted)")
-    table.add_column("true \\ predicted", style="bold")
-    for label in confusion["columns"]:
-        table.add_column(label, justify="right")
-    for label, row in zip(confusion["rows"], confusion["matrix"], strict=True):
-        table.add_row(label, *(str(v) for v in row))
-    return table
-
-
-def per_class_table(per_class: Mapping[str, Mapping[str, Any]], title: str = "per-class scores") -> "Table":
-    """Precision, recall and support per true class (precision '-' for a class never predicted)."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("class", "precision (%)", "recall (%)", "n"):
-        table.add_column(col, justify="right" if col != "class" else "left")
-    for name, row in per_class.items():
-        table.add_row(name, pct(row["precision"]), pct(row["recall"]), str(row["support"]))
-    return table
+    show_result(json_out, {**report, "run": engine.describe()}, quiet=quiet, human=human, result=name)
 
 
 def plot_confusion(path: Path, confusion: Mapping[str, Any], title: str) -> Path:

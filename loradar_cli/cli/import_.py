@@ -10,11 +10,11 @@ from loradar_cli.cli._common import (
     OverwriteOpt,
     StoreOpt,
     console,
-    emit_json,
     open_store,
     parse_key_values,
     run_command,
 )
+from loradar_cli.cli._output import show_result
 from loradar_cli.errors import InvalidValueError
 
 
@@ -41,22 +41,24 @@ def import_cli(
         if base is None:
             raise InvalidValueError("importing a PEFT folder needs --base (the base it was trained on)")
         meta = import_peft(the_store, path, base=base, name=name, attack=attack, overwrite=overwrite)
-        if json_out:
-            emit_json(meta.model_dump(mode="json"))
-        else:
-            console.print(f"imported adapter {meta.name} on base {meta.base}", highlight=False)
-            print(meta.name)
+        show_result(
+            json_out,
+            meta.model_dump(mode="json"),
+            human=lambda: console.print(f"imported adapter {meta.name} on base {meta.base}", highlight=False),
+            result=meta.name,
+        )
         return
     if base or name or attack:
         raise InvalidValueError("--base, --name and --attack apply to PEFT folders; a bundle carries its own")
     report = import_bundle(the_store, path, overwrite=overwrite)
-    if json_out:
-        emit_json(report.model_dump())
-        return
-    for entry in report.imported:
-        console.print(f"imported {entry}", highlight=False)
-    for entry in report.skipped:
-        console.print(f"already present, identical: {entry}", highlight=False)
+
+    def human() -> None:
+        for entry in report.imported:
+            console.print(f"imported {entry}", highlight=False)
+        for entry in report.skipped:
+            console.print(f"already present, identical: {entry}", highlight=False)
+
+    show_result(json_out, report.model_dump(), human=human)
 
 
 @run_command
@@ -92,11 +94,14 @@ def import_base_cli(
         model_kwargs=parse_key_values(model_kwarg, "--model-kwarg"),
         overwrite=overwrite,
     )
-    if json_out:
-        emit_json(meta.model_dump(mode="json"))
-        return
-    console.print(f"imported base {meta.name} ({meta.timm_model}, sha256 {meta.fingerprint[:12]})", highlight=False)
-    print(meta.name)
+    show_result(
+        json_out,
+        meta.model_dump(mode="json"),
+        human=lambda: console.print(
+            f"imported base {meta.name} ({meta.timm_model}, sha256 {meta.fingerprint[:12]})", highlight=False
+        ),
+        result=meta.name,
+    )
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:

@@ -5,7 +5,7 @@ from typing import Annotated
 import typer
 
 from loradar_cli import names
-from loradar_cli.cli._combine import BaseOpt, layers_table, parse_weights, weights_table
+from loradar_cli.cli._combine import BaseOpt, parse_weights
 from loradar_cli.cli._common import (
     JsonOpt,
     OverwriteOpt,
@@ -13,13 +13,14 @@ from loradar_cli.cli._common import (
     SeedOpt,
     StoreOpt,
     console,
-    emit_json,
     open_store,
     read_names,
     run_command,
 )
 from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 from loradar_cli.cli._options import fraction, non_negative, unit_interval
+from loradar_cli.cli._output import show_result
+from loradar_cli.cli._tables import layers_table, weights_table
 
 
 @run_command
@@ -77,8 +78,8 @@ def merge_cli(
     quiet: QuietOpt = False,
 ) -> None:
     """Merge adapters into one: Σ wᵢ·ΔWᵢ per layer, re-factored by SVD; weights [1, 0, …] give the first back."""
-    from loradar_cli.combine import TTSOptions, merge_adapters
     from loradar_cli.device import using
+    from loradar_cli.jobs.merge import TTSOptions, merge_adapters
     from loradar_cli.store.pools import expand_pools
 
     tts = (
@@ -109,10 +110,15 @@ def merge_cli(
             tts=tts,
             overwrite=overwrite,
         )
-    if json_out:
-        emit_json({**report, "run": engine.describe()})
-        return
-    if not quiet:
-        console.print(weights_table(report))
-        console.print(layers_table(f"layers of {meta.name}", report["layers"]))
-    print(meta.name)
+
+    def human() -> None:
+        console.print(weights_table(report.model_dump()))
+        console.print(layers_table(f"layers of {meta.name}", report.layers))
+
+    show_result(
+        json_out,
+        {**report.model_dump(mode="json"), "run": engine.describe()},
+        quiet=quiet,
+        human=human,
+        result=meta.name,
+    )

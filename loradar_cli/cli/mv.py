@@ -4,8 +4,9 @@ from typing import Annotated
 
 import typer
 
-from loradar_cli.cli._common import JsonOpt, StoreOpt, console, emit_json, open_store, run_command
-from loradar_cli.cli.rm import KindOpt
+from loradar_cli.cli._common import JsonOpt, StoreOpt, console, open_store, run_command
+from loradar_cli.cli._output import show_result
+from loradar_cli.cli.rm import KindOpt, print_orphans
 
 
 @run_command
@@ -21,9 +22,9 @@ def mv_cli(
     from loradar_cli.jobs.mv import rename_entry
 
     report = rename_entry(open_store(store), old, new, kind=kind, force=force)
-    if json_out:
-        emit_json(report.model_dump())
-        return
-    console.print(f"renamed {report.kind} {report.old} → {report.new}", highlight=False)
-    for o in report.orphans:
-        console.print(f"[yellow]orphaned:[/] {o.kind} {o.name} (its {o.relation} {o.missing} is gone)", highlight=False)
+
+    def human() -> None:
+        console.print(f"renamed {report.kind} {report.old} → {report.new}", highlight=False)
+        print_orphans(report.orphans)
+
+    show_result(json_out, report.model_dump(), human=human)

@@ -11,12 +11,12 @@ from loradar_cli.cli._common import (
     SeedOpt,
     StoreOpt,
     console,
-    emit_json,
     open_store,
     progress_bar,
     run_command,
 )
 from loradar_cli.cli._engine_options import DeviceOpt, WorkersOpt, engine_from
+from loradar_cli.cli._output import show_result
 from loradar_cli.cli._tables import eval_table
 
 
@@ -42,8 +42,13 @@ def quickstart_cli(
             the_store, epochs=epochs, eval_limit=eval_limit, seed=seed, progress=progress, engine=engine
         )
     elapsed = time.perf_counter() - start
-    if json_out:
-        emit_json({**report.model_dump(), "seconds": elapsed, "store": str(the_store.root), "run": engine.describe()})
-        return
-    console.print(eval_table(report.rows, title=f"digits test accuracy (%), n={report.rows[0].n}"))
-    console.print(f"done in {elapsed:.0f} s; adapters in {the_store.root}: {', '.join(report.adapters)}")
+
+    def human() -> None:
+        console.print(eval_table(report.rows, title=f"digits test accuracy (%), n={report.rows[0].n}"))
+        console.print(f"done in {elapsed:.0f} s; adapters in {the_store.root}: {', '.join(report.adapters)}")
+
+    show_result(
+        json_out,
+        {**report.model_dump(), "seconds": elapsed, "store": str(the_store.root), "run": engine.describe()},
+        human=human,
+    )

@@ -1,10 +1,12 @@
 """`loradar rm`: remove store entries."""
 
-from typing import Annotated
+from collections.abc import Iterable
+from typing import Annotated, Any
 
 import typer
 
-from loradar_cli.cli._common import JsonOpt, StoreOpt, console, emit_json, open_store, run_command
+from loradar_cli.cli._common import JsonOpt, StoreOpt, console, open_store, run_command
+from loradar_cli.cli._output import show_result
 
 KindOpt = Annotated[
     str | None, typer.Option("--kind", help="base, adapter or identifier (needed when a name is used by two kinds).")
@@ -23,10 +25,16 @@ def rm_cli(
     from loradar_cli.jobs.rm import remove_entries
 
     report = remove_entries(open_store(store), names, kind=kind, force=force)
-    if json_out:
-        emit_json(report.model_dump())
-        return
-    for entry in report.removed:
-        console.print(f"removed {entry}", highlight=False)
-    for o in report.orphans:
+
+    def human() -> None:
+        for entry in report.removed:
+            console.print(f"removed {entry}", highlight=False)
+        print_orphans(report.orphans)
+
+    show_result(json_out, report.model_dump(), human=human)
+
+
+def print_orphans(orphans: Iterable[Any]) -> None:
+    """One stderr line per entry left pointing at something that is gone (rm and mv --force)."""
+    for o in orphans:
         console.print(f"[yellow]orphaned:[/] {o.kind} {o.name} (its {o.relation} {o.missing} is gone)", highlight=False)

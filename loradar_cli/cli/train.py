@@ -20,7 +20,6 @@ from loradar_cli.cli._common import (
     StoreOpt,
     attack_options,
     console,
-    emit_json,
     open_store,
     parse_value,
     progress_bar,
@@ -37,6 +36,7 @@ from loradar_cli.cli._engine_options import (
     launch_nproc,
 )
 from loradar_cli.cli._options import non_blank, positive
+from loradar_cli.cli._output import show_result
 from loradar_cli.cli._tables import kv_table
 
 RecipeOptOpt = Annotated[
@@ -193,29 +193,31 @@ def train_cli(
         )
     if not main:
         return
-    if json_out:
-        emit_json(meta.model_dump(mode="json"))
-        return
+    show_result(
+        json_out, meta.model_dump(mode="json"), quiet=quiet, human=lambda: _summary(meta, attack), result=meta.name
+    )
+
+
+def _summary(meta: Any, attack: str) -> None:
+    """The trained result's table on stderr: what was stored, its best epoch, validation accuracies, the run."""
     is_base = not hasattr(meta, "lora")  # recipes whose result is a full model (autolora) store a base
     run = (meta.origin if is_base else meta.combination).get("run", {})
-    if not quiet:
-        console.print(
-            kv_table(
-                f"{'base' if is_base else 'adapter'} {meta.name}",
-                {
-                    "stored as": "a base (use it with --base)" if is_base else "an adapter",
-                    "attack": attack,
-                    "layers": "all (full model)" if is_base else len(meta.lora.targets),
-                    "best epoch": int(meta.metrics["best_epoch"]),
-                    "val clean acc": meta.metrics["val_clean_acc"],
-                    "val robust acc": meta.metrics["val_robust_acc"],
-                    "augment": run.get("augment"),
-                    "device": run.get("device"),
-                    "images/s": run.get("images_per_s"),
-                },
-            )
+    console.print(
+        kv_table(
+            f"{'base' if is_base else 'adapter'} {meta.name}",
+            {
+                "stored as": "a base (use it with --base)" if is_base else "an adapter",
+                "attack": attack,
+                "layers": "all (full model)" if is_base else len(meta.lora.targets),
+                "best epoch": int(meta.metrics["best_epoch"]),
+                "val clean acc": meta.metrics["val_clean_acc"],
+                "val robust acc": meta.metrics["val_robust_acc"],
+                "augment": run.get("augment"),
+                "device": run.get("device"),
+                "images/s": run.get("images_per_s"),
+            },
         )
-    print(meta.name)
+    )
 
 
 def _train_pool_cli(
@@ -236,17 +238,22 @@ def _train_pool_cli(
             progress=progress,
             **kwargs,
         )
-    if json_out:
-        emit_json({"pool": manifest.model_dump(mode="json"), "members": [m.model_dump(mode="json") for m in members]})
-        return
-    if not quiet:
+
+    def human() -> None:
         rows = {
             f"{m.name} ({key}={v})": f"val clean {m.metrics['val_clean_acc']:.3f}, robust "
             f"{m.metrics['val_robust_acc']:.3f}"
             for m, v in zip(members, manifest.values, strict=True)
         }
         console.print(kv_table(f"pool {manifest.name}", rows))
-    print(manifest.name)
+
+    show_result(
+        json_out,
+        {"pool": manifest.model_dump(mode="json"), "members": [m.model_dump(mode="json") for m in members]},
+        quiet=quiet,
+        human=human,
+        result=manifest.name,
+    )
 
 
 def parse_pool(spec: str) -> tuple[str, list[tuple[str, Any]]]:

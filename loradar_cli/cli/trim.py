@@ -5,7 +5,7 @@ from typing import Annotated, Any
 
 import typer
 
-from loradar_cli.cli._combine import BaseOpt, OptDataOpt, SplitOpt, layers_table
+from loradar_cli.cli._combine import BaseOpt, OptDataOpt, SplitOpt
 from loradar_cli.cli._common import (
     BatchOpt,
     JsonOpt,
@@ -14,14 +14,14 @@ from loradar_cli.cli._common import (
     QuietOpt,
     StoreOpt,
     console,
-    emit_json,
     open_store,
     read_names,
     run_command,
 )
 from loradar_cli.cli._engine_options import DeviceOpt, engine_from
 from loradar_cli.cli._options import fraction, regex
-from loradar_cli.cli._tables import kv_table
+from loradar_cli.cli._output import show_result
+from loradar_cli.cli._tables import kv_table, layers_table
 
 
 @run_command
@@ -66,9 +66,9 @@ def trim_cli(
     quiet: QuietOpt = False,
 ) -> None:
     """Trim an adapter by singular values into a new (smaller) adapter; reports kept rank and energy per layer."""
-    from loradar_cli.combine import trim_adapter
     from loradar_cli.device import using
     from loradar_cli.errors import InvalidValueError
+    from loradar_cli.jobs.trim import trim_adapter
 
     names = read_names([adapter])
     if len(names) != 1:
@@ -89,23 +89,23 @@ def trim_cli(
             layers_regex=layers,
             overwrite=overwrite,
         )
+        result = report.model_dump(mode="json")
         if check and before is not None:
-            report["accuracy"] = {"before": before, "after": check.of(meta.name), **check.describe()}
-    report["energy_kept"] = energy_kept(report["layers"])
-    if json_out:
-        emit_json({**report, "run": engine.describe()})
-        return
-    if not quiet:
-        console.print(layers_table(f"{names[0]} trimmed → {meta.name}", report["layers"]))
-        kept = report["energy_kept"]
+            result["accuracy"] = {"before": before, "after": check.of(meta.name), **check.describe()}
+    result["energy_kept"] = energy_kept(report.layers)
+
+    def human() -> None:
+        console.print(layers_table(f"{names[0]} trimmed → {meta.name}", report.layers))
+        kept = result["energy_kept"]
         console.print(
             f"energy kept: {kept['mean']:.1%} on average, {kept['min']:.1%} at least ({kept['layers']} layers)"
         )
-        if "accuracy" in report:
-            console.print(kv_table(f"accuracy before → after on {data} {split}", _before_after(report["accuracy"])))
+        if "accuracy" in result:
+            console.print(kv_table(f"accuracy before → after on {data} {split}", _before_after(result["accuracy"])))
         if meta.dense_deltas:
             console.print(f"{len(meta.dense_deltas)} layer(s) stored as dense deltas: not loadable by PEFT")
-    print(meta.name)
+
+    show_result(json_out, {**result, "run": engine.describe()}, quiet=quiet, human=human, result=meta.name)
 
 
 def energy_kept(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

@@ -4,7 +4,8 @@ from typing import Annotated
 
 import typer
 
-from loradar_cli.cli._common import JsonOpt, StoreOpt, console, emit_json, open_store, run_command
+from loradar_cli.cli._common import JsonOpt, StoreOpt, console, open_store, run_command
+from loradar_cli.cli._output import show_result
 
 
 @run_command
@@ -21,13 +22,12 @@ def verify_cli(
     from loradar_cli.jobs.verify import verify
 
     report = verify(open_store(store), names or [], fix=fix)
-    if json_out:
-        emit_json(report.model_dump())
-    else:
+
+    def human() -> None:
         for path in report.fixed:
             console.print(f"removed leftover {path}", highlight=False)
-        for line in report.problems:
-            print(line)
         console.print(f"{report.checked} entries checked, {len(report.problems)} problems", highlight=False)
+
+    show_result(json_out, report.model_dump(), human=human, result=report.problems)
     if report.problems:
         raise typer.Exit(1)

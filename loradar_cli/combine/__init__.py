@@ -1,11 +1,15 @@
-"""Combining stored adapters: ΔW-space and test-time scored merges, trimming, ensemble votes, attack identification.
+"""Old import path of the store-level merge/trim/vote/identify jobs (kept one release).
 
-The library side of `merge`, `trim`, `ensemble-vote` and `identify-attack`: plain values in, metadata and report
-dicts out, nothing printed. The maths lives in `loradar_cli.ops`; these modules load adapters, check that they fit
-together, run models, and write the results to the store.
+Use `loradar_cli.jobs.<command>` (merge, trim, ensemble_vote, identify) and `loradar_cli.members` instead. The old
+submodules (`loradar_cli.combine.merge`, ...) are aliases of the new ones, so their objects are the same; the
+tensor helpers of `combine.factors` are in `loradar_cli.lora.state`.
 """
 
-from loradar_cli.combine.ensemble import (
+import sys
+
+from loradar_cli import members
+from loradar_cli.jobs import ensemble_vote, identify, merge, trim
+from loradar_cli.jobs.ensemble_vote import (
     ENSEMBLE_METHODS,
     Ensemble,
     EnsembleClassifier,
@@ -14,7 +18,7 @@ from loradar_cli.combine.ensemble import (
     route_choice,
     vote_sets,
 )
-from loradar_cli.combine.identify import (
+from loradar_cli.jobs.identify import (
     IDENTIFY_MODES,
     Identifier,
     IdentifierMeta,
@@ -22,7 +26,9 @@ from loradar_cli.combine.identify import (
     identify_sets,
     load_identifier,
 )
-from loradar_cli.combine.members import (
+from loradar_cli.jobs.merge import MERGE_METHODS, TTSOptions, merge_adapters
+from loradar_cli.jobs.trim import trim_adapter
+from loradar_cli.members import (
     BASE_MEMBER,
     CLEAN,
     InputSet,
@@ -33,8 +39,11 @@ from loradar_cli.combine.members import (
     load_members,
     member_models,
 )
-from loradar_cli.combine.merge import MERGE_METHODS, TTSOptions, merge_adapters
-from loradar_cli.combine.trim import trim_adapter
+
+ensemble = ensemble_vote
+for _old, _new in {"merge": merge, "trim": trim, "ensemble": ensemble_vote, "identify": identify}.items():
+    sys.modules[f"{__name__}.{_old}"] = _new
+sys.modules[f"{__name__}.members"] = members
 
 __all__ = [
     "BASE_MEMBER",

@@ -143,7 +143,7 @@ def _rows(
         model = engine.model(model_on(store, stored, adapter))
         rows.append(_Row(adapter or "base", model, {"white-box": model}))
     if ensemble is not None:
-        from loradar_cli.combine.ensemble import load_ensemble
+        from loradar_cli.jobs.ensemble_vote import load_ensemble
 
         loaded = load_ensemble(
             store, ensemble.members, methods=ensemble.methods, base=base, weights=ensemble.weights,

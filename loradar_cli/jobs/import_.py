@@ -17,9 +17,10 @@ from pydantic import BaseModel
 
 from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError, NotFoundError
 from loradar_cli.files import read_file
+from loradar_cli.lora.state import PEFT_PREFIX
 from loradar_cli.store.manifest import sha256
 from loradar_cli.store.meta import AdapterMeta, BaseMeta
-from loradar_cli.store.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, Store, check_name
+from loradar_cli.store.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Store, check_name
 
 # LoraConfig switches whose effect loradar's LoRA layers do not reproduce: refused rather than silently dropped
 UNSUPPORTED = {
@@ -65,8 +66,9 @@ def import_peft(
     from safetensors.torch import load
 
     from loradar_cli.loading import build_model
-    from loradar_cli.lora.inject import classifier_name, inject_lora, load_lora_state_dict, lora_state_dict_shapes
+    from loradar_cli.lora.inject import classifier_name, inject_lora
     from loradar_cli.lora.spec import LoraSpec
+    from loradar_cli.lora.state import load_lora_state_dict, lora_state_dict_shapes
 
     name = check_name(name or folder.name)
     config_bytes, weight_bytes = _peft_files(folder)

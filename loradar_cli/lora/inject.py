@@ -1,20 +1,18 @@
-"""Target selection (presets, regex, suffixes), LoRA injection, and PEFT-compatible state dicts.
+"""Target selection (presets, regex, suffixes) and LoRA injection; the tensors an adapter is stored with (PEFT's
+key names, state dicts, ΔW) live in `loradar_cli.lora.state`.
 
-Module names are relative to the timm model, so saved keys read `base_model.model.<module>.lora_A.weight`
-exactly as PEFT writes them for `get_peft_model(timm_model, LoraConfig(...))`.
+Module names are relative to the timm model, as PEFT names them for `get_peft_model(timm_model, LoraConfig(...))`.
 """
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from loradar_cli.errors import IncompatibleError, InvalidValueError, NotFoundError
-from loradar_cli.lora.layers import LORA_CLASSES, LoraConv2d, LoraLayer, conv_delta
+from loradar_cli.lora.layers import LORA_CLASSES, LoraConv2d, LoraLayer
 from loradar_cli.lora.spec import LoraSpec
-
-PEFT_PREFIX = "base_model.model."
 
 _BLOCK_CONV1 = re.compile(r"(.*\.)?(layer\d+|stages\.\d+(\.blocks)?)\.\d+\.conv1")
 _ATTN_MLP = re.compile(r"(.*\.)?(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)")
@@ -199,68 +197,6 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def lora_state_dict(model: nn.Module, spec: LoraSpec) -> dict[str, Tensor]:
-    """LoRA factors (and head) under PEFT's key names, detached, contiguous, on the CPU."""
-    tensors: dict[str, Tensor] = {}
-    for name, layer in lora_layers(model).items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
-    if spec.head:
-        for pname, p in model.get_submodule(spec.head).named_parameters():
-            tensors[f"{PEFT_PREFIX}{spec.head}.{pname}"] = p
-    return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-
-
-def load_lora_state_dict(model: nn.Module, spec: LoraSpec, tensors: Mapping[str, Tensor]) -> None:
-    """Copy stored factors (and head) into an injected model; missing, extra or misshaped keys are errors."""
-    expected = dict(lora_state_dict_shapes(model, spec))
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise IncompatibleError(f"adapter tensors do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    with torch.no_grad():
-        for key, param in _named_adapter_params(model, spec):
-            value = tensors[key]
-            if value.shape != param.shape:
-                raise IncompatibleError(f"{key}: stored shape {tuple(value.shape)} != model shape {tuple(param.shape)}")
-            param.copy_(value.to(param.dtype))
-
-
-def _named_adapter_params(model: nn.Module, spec: LoraSpec) -> Iterable[tuple[str, Tensor]]:
-    for name, layer in lora_layers(model).items():
-        yield f"{PEFT_PREFIX}{name}.lora_A.weight", layer.lora_A.weight
-        yield f"{PEFT_PREFIX}{name}.lora_B.weight", layer.lora_B.weight
-    if spec.head:
-        for pname, p in model.get_submodule(spec.head).named_parameters():
-            yield f"{PEFT_PREFIX}{spec.head}.{pname}", p
-
-
-def lora_state_dict_shapes(model: nn.Module, spec: LoraSpec) -> Iterable[tuple[str, torch.Size]]:
-    return ((k, p.shape) for k, p in _named_adapter_params(model, spec))
-
-
-def delta_weights(
-    tensors: Mapping[str, Tensor], spec: LoraSpec, groups: Mapping[str, int] | None = None
-) -> dict[str, Tensor]:
-    """ΔW = s·B·A per target module from stored tensors (conv kernels keep their 4-D shape)."""
-    groups = groups or {}
-    deltas: dict[str, Tensor] = {}
-    for name in spec.targets:
-        a = tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"].float()
-        b = tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"].float()
-        scale = spec.alpha_of(name) / spec.rank_of(name)
-        deltas[name] = (conv_delta(a, b, groups.get(name, 1)) if a.dim() == 4 else b @ a) * scale
-    return deltas
-
-
-def head_tensors(tensors: Mapping[str, Tensor], spec: LoraSpec) -> dict[str, Tensor]:
-    """The classifier parameters stored with an adapter, keyed by parameter name ('weight', 'bias')."""
-    if not spec.head:
-        return {}
-    prefix = f"{PEFT_PREFIX}{spec.head}."
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` where the submodule `name` (dotted path) is: the one place the LoRA code rewires a model."""
     parent, _, child = name.rpartition(".")
@@ -271,8 +207,19 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+_MOVED_TO_STATE = ("PEFT_PREFIX", "head_tensors", "load_lora_state_dict", "lora_state_dict", "lora_state_dict_shapes")
+
+
+def __getattr__(name: str) -> Any:
+    """Old import path of the state-dict helpers (kept one release): they live in `loradar_cli.lora.state`."""
+    if name in _MOVED_TO_STATE:
+        from loradar_cli.lora import state
+
+        return getattr(state, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "PEFT_PREFIX",
     "PRESETS",
     "LoraConv2d",
     "capped_ranks",
@@ -280,12 +227,8 @@ __all__ = [
     "check_ranks",
     "classifier_name",
     "default_targets",
-    "delta_weights",
-    "head_tensors",
     "inject_lora",
-    "load_lora_state_dict",
     "lora_layers",
-    "lora_state_dict",
     "max_rank",
     "replace_module",
     "select_targets",

@@ -1,4 +1,5 @@
-"""Shared helpers for ΔW-space maths: flattening conv kernels, exact float64 SVD, numerical rank, weights."""
+"""Shared helpers for ΔW-space maths: flattening conv kernels, exact float64 SVD, numerical rank, weights, and the
+shape check of stacked member probabilities (votes and identification)."""
 
 import math
 from collections.abc import Sequence
@@ -55,3 +56,10 @@ def check_weights(
     if convex and (any(w < 0 for w in values) or sum(values) == 0.0):
         raise InvalidValueError(f"weights must be >= 0 and not all zero, got {values}")
     return values
+
+
+def check_probs(probs: Tensor, min_classes: int = 1) -> None:
+    """The one shape check of member probabilities: [K, B, C] with K >= 1 and C >= `min_classes`."""
+    if probs.dim() != 3 or probs.shape[0] < 1 or probs.shape[2] < min_classes:
+        more = f" with C >= {min_classes}" if min_classes > 1 else ""
+        raise InvalidValueError(f"expected probabilities [K, B, C]{more}, got shape {tuple(probs.shape)}")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError
+from loradar_cli.ops._linalg import check_probs
 from loradar_cli.ops.identify_features import FeatureInputs, confidence_features
 
 __all__ = [
@@ -39,12 +40,6 @@ __all__ = [
 UNKNOWN = "unknown"
 
 
-def _check_probs(probs: Tensor) -> None:
-    """Probabilities must be [K, B, C] with K >= 1 and C >= 2."""
-    if probs.dim() != 3 or probs.shape[0] < 1 or probs.shape[2] < 2:
-        raise InvalidValueError(f"expected probabilities [K, B, C] with C >= 2, got shape {tuple(probs.shape)}")
-
-
 def identify_rule(
     probs: Tensor,
     labels_of_adapters: Sequence[str],
@@ -60,7 +55,7 @@ def identify_rule(
     (with K = 1 the lead is infinite). Otherwise, if î is `clean_index` (the base model or a clean adapter),
     the answer is `clean_label`, else `labels_of_adapters[î]`. Ties between adapters go to the lower index.
     """
-    _check_probs(probs)
+    check_probs(probs, min_classes=2)
     conf = probs.to(torch.float64).max(dim=-1).values  # [K, B]
     return _rule_from_scores(conf, labels_of_adapters, margin, clean_index, clean_label, unknown_label)
 
@@ -71,7 +66,7 @@ def relative_confidence(probs: Tensor, clean_mean: Tensor, clean_std: Tensor) ->
     (logit(max_c P[i, b, c]) − clean_mean[i]) / clean_std[i], with mean and std measured on clean inputs, so 0 is
     the member's usual confidence and the scores of different members are comparable.
     """
-    _check_probs(probs)
+    check_probs(probs, min_classes=2)
     if clean_mean.shape != (probs.shape[0],) or clean_std.shape != (probs.shape[0],):
         raise InvalidValueError(
             f"need one clean mean and std per member ({probs.shape[0]}), got {tuple(clean_mean.shape)}, "
@@ -84,7 +79,7 @@ def relative_confidence(probs: Tensor, clean_mean: Tensor, clean_std: Tensor) ->
 
 def clean_confidence_stats(probs: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and std [K] over clean inputs of each member's max-probability log-odds (for `relative_confidence`)."""
-    _check_probs(probs)
+    check_probs(probs, min_classes=2)
     if probs.shape[1] < 2:
         raise InvalidValueError("clean confidence statistics need at least 2 clean inputs")
     top = probs.to(torch.float64).max(dim=-1).values.clamp(1e-6, 1 - 1e-6)
@@ -150,7 +145,7 @@ def identity_features(probs: Tensor) -> Tensor:
     adapters predict the same class (1.0 / 0.0). Column order and names: `identity_feature_names(K)`; the same
     columns as the "confidence" feature group.
     """
-    _check_probs(probs)
+    check_probs(probs, min_classes=2)
     return confidence_features(FeatureInputs(probs))
 
 

@@ -2,37 +2,32 @@
 
 Every adapter is a dict `deltas: {module name: ΔW}` with ΔW already scaled (ΔW = s·B·A; Linear [out, in],
 Conv2d [out, in/g, kh, kw]). Merging ΔW directly avoids the cross terms of a factor-wise linear merge (averaging A
-and B separately); weights [1, 0, …] reproduce the first adapter exactly. Factors use PEFT's layout: Linear A [r, in],
-B [out, r]; Conv2d A [r, in/g, kh, kw], B [out, r/g, 1, 1]. AMT's test-time scoring lives in
-`ops.tts` and is re-exported here.
+and B separately); weights [1, 0, …] reproduce the first adapter exactly. Factors are `lora.state.LoraFactors`
+(PEFT's layout). AMT's test-time scoring lives in `ops.tts` and is re-exported here.
 """
 
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from loradar_cli.errors import IncompatibleError, InvalidValueError
-from loradar_cli.lora.layers import conv_delta
+from loradar_cli.lora.state import LoraFactors, factor_groups, factors_to_delta
 from loradar_cli.ops._linalg import ENERGY_TOL, check_weights, energy_fraction, flatten, numerical_rank, svd64
 from loradar_cli.ops.tts import TTSResult, augment_support, tts_scores
 from loradar_cli.registry import Registry
 
 __all__ = [
     "MERGE_METHODS",
-    "LoraFactors",
     "MergeMethod",
     "RefactorInfo",
     "TTSResult",
     "augment_support",
     "cat_merge",
     "check_compatible",
-    "factor_groups",
-    "factors_to_delta",
     "linear_merge",
     "merge_heads",
     "refactor",
@@ -42,14 +37,6 @@ __all__ = [
 
 DEFAULT_TIES_DENSITY = 0.2
 """TIES keeps the top 20 % magnitudes of each task vector (the paper's k = 20 %)."""
-
-
-class LoraFactors(NamedTuple):
-    """One layer's LoRA factors in PEFT layout; ΔW = scale·B·A (scale = lora_alpha / r)."""
-
-    a: Tensor
-    b: Tensor
-    scale: float = 1.0
 
 
 class RefactorInfo(BaseModel):
@@ -142,28 +129,6 @@ def ties_merge(
         stack = torch.stack([d[key].to(torch.float64) * wi for d, wi in zip(deltas_list, w, strict=True)])
         out[key] = (_ties_layer(stack, density) * scale).to(ref.dtype)
     return out
-
-
-def factor_groups(a: Tensor, b: Tensor) -> int:
-    """Infer the groups of LoRA factors from their shapes: 1 for Linear, r / (r/g) for conv (B [out, r/g, 1, 1])."""
-    if a.dim() == 2:
-        return 1
-    r, r_per_group = a.shape[0], b.shape[1]
-    if r_per_group == 0 or r % r_per_group or b.shape[2:] != (1, 1):
-        raise IncompatibleError(f"conv LoRA factors do not fit: A {tuple(a.shape)}, B {tuple(b.shape)}")
-    return r // r_per_group
-
-
-def factors_to_delta(factors: LoraFactors | tuple) -> Tensor:
-    """ΔW = scale·B·A for Linear (2-D) or Conv2d (4-D, groups inferred) factors."""
-    f = LoraFactors(*factors)
-    if f.a.dim() == 2 and f.b.dim() == 2:
-        if f.b.shape[1] != f.a.shape[0]:
-            raise IncompatibleError(f"LoRA factors do not fit: A {tuple(f.a.shape)}, B {tuple(f.b.shape)}")
-        return (f.b @ f.a) * f.scale
-    if f.a.dim() == 4 and f.b.dim() == 4:
-        return conv_delta(f.a, f.b, factor_groups(f.a, f.b)) * f.scale
-    raise IncompatibleError(f"LoRA factors must be both 2-D or both 4-D: A {tuple(f.a.shape)}, B {tuple(f.b.shape)}")
 
 
 def _cat_layer(parts: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:

@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from loradar_cli.errors import IncompatibleError, InvalidValueError
+from loradar_cli.lora.state import LoraFactors
 from loradar_cli.ops._linalg import energy_fraction, flatten, svd64
-from loradar_cli.ops.merge import LoraFactors, RefactorInfo, refactor
+from loradar_cli.ops.merge import RefactorInfo, refactor
 
 __all__ = ["FullTrimInfo", "full_weight_trim", "lowrank_or_dense", "trim_delta", "trim_deltas"]
 

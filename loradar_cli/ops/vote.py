@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from loradar_cli.errors import InvalidValueError
-from loradar_cli.ops._linalg import check_weights
+from loradar_cli.ops._linalg import check_probs, check_weights
 from loradar_cli.registry import Registry
 
 __all__ = [
@@ -28,15 +28,9 @@ __all__ = [
 DEFAULT_RELIABILITY_KEYS = ("val_robust_acc", "robust_acc", "val_acc")
 
 
-def _check_probs(probs: Tensor) -> None:
-    """Probabilities must be [K, B, C] with K, C >= 1."""
-    if probs.dim() != 3 or probs.shape[0] < 1 or probs.shape[2] < 1:
-        raise InvalidValueError(f"expected probabilities [K, B, C], got shape {tuple(probs.shape)}")
-
-
 def majority_vote(probs: Tensor) -> Tensor:
     """ŷ [B] = the class most adapters predict; ties go to the tied class with the largest summed probability."""
-    _check_probs(probs)
+    check_probs(probs)
     counts = torch.nn.functional.one_hot(probs.argmax(dim=-1), probs.shape[-1]).sum(dim=0)  # [B, C]
     tied = counts == counts.max(dim=-1, keepdim=True).values
     summed = probs.to(torch.float64).sum(dim=0)
@@ -51,14 +45,14 @@ def normalise_weights(weights: Sequence[float] | Tensor, k: int) -> Tensor:
 
 def weighted_vote(probs: Tensor, weights: Sequence[float] | Tensor) -> Tensor:
     """ŷ [B] = argmax_c Σᵢ wᵢ·P[i, b, c] with weights normalised to sum 1."""
-    _check_probs(probs)
+    check_probs(probs)
     w = normalise_weights(weights, probs.shape[0]).to(probs.device)
     return torch.einsum("k,kbc->bc", w, probs.to(torch.float64)).argmax(dim=-1)
 
 
 def soft_vote(probs: Tensor) -> Tensor:
     """ŷ [B] = argmax of the mean probability over adapters."""
-    _check_probs(probs)
+    check_probs(probs)
     return probs.to(torch.float64).mean(dim=0).argmax(dim=-1)
 
 

@@ -5,7 +5,8 @@ Writes build a hidden `.tmp-<name>-*` folder and swap it into place in one atomi
 RENAME_EXCHANGE when replacing), under a per-entry flock, so readers see the old entry or the new one, never a
 mix, and two writers of one name never both succeed. Readers skip hidden names; the next writer removes the
 leftovers of killed writers (and puts back an entry a kill left aside). No path under the root that is a
-symbolic link is followed.
+symbolic link is followed. What files each kind of entry has and how their contents are checked on read is
+`store/kinds.py`.
 """
 
 import json
@@ -15,9 +16,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from torch import Tensor
 
 from loradar_cli.errors import (
@@ -31,6 +32,23 @@ from loradar_cli.errors import (
 from loradar_cli.files import dir_mode, exchange, make_temp_dir, read_file, write_new_file
 from loradar_cli.models import weights_fingerprint
 from loradar_cli.store import lock
+from loradar_cli.store.kinds import (
+    ADAPTER_CONFIG,
+    ADAPTER_META,
+    ADAPTER_WEIGHTS,
+    BASE_META,
+    BASE_WEIGHTS,
+    IDENTIFIER_META,
+    IDENTIFIER_WEIGHTS,
+    KINDS,
+    Adapter,
+    Base,
+    check_adapter_tensors,
+    check_entry_files,
+    check_finite,
+    parse_meta,
+    tensor_bytes,
+)
 from loradar_cli.store.manifest import (
     MANIFEST,
     STORE_FORMAT,
@@ -41,63 +59,10 @@ from loradar_cli.store.manifest import (
     manifest_bytes,
     parse_manifest,
 )
-from loradar_cli.store.meta import (
-    RESERVED_NAMES,
-    AdapterMeta,
-    BaseMeta,
-    IdentifierMeta,
-    Name,
-    newer_schema,
-    peft_config,
-)
+from loradar_cli.store.meta import RESERVED_NAMES, AdapterMeta, BaseMeta, IdentifierMeta, Name, peft_config
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_META = "loradar.json"
-BASE_WEIGHTS = "model.safetensors"
-BASE_META = "base.json"
-IDENTIFIER_WEIGHTS = "identifier.safetensors"
-IDENTIFIER_META = "identifier.json"
 DEFAULT_STORE = Path("adapters")
 LEFTOVER_PREFIXES = (".tmp-", ".old-", ".rm-")
-PEFT_PREFIX = "base_model.model."
-DENSE_SUFFIX = "weight_delta"
-M = TypeVar("M", bound=BaseModel)
-
-
-@dataclass(frozen=True)
-class Kind:
-    """One kind of store entry: where it lives and which files make it."""
-
-    key: str
-    folder: str | None
-    meta_file: str
-    weights_file: str
-    meta_model: type[BaseModel]
-
-    @property
-    def files(self) -> tuple[str, ...]:
-        extra = (ADAPTER_CONFIG,) if self.key == "adapter" else ()
-        return (self.meta_file, *extra, self.weights_file)
-
-
-KINDS: dict[str, Kind] = {
-    "base": Kind("base", "bases", BASE_META, BASE_WEIGHTS, BaseMeta),
-    "adapter": Kind("adapter", None, ADAPTER_META, ADAPTER_WEIGHTS, AdapterMeta),
-    "identifier": Kind("identifier", "identifiers", IDENTIFIER_META, IDENTIFIER_WEIGHTS, IdentifierMeta),
-}
-
-
-@dataclass(frozen=True)
-class Adapter:
-    meta: AdapterMeta
-    tensors: dict[str, Tensor]
-
-
-@dataclass(frozen=True)
-class Base:
-    meta: BaseMeta
-    state: dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -353,7 +318,7 @@ class Store:
         """The validated metadata of an entry of any kind (its file checked against the manifest)."""
         spec = KINDS[kind]
         data = self.read_files(kind, name, [spec.meta_file])[spec.meta_file]
-        return _parse_meta(data, self.entry_dir(kind, name) / spec.meta_file, spec.meta_model)
+        return parse_meta(data, self.entry_dir(kind, name) / spec.meta_file, spec.meta_model)
 
     def _load(self, kind: str, name: str, *, legacy: bool = False) -> tuple[Any, dict[str, Any]]:
         """Metadata and tensors of an entry, fully checked: hashes, schema, tensors, config agreement."""
@@ -363,7 +328,7 @@ class Store:
     # ------------------------------------------------------------------ bases
     def save_base(self, meta: BaseMeta, state: Mapping[str, Tensor], *, overwrite: bool = False) -> Path:
         meta = meta.model_copy(update={"fingerprint": weights_fingerprint(state)})
-        files = {BASE_META: json_bytes(meta.model_dump(mode="json")), BASE_WEIGHTS: _tensor_bytes(state)}
+        files = {BASE_META: json_bytes(meta.model_dump(mode="json")), BASE_WEIGHTS: tensor_bytes(state)}
         return self.write_entry("base", meta.name, files, overwrite=overwrite)
 
     def base_meta(self, name: str) -> BaseMeta:
@@ -380,7 +345,7 @@ class Store:
         files = {
             ADAPTER_META: json_bytes(meta.model_dump(mode="json")),
             ADAPTER_CONFIG: json_bytes(peft_config(meta)),
-            ADAPTER_WEIGHTS: _tensor_bytes(tensors),
+            ADAPTER_WEIGHTS: tensor_bytes(tensors),
         }
         return self.write_entry("adapter", meta.name, files, overwrite=overwrite)
 
@@ -408,8 +373,8 @@ class Store:
             ) from None
         if checked.name != name:
             raise InvalidValueError(f"identifier metadata names {checked.name!r}, not {name!r}")
-        _check_finite(tensors, f"identifier {name!r}")
-        files = {IDENTIFIER_META: json_bytes(raw), IDENTIFIER_WEIGHTS: _tensor_bytes(tensors)}
+        check_finite(tensors, f"identifier {name!r}")
+        files = {IDENTIFIER_META: json_bytes(raw), IDENTIFIER_WEIGHTS: tensor_bytes(tensors)}
         return self.write_entry("identifier", name, files, overwrite=overwrite)
 
     def identifier_meta(self, name: str) -> IdentifierMeta:
@@ -591,32 +556,6 @@ class Store:
                 lock.release(path)
 
 
-def check_entry_files(kind: str, name: str, files: Mapping[str, bytes], folder: Path) -> tuple[Any, dict[str, Any]]:
-    """Parse and check an entry's file contents (already matched to its manifest): schema, name, tensors."""
-    spec = KINDS[kind]
-    for filename in spec.files:
-        if filename not in files:
-            raise CorruptError(f"{folder / filename} is missing")
-    meta = _parse_meta(files[spec.meta_file], folder / spec.meta_file, spec.meta_model)
-    if getattr(meta, "name", name) != name:
-        raise CorruptError(f"{folder / spec.meta_file} names {meta.name!r}, not {name!r}")
-    tensors = _parse_tensors(files[spec.weights_file], folder / spec.weights_file)
-    label = f"{kind} {name!r}"
-    if kind == "base":
-        if weights_fingerprint(tensors) != meta.fingerprint:
-            raise CorruptError(f"{label}: weights do not match their recorded sha256 fingerprint")
-    else:
-        recorded = meta.tensors_sha256
-        if recorded and weights_fingerprint(tensors) != recorded:
-            raise CorruptError(f"{label}: tensors do not match their recorded sha256")
-    if kind == "adapter":
-        check_peft_config(meta, files[ADAPTER_CONFIG], folder / ADAPTER_CONFIG)
-        check_adapter_tensors(meta, tensors, label)
-    else:
-        _check_finite(tensors, label)
-    return meta, tensors
-
-
 def _valid(name: str, kind: str) -> bool:
     try:
         check_name(name, kind)
@@ -636,84 +575,6 @@ def _refuse_dependents(refs: list[Ref], force: bool, action: str) -> list[Ref]:
 def describe_refs(refs: Iterable[Ref]) -> str:
     """'adapter 'm' uses it as parent, identifier 'w' uses it as member'."""
     return ", ".join(f"{r.source[0]} {r.source[1]!r} uses it as {r.relation}" for r in refs)
-
-
-def check_peft_config(meta: AdapterMeta, data: bytes, path: Path) -> None:
-    """adapter_config.json (what PEFT reads) must say what loradar.json says."""
-    try:
-        config = json.loads(data)
-    except ValueError:
-        raise CorruptError(f"{path} is not JSON") from None
-    if not isinstance(config, dict):
-        raise CorruptError(f"{path} is not a PEFT config")
-    expected = json.loads(json.dumps(peft_config(meta)))
-    wrong = [key for key, value in expected.items() if key != "inference_mode" and config.get(key) != value]
-    if wrong:
-        raise CorruptError(f"{path} disagrees with {ADAPTER_META} on {', '.join(wrong)}")
-
-
-def check_adapter_tensors(meta: AdapterMeta, tensors: Mapping[str, Tensor], label: str) -> None:
-    """Every factor the spec names is there with its rank, nothing else is, and every value is finite."""
-    spec = meta.lora
-    expected: set[str] = set()
-    for module in spec.targets:
-        a_key, b_key = f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
-        expected |= {a_key, b_key}
-        a, b = tensors.get(a_key), tensors.get(b_key)
-        if a is None or b is None:
-            raise CorruptError(f"{label}: factors of {module!r} are missing")
-        r = spec.rank_of(module)
-        if a.dim() not in (2, 4) or b.dim() != a.dim() or a.shape[0] != r or b.shape[1] != r:
-            raise CorruptError(
-                f"{label}: {module!r} factors have shapes {tuple(a.shape)} and {tuple(b.shape)}, not rank {r}"
-            )
-    expected |= {f"{PEFT_PREFIX}{module}.{DENSE_SUFFIX}" for module in meta.dense_deltas}
-    head = f"{PEFT_PREFIX}{spec.head}." if spec.head else None
-    extra = sorted(k for k in set(tensors) - expected if not (head and k.startswith(head)))
-    missing = sorted(k for k in expected if k not in tensors)
-    if extra or missing:
-        raise CorruptError(f"{label}: tensors do not match its LoRA spec (missing {missing[:2]}, extra {extra[:2]})")
-    _check_finite(tensors, label)
-
-
-def _check_finite(tensors: Mapping[str, Tensor], label: str) -> None:
-    import torch
-
-    for key, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise CorruptError(f"{label}: tensor {key!r} holds NaN or infinite values")
-
-
-def _tensor_bytes(tensors: Mapping[str, Tensor]) -> bytes:
-    from safetensors.torch import save
-
-    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return save(clean, metadata={"format": "pt"})
-
-
-def _parse_tensors(data: bytes, path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load
-
-    try:
-        return load(data)
-    except Exception as err:
-        raise CorruptError(f"{path} is not a readable safetensors file ({type(err).__name__})") from None
-
-
-def _parse_meta(data: bytes, path: Path, model: type[M]) -> M:
-    try:
-        raw = json.loads(data)
-    except ValueError:
-        raise CorruptError(f"{path} is not JSON") from None
-    version = newer_schema(raw) if model is not IdentifierMeta else None
-    if version is not None:
-        raise IncompatibleError(
-            f"{path} has schema version {version}, newer than this loradar reads (1)", hint="upgrade loradar"
-        )
-    try:
-        return model.model_validate(raw)
-    except ValidationError as err:
-        raise CorruptError(f"{path} is invalid: {validation_message(err, first=True, values=False)}") from None
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -84,7 +84,7 @@ def test_aggregate_gradient_is_normalised_logit_gradient_without_dropout(digits:
 
 def test_fia_on_an_ensemble_of_copies_equals_fia_on_the_model(digits: Digits) -> None:
     """Mean logits of two identical members: every tapped layer gets the same share, so the attack is unchanged."""
-    from loradar_cli.combine.ensemble import MeanLogits
+    from loradar_cli.jobs.ensemble_vote import MeanLogits
 
     ensemble = MeanLogits([digits.model, copy.deepcopy(digits.model)])
     assert len(feature_layers(ensemble, "3")) == 2

@@ -37,7 +37,7 @@ def invoke(root, *args: str):
 
 def test_fit_reports_held_out_next_to_training_then_predict_reports_per_class(root, tmp_path):
     val, test = str(root / "val-fgsm.safetensors"), str(root / "test-fgsm.safetensors")
-    fit = invoke(root, "identify-attack", "fit", "a", "b", "--adv-set", val, "--data", "digits", "--limit", "24",
+    fit = invoke(root, "fit-identifier", "a", "b", "--adv-set", val, "--data", "digits", "--limit", "24",
                  "--epochs", "100", "--name", "idc", "--json")  # fmt: skip
     assert fit.exit_code == 0, fit.stderr
     report = json.loads(fit.stdout)
@@ -82,7 +82,7 @@ def test_fit_reports_held_out_next_to_training_then_predict_reports_per_class(ro
 
 def test_fit_human_output_labels_held_out_and_training(root):
     val = str(root / "val-fgsm.safetensors")
-    fit = invoke(root, "identify-attack", "fit", "a", "b", "--adv-set", val, "--data", "digits", "--limit", "24",
+    fit = invoke(root, "fit-identifier", "a", "b", "--adv-set", val, "--data", "digits", "--limit", "24",
                  "--epochs", "50", "--features", "plateau,confidence", "--name", "idh")  # fmt: skip
     assert fit.exit_code == 0, fit.stderr
     assert fit.stdout == "idh\n"
@@ -97,7 +97,7 @@ def test_fit_human_output_labels_held_out_and_training(root):
     [
         (["identify-attack", "a", "b", "--mode", "best", "--data", "digits"], "valid: calibrated, relative-rule, rule"),
         (["identify-attack", "a", "b", "--mode", "relative-rule"], "--data SPEC and/or --adv-set"),
-        (["identify-attack", "fit", "a", "--name", "x", "--data", "digits", "--features", "nope"], "valid: "),
+        (["fit-identifier", "a", "--name", "x", "--data", "digits", "--features", "nope"], "valid: "),
     ],
 )
 def test_bad_input_is_one_line(root, args, message):
@@ -112,6 +112,6 @@ def test_bad_input_is_one_line(root, args, message):
 def test_features_lists_the_registry():
     from loradar_cli.ops.identify_features import IDENTIFY_FEATURES
 
-    result = runner.invoke(app, ["identify-attack", "features"])
+    result = runner.invoke(app, ["fit-identifier", "--list-features"])
     assert result.exit_code == 0
     assert [line.split("\t")[0] for line in result.stdout.splitlines()] == IDENTIFY_FEATURES.names()

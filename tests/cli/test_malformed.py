@@ -54,8 +54,8 @@ BASE_ARGS: dict[str, list[str]] = {
     "merge": ["ad", "ad2", "--name", "merged"],
     "trim": ["ad", "--name", "trimmed", "--rank", "1"],
     "ensemble-vote": ["ad", "ad2", "--data", "digits", "--limit", "8", "--out", "OUT/votes.json"],
-    "identify-attack predict": ["ad", "ad2", "--data", "digits", "--limit", "8", "--out", "OUT/ids.json"],
-    "identify-attack fit": ["ad", "ad2", "--name", "idn", "--data", "digits", "--limit", "8", "--epochs", "1"],
+    "identify-attack": ["ad", "ad2", "--data", "digits", "--limit", "8", "--out", "OUT/ids.json"],
+    "fit-identifier": ["ad", "ad2", "--name", "idn", "--data", "digits", "--limit", "8", "--epochs", "1"],
     "import-base": ["OUT/none.safetensors", "--model", "test_resnet", "--name", "ib", "--num-classes", "10"],
 }
 NO_STORE = {"quickstart"}  # given --store per case (quickstart would fill the shared store)
@@ -111,8 +111,8 @@ STDIN_ARGS: dict[str, list[str]] = {
     "merge": ["-", "--name", "merged"],
     "trim": ["-", "--name", "trimmed", "--rank", "1"],
     "ensemble-vote": ["-", "--data", "digits", "--limit", "8"],
-    "identify-attack predict": ["-", "--data", "digits", "--limit", "8"],
-    "identify-attack fit": ["-", "--name", "idn", "--data", "digits", "--limit", "8"],
+    "identify-attack": ["-", "--data", "digits", "--limit", "8"],
+    "fit-identifier": ["-", "--name", "idn", "--data", "digits", "--limit", "8"],
     "eval": ["--base", "tiny", "--adapter", "-"],
 }
 
@@ -161,7 +161,7 @@ def _registry_cases() -> list[tuple[str, list[str], str]]:
     for select in ("robust", "clean", "last"):
         cases.append(("train", ["--select", select + "x"], select + "x"))
     for mode in ("rule", "calibrated"):
-        cases.append(("identify-attack predict", ["--mode", mode + "x"], mode + "x"))
+        cases.append(("identify-attack", ["--mode", mode + "x"], mode + "x"))
     return cases
 
 
@@ -279,10 +279,10 @@ def _semantic_cases() -> list[tuple[str, list[str], str]]:
         ("trim", ["--full-weight", "--layers", "((("], "((("),
         ("eval", ["--members", "ad,ad2"], "--vote"),
         ("eval", ["--split", ""], "split"),
-        ("identify-attack predict", ["--mode", "calibrated"], "identifier"),
-        ("identify-attack predict", ["--margin", "-0.5"], "--margin"),
-        ("identify-attack predict", ["--clean", "nosuch"], "nosuch"),
-        ("identify-attack fit", ["--name", "bad/name"], "bad/name"),
+        ("identify-attack", ["--mode", "calibrated"], "identifier"),
+        ("identify-attack", ["--margin", "-0.5"], "--margin"),
+        ("identify-attack", ["--clean", "nosuch"], "nosuch"),
+        ("fit-identifier", ["--name", "bad/name"], "bad/name"),
         ("ensemble-vote", ["--weights", "1,2,3", "--method", "weighted"], "weight"),
         ("ensemble-vote", ["--identifier", "nope", "--method", "route"], "nope"),
     ]
@@ -333,7 +333,7 @@ def _fixture_cases() -> list[tuple[str, list[str], str]]:
         cases += [
             ("eval", ["--adv-set", path], f"adv-{name}"),
             ("ensemble-vote", ["--adv-set", path], f"adv-{name}"),
-            ("identify-attack predict", ["--adv-set", path], f"adv-{name}"),
+            ("identify-attack", ["--adv-set", path], f"adv-{name}"),
         ]
     cases += [
         ("merge!", ["nan-ad", "ad", "--name", "m2"], "nan-ad"),
@@ -349,7 +349,7 @@ def _fixture_cases() -> list[tuple[str, list[str], str]]:
         ("eval", ["--adv-set", "BAD/garbage.pt"], "garbage.pt"),
         ("eval", ["--adv-set", "/does/not/exist.safetensors"], "does not exist"),
     ]
-    for command in ("merge", "trim", "ensemble-vote", "identify-attack predict", "identify-attack fit"):
+    for command in ("merge", "trim", "ensemble-vote", "identify-attack", "fit-identifier"):
         for text in ("", "\n\n", "{bad json", '{"nome": 1}', "[1, 2]"):
             cases.append((command, [], "STDIN:" + text))
     for text in ("", "{", '[{"name": ""}]'):
@@ -498,7 +498,7 @@ def _write_checkpoints(folder: Path) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny store (base, two adapters, a NaN adapter, a dense-delta adapter), a broken store, corrupt files."""
-    from loradar_cli.combine import trim_adapter
+    from loradar_cli.jobs.trim import trim_adapter
     from loradar_cli.store.store import Store
 
     root = tmp_path_factory.mktemp("malformed")

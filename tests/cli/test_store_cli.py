@@ -20,7 +20,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     """A store: base 'tiny', adapters a (pgd) and b (fgsm), their linear merge 'm', an identifier 'who' on a, b."""
-    from loradar_cli.combine.merge import merge_adapters
+    from loradar_cli.jobs.merge import merge_adapters
 
     store = Store(tmp_path_factory.mktemp("store-cli") / "store")
     make_base(store)

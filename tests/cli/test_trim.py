@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from loradar_cli.lora.inject import PEFT_PREFIX
+from loradar_cli.lora.state import PEFT_PREFIX
 from tests.cli._invoke import call
 
 

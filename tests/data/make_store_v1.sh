@@ -10,5 +10,5 @@ $L train --store "$S" --base tiny --name fgsm --attack fgsm --eps 0.1 --epochs 1
 $L merge --store "$S" pgd fgsm --name both --method linear
 $L trim --store "$S" both --name both-r1 --rank 1
 $L attack --store "$S" --base tiny --attack fgsm --eps 0.1 --limit 32 --out "$S.fgsm.safetensors"
-$L identify-attack fit --store "$S" pgd fgsm --name who --adv-set "$S.fgsm.safetensors" --data digits --limit 32 --epochs 20
+$L fit-identifier --store "$S" pgd fgsm --name who --adv-set "$S.fgsm.safetensors" --data digits --limit 32 --epochs 20
 rm -f "$S.fgsm.safetensors"

@@ -4,13 +4,9 @@ import torch
 
 from loradar_cli.errors import IncompatibleError, NotFoundError
 from loradar_cli.lora.inject import (
-    PEFT_PREFIX,
     default_targets,
-    delta_weights,
     inject_lora,
-    load_lora_state_dict,
     lora_layers,
-    lora_state_dict,
     select_targets,
 )
 from loradar_cli.lora.spec import LoraSpec
@@ -44,43 +40,6 @@ def test_depthwise_convs_excluded_by_presets_and_refused_explicitly():
 def test_unknown_targets_is_a_clear_error():
     with pytest.raises(NotFoundError, match="no layer"):
         select_targets(timm.create_model("test_resnet", num_classes=3), "nothing_like_this")
-
-
-def test_state_dict_round_trip_and_delta_weights():
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=5)
-    spec = LoraSpec(r=2, lora_alpha=4, targets=select_targets(model, "block-conv1"), head="fc")
-    inject_lora(model, spec)
-    for layer in lora_layers(model).values():
-        torch.nn.init.normal_(layer.lora_B.weight)
-    tensors = lora_state_dict(model, spec)
-    assert f"{PEFT_PREFIX}layer1.0.conv1.lora_A.weight" in tensors
-    assert f"{PEFT_PREFIX}fc.weight" in tensors
-    # only LoRA factors and the head are trainable
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n or n.startswith("fc.") for n in trainable)
-
-    fresh = timm.create_model("test_resnet", num_classes=5)
-    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k}, strict=False)
-    inject_lora(fresh, spec)
-    load_lora_state_dict(fresh, spec, tensors)
-    x = torch.rand(2, 3, 32, 32)
-    model.eval(), fresh.eval()
-    assert torch.equal(model(x), fresh(x))
-
-    deltas = delta_weights(tensors, spec)
-    layer = lora_layers(model)["layer1.0.conv1"]
-    torch.testing.assert_close(deltas["layer1.0.conv1"], layer.delta_weight())
-
-
-def test_load_refuses_wrong_shapes():
-    model = timm.create_model("test_resnet", num_classes=5)
-    spec = LoraSpec(r=2, targets=["layer1.0.conv1"])
-    inject_lora(model, spec)
-    tensors = lora_state_dict(model, spec)
-    tensors[f"{PEFT_PREFIX}layer1.0.conv1.lora_A.weight"] = torch.zeros(3, 1, 1, 1)
-    with pytest.raises(IncompatibleError, match="shape"):
-        load_lora_state_dict(model, spec, tensors)
 
 
 def test_rank_is_bounded_by_what_each_layer_can_reach():
@@ -133,3 +92,13 @@ def test_a_uniform_rank_is_capped_per_layer_and_keeps_the_scale():
     inject_lora(model.model, spec)  # allocates within every layer's limit
     with pytest.raises(InvalidValueError, match="any target layer"):
         lora_spec_for(model, r=10**9, lora_alpha=None, targets="all", train_head=True)
+
+
+def test_old_state_dict_names_resolve_to_lora_state():
+    """The state-dict helpers moved to lora.state; their old lora.inject names are the same objects for one release."""
+    from loradar_cli.lora import inject, state
+
+    for name in ("PEFT_PREFIX", "head_tensors", "load_lora_state_dict", "lora_state_dict", "lora_state_dict_shapes"):
+        assert getattr(inject, name) is getattr(state, name)
+    with pytest.raises(AttributeError):
+        inject.delta_weights  # noqa: B018  (gone: lora.state.stored_deltas)

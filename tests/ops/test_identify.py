@@ -195,3 +195,8 @@ def test_select_feature_groups_keeps_the_informative_group():
     assert [h["groups"] for h in history] == [["signal"], ["signal", "noise"]]  # every round is recorded
     best = max(h["cv_accuracy"] for h in history)
     assert history[len(groups) - 1]["cv_accuracy"] >= best - 0.005  # the shortest prefix near the best
+
+
+def test_identification_needs_two_classes():
+    with pytest.raises(InvalidValueError, match=r"with C >= 2"):
+        identify_rule(torch.ones(2, 3, 1), ["pgd", "fgsm"])

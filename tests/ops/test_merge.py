@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from loradar_cli.errors import IncompatibleError, InvalidValueError
+from loradar_cli.lora.state import LoraFactors, factors_to_delta
 from loradar_cli.ops.merge import (
-    LoraFactors,
     cat_merge,
     check_compatible,
-    factors_to_delta,
     linear_merge,
     merge_heads,
     refactor,
@@ -273,12 +272,3 @@ def test_translate_matches_numpy_shift_with_zero_fill():
                 if 0 <= si < 5 and 0 <= sj < 6:
                     expected[:, i, j] = xn[b, :, si, sj]
         np.testing.assert_array_equal(out[b], expected)
-
-
-def test_factor_groups_from_shapes():
-    from loradar_cli.ops.merge import factor_groups
-
-    assert factor_groups(torch.zeros(4, 8), torch.zeros(6, 4)) == 1
-    assert factor_groups(torch.zeros(4, 2, 3, 3), torch.zeros(8, 2, 1, 1)) == 2  # r = 4, r/g = 2
-    with pytest.raises(IncompatibleError):
-        factor_groups(torch.zeros(4, 2, 3, 3), torch.zeros(8, 3, 1, 1))  # 3 does not divide 4

@@ -120,3 +120,9 @@ def test_soft_and_weighted_votes_match_numpy():
     assert vote(probs, "soft").numpy().tolist() == _numpy_mean_argmax(probs.numpy(), np.ones(4)).tolist()
     expected = _numpy_mean_argmax(probs.numpy(), weights.numpy())
     assert vote(probs, "weighted", weights).numpy().tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (0, 2, 3), (2, 4, 0)])
+def test_votes_refuse_probabilities_that_are_not_k_b_c(shape):
+    with pytest.raises(InvalidValueError, match=r"expected probabilities \[K, B, C\], got shape"):
+        majority_vote(torch.ones(shape))

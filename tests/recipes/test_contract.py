@@ -8,8 +8,8 @@ from loradar_cli.data import load_data
 from loradar_cli.jobs.train import lora_spec_for
 from loradar_cli.loading import build_model, load_model
 from loradar_cli.lora.init import LORA_INITS, init_lora
-from loradar_cli.lora.inject import delta_weights, inject_lora
-from loradar_cli.lora.state import base_state
+from loradar_cli.lora.inject import inject_lora
+from loradar_cli.lora.state import base_state, stored_deltas
 from loradar_cli.names import LORA_INITS as LORA_INIT_NAMES
 from loradar_cli.names import RECIPES as RECIPE_NAMES
 from loradar_cli.recipes import RECIPES, build_recipe
@@ -60,7 +60,7 @@ def test_recipe_trains_one_step_and_reloads_exactly(store, name):
         )
         store.save_adapter(meta, out.tensors)
     main = exports[""]
-    assert any(d.abs().sum() > 0 for d in delta_weights(main.tensors, main.spec).values())  # it trained
+    assert any(d.abs().sum() > 0 for d in stored_deltas(main.spec, main.tensors).values())  # it trained
     with recipe.inference(model):  # the model as deployed is what the main adapter stores
         assert torch.equal(model.eval()(x), load_model(store, base.name, f"c-{name}")(x))
         _check_peft_loads(store, base.name, f"c-{name}", model, x)

@@ -8,7 +8,8 @@ from loradar_cli.attacks import build_attack
 from loradar_cli.data import load_data
 from loradar_cli.jobs.train import lora_spec_for, train_and_store_adapter
 from loradar_cli.loading import build_model
-from loradar_cli.lora.inject import delta_weights, inject_lora
+from loradar_cli.lora.inject import inject_lora
+from loradar_cli.lora.state import stored_deltas
 from loradar_cli.recipes import build_recipe
 from loradar_cli.recipes.hyperat import DEFENCES, MERGE_GRID, generated
 from loradar_cli.recipes.loop import TrainConfig, adapter_train_mode
@@ -63,10 +64,10 @@ def test_stored_merge_is_the_best_weighted_sum_of_the_defence_adapters(store):
     weights = meta.combination["merge_weights"]
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     assert tuple(weights[d] for d in DEFENCES) == MERGE_GRID[best]
-    merged = delta_weights(store.load_adapter("h").tensors, meta.lora)
+    merged = stored_deltas(meta.lora, store.load_adapter("h").tensors)
     members = [store.load_adapter(f"h-{d}") for d in DEFENCES]
     for layer, delta in merged.items():
         expected = sum(
-            weights[d] * delta_weights(m.tensors, m.meta.lora)[layer] for d, m in zip(DEFENCES, members, strict=True)
+            weights[d] * stored_deltas(m.meta.lora, m.tensors)[layer] for d, m in zip(DEFENCES, members, strict=True)
         )
         torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-7)

@@ -5,7 +5,8 @@ from loradar_cli.attacks import build_attack
 from loradar_cli.data import load_data
 from loradar_cli.jobs.train import lora_spec_for, train_and_store_adapter
 from loradar_cli.loading import build_model, load_model
-from loradar_cli.lora.inject import inject_lora, lora_layers, lora_state_dict
+from loradar_cli.lora.inject import inject_lora, lora_layers
+from loradar_cli.lora.state import lora_state_dict
 from loradar_cli.recipes.base import Recipe, StepOutput
 from loradar_cli.recipes.loop import EpochStats, TrainConfig, is_better, train_adapter
 from loradar_cli.store.meta import AdapterMeta

@@ -62,7 +62,7 @@ def commands(out: Path) -> dict[str, list[str]]:
         "merge": ["merge", "pgd", "fgsm", "--name", "k-merge", "--method", "linear", "--overwrite"],
         "trim": ["trim", "both", "--name", "k-trim", "--rank", "1", "--overwrite"],
         "attack": f"attack --base tiny --attack fgsm --eps 0.1 --limit 32 --out {out / 'k-fgsm.safetensors'}".split(),
-        "fit": f"identify-attack fit pgd fgsm --name k-who --adv-set {out / 'fixed.safetensors'} --data digits "
+        "fit": f"fit-identifier pgd fgsm --name k-who --adv-set {out / 'fixed.safetensors'} --data digits "
         "--limit 32 --epochs 20 --overwrite".split(),
     }
 
@@ -108,7 +108,7 @@ def check_store(store: Store, out: Path) -> None:
 # not an interpreter start, so a hundred of them fit in the time budget.
 ZYGOTE = """
 import json, os, runpy, sys, traceback
-import torch, timm, sklearn.datasets, loradar_cli.cli.app, loradar_cli.loading, loradar_cli.combine.identify
+import torch, timm, sklearn.datasets, loradar_cli.cli.app, loradar_cli.loading, loradar_cli.jobs.identify
 for line in sys.stdin:
     req = json.loads(line)
     if "wait" in req:

@@ -1,18 +1,15 @@
-"""combine.merge: ΔW-space and test-time scored merges, checked against independent computations."""
+"""jobs.merge: ΔW-space and test-time scored merges, checked against independent computations."""
 
 import numpy as np
 import pytest
 import torch
 
-from loradar_cli.combine import (
-    TTSOptions,
-    merge_adapters,
-)
 from loradar_cli.data import load_data
 from loradar_cli.errors import IncompatibleError, InvalidValueError
+from loradar_cli.jobs.merge import TTSOptions, merge_adapters
 from loradar_cli.loading import load_model
 from loradar_cli.ops.merge import MERGE_METHODS, augment_support, tts_scores
-from tests.combine.conftest import NAMES, base_plus, delta_of, head_of
+from tests.jobs.conftest import NAMES, base_plus, delta_of, head_of
 
 
 def test_one_hot_linear_merge_reproduces_the_first_adapter(pool, x):
@@ -23,7 +20,7 @@ def test_one_hot_linear_merge_reproduces_the_first_adapter(pool, x):
     assert torch.equal(head_of(pool, "m10")["weight"], head_of(pool, "a")["weight"])
     assert meta.parents == ["a", "b"] and meta.attack is None and meta.recipe is None
     assert meta.combination["method"] == "linear" and meta.combination["weights"] == [1.0, 0.0]
-    assert all(info["rank"] == 2 for info in report["layers"].values())
+    assert all(info["rank"] == 2 for info in report.layers.values())
 
 
 def test_merging_two_equals_base_plus_both_deltas(pool, x):
@@ -55,22 +52,22 @@ def test_merge_at_lower_rank_keeps_the_stated_energy(pool):
     for layer, delta in da.items():
         m = (0.5 * delta + 0.5 * db[layer]).flatten(1).numpy()
         u, s, vt = np.linalg.svd(m, full_matrices=False)
-        assert report["layers"][layer]["rank"] == 1
-        assert report["layers"][layer]["energy"] == pytest.approx(s[0] ** 2 / (s**2).sum(), rel=1e-6)
+        assert report.layers[layer]["rank"] == 1
+        assert report.layers[layer]["energy"] == pytest.approx(s[0] ** 2 / (s**2).sum(), rel=1e-6)
         np.testing.assert_allclose(stored[layer].flatten(1).numpy(), s[0] * np.outer(u[:, 0], vt[0]), atol=1e-5)
 
 
 def test_ties_merge_stores_the_ties_of_the_members_deltas(pool, x):
     _, report = merge_adapters(pool, ["a", "b"], name="mties", method="ties", density=0.5)
-    assert report["weights"] == [1.0, 1.0] and report["density"] == 0.5
+    assert report.weights == [1.0, 1.0] and report.density == 0.5
     ha, hb = head_of(pool, "a"), head_of(pool, "b")
     torch.testing.assert_close(head_of(pool, "mties")["weight"], (ha["weight"] + hb["weight"]) / 2)  # heads averaged
     da, db, stored = delta_of(pool, "a"), delta_of(pool, "b"), delta_of(pool, "mties")
     for layer in da:
         ties = _numpy_ties([da[layer].numpy(), db[layer].numpy()], 0.5).reshape(da[layer].shape[0], -1)
-        k = report["layers"][layer]["rank"]  # TIES output is full rank: stored as its best rank-k approximation
+        k = report.layers[layer]["rank"]  # TIES output is full rank: stored as its best rank-k approximation
         u, s, vt = np.linalg.svd(ties, full_matrices=False)
-        assert k == 4 and report["layers"][layer]["energy"] == pytest.approx((s[:k] ** 2).sum() / (s**2).sum())
+        assert k == 4 and report.layers[layer]["energy"] == pytest.approx((s[:k] ** 2).sum() / (s**2).sum())
         best = (u[:, :k] * s[:k]) @ vt[:k]
         np.testing.assert_allclose(stored[layer].reshape(best.shape).numpy(), best, atol=1e-5)
 
@@ -100,7 +97,7 @@ def test_every_merge_method_stores_a_valid_adapter(pool, x, method):
     with torch.no_grad():
         got = load_model(pool, "tiny", meta.name)(x)
         if spec.scored:
-            weights = report["weights"]
+            weights = report.weights
             assert len(weights) == 2 and all(w >= 0 for w in weights) and sum(weights) == pytest.approx(1.0)
             da, db = delta_of(pool, "a"), delta_of(pool, "b")
             expected = {k: weights[0] * da[k] + weights[1] * db[k] for k in da}
@@ -144,10 +141,21 @@ def test_tts_weights_match_an_independent_scoring(pool, x):
         clean = torch.stack([features(m, xs) for m in models])
         aug = torch.stack([features(m, xs_aug) for m in models])
     expected = tts_scores(clean, ys, aug, top_k=2)
-    assert report["weights"] == pytest.approx(expected.weight, abs=1e-6)
-    assert sum(w == 0.0 for w in report["weights"]) == 1  # top-2 of 3: the third is exactly zero
-    assert [r["score"] for r in report["scores"]] == pytest.approx(expected.score, abs=1e-6)
+    assert report.weights == pytest.approx(expected.weight, abs=1e-6)
+    assert sum(w == 0.0 for w in report.weights) == 1  # top-2 of 3: the third is exactly zero
+    assert [r["score"] for r in report.scores] == pytest.approx(expected.score, abs=1e-6)
     assert meta.combination["support"]["n"] == len(ys) == 30
-    merge_adapters(pool, list(NAMES), name="mtts-lin", method="linear", weights=report["weights"])
+    merge_adapters(pool, list(NAMES), name="mtts-lin", method="linear", weights=report.weights)
     with torch.no_grad():
         torch.testing.assert_close(load_model(pool, "tiny", "mtts")(x), load_model(pool, "tiny", "mtts-lin")(x))
+
+
+def test_merge_report_holds_its_method_s_fields_and_is_the_stored_combination(pool):
+    """The report's JSON has density for ties only and no tts fields unscored; the stored combination equals it."""
+    meta, report = merge_adapters(pool, ["a", "b"], name="report-lin", method="linear", weights=[0.5, 0.5])
+    dumped = report.model_dump(mode="json")
+    assert list(dumped) == ["name", "method", "parents", "weights", "layers", "rank", "head"]
+    assert meta.combination == {k: v for k, v in dumped.items() if k not in ("name", "parents")}
+    meta, report = merge_adapters(pool, ["a", "b"], name="report-ties", method="ties", density=0.5)
+    assert report.model_dump()["density"] == 0.5 == meta.combination["density"]
+    assert "scores" not in report.model_dump() and "tts" not in meta.combination

@@ -1,11 +1,11 @@
-"""Shared fixtures for combine tests: a store of random adapters and independent ΔW/probability helpers."""
+"""Shared fixtures of the merge, trim, vote and identify job tests: random adapters, independent ΔW helpers."""
 
 import pytest
 import torch
 
 from loradar_cli.loading import load_model
-from loradar_cli.lora.inject import PEFT_PREFIX
 from loradar_cli.lora.layers import LoraLayer
+from loradar_cli.lora.state import PEFT_PREFIX
 from loradar_cli.store.store import Store
 from tests.conftest import make_adapter, make_base
 

@@ -6,23 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 from torch import Tensor
 
 from loradar_cli.advset import labelled_adv_sets
-from loradar_cli.combine.factors import (
-    Layer,
-    adapter_deltas,
-    adapter_layers,
-    factors_of,
-    layer_groups,
-    pack,
-    save_derived,
-)
-from loradar_cli.combine.members import Members, load_members, merged_model
 from loradar_cli.device import active_engine
 from loradar_cli.errors import IncompatibleError, InvalidValueError
+from loradar_cli.jobs._derived import save_derived
 from loradar_cli.loading import build_model, model_data
-from loradar_cli.lora.inject import head_tensors
+from loradar_cli.lora.state import LoraFactors, head_tensors, pack, stored_deltas, stored_factors, stored_groups
+from loradar_cli.members import Members, load_members, merged_model
 from loradar_cli.models import ImageClassifier
 from loradar_cli.ops._linalg import check_weights
 from loradar_cli.ops.merge import (
@@ -39,6 +32,35 @@ from loradar_cli.ops.merge import (
 )
 from loradar_cli.store.meta import AdapterMeta, BaseMeta
 from loradar_cli.store.store import Adapter, Store
+
+
+class MergeReport(BaseModel):
+    """What a merge did: weights (with tts's scores and support), per-layer re-factoring, the head rule.
+
+    `scores`, `tts` and `support` exist for a scored method and `density` for one that uses it; absent, they are
+    left out of the JSON (as the stored `combination` always did).
+    """
+
+    name: str
+    method: str
+    parents: list[str]
+    scores: list[dict[str, Any]] | None = None
+    tts: dict[str, Any] | None = None
+    support: dict[str, Any] | None = None
+    weights: list[float]
+    layers: dict[str, dict[str, Any]]
+    density: float | None = None
+    rank: int | None
+    head: dict[str, Any] | None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        optional = ("scores", "tts", "support", "density")
+        return {k: v for k, v in handler(self).items() if not (k in optional and v is None)}
+
+    def combination(self) -> dict[str, Any]:
+        """The provenance stored with the merged adapter: the report less its name and parents."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in ("name", "parents")}
 
 
 @dataclass(frozen=True)
@@ -68,35 +90,46 @@ def merge_adapters(
     density: float = DEFAULT_TIES_DENSITY,
     tts: TTSOptions | None = None,
     overwrite: bool = False,
-) -> tuple[AdapterMeta, dict[str, Any]]:
+) -> tuple[AdapterMeta, MergeReport]:
     """Merge adapters with a registered method (`MERGE_METHODS`) into a new adapter; returns its metadata and a report."""
     spec = _merge_method(method)
     if rank is not None and rank < 1:
         raise InvalidValueError(f"--rank must be >= 1, got {rank}")
     store.check_free("adapter", name, overwrite)
     members = load_members(store, names, base)
-    deltas = [adapter_deltas(a) for a in members.adapters]
+    deltas = [stored_deltas(a.meta.lora, a.tensors, a.meta.dense_deltas) for a in members.adapters]
     check_compatible(deltas, members.names)
-    report: dict[str, Any] = {"name": name, "method": method, "parents": members.names}
-    w = _merge_weights(members, spec, weights, tts, report)
-    report["weights"] = w
+    w, scored = _merge_weights(members, spec, weights, tts)
     if spec.merge is None:
         layers = _cat_layers(members, w, spec.name)
-        report["layers"] = {n: {"rank": layer.rank, "energy": 1.0, "rel_error": 0.0} for n, layer in layers.items()}
+        layer_report = {n: {"rank": layer.rank, "energy": 1.0, "rel_error": 0.0} for n, layer in layers.items()}
     else:
-        layers, report["layers"] = _refactor_all(spec.merge(deltas, w, density), members, rank)
-        if spec.uses_density:
-            report["density"] = density
-    report["rank"] = rank
+        layers, layer_report = _refactor_all(spec.merge(deltas, w, density), members, rank)
     head_w = spec.head_weights(w)
     head_name, head = _merged_head(members, head_w)
-    report["head"] = (
-        None if head_name is None else {"module": head_name, "rule": "h0 + sum_i w_i (h_i - h0)", "weights": head_w}
+    report = MergeReport(
+        name=name,
+        method=method,
+        parents=members.names,
+        **scored,
+        weights=w,
+        layers=layer_report,
+        density=density if spec.merge is not None and spec.uses_density else None,
+        rank=rank,
+        head=None
+        if head_name is None
+        else {"module": head_name, "rule": "h0 + sum_i w_i (h_i - h0)", "weights": head_w},
     )
     spec, tensors = pack(layers, {}, head_name, head)
-    combination = {k: v for k, v in report.items() if k not in ("name", "parents")}
     meta = save_derived(
-        store, members, name, spec, tensors, parents=members.names, combination=combination, overwrite=overwrite
+        store,
+        members,
+        name,
+        spec,
+        tensors,
+        parents=members.names,
+        combination=report.combination(),
+        overwrite=overwrite,
     )
     return meta, report
 
@@ -109,9 +142,10 @@ def _merge_method(method: str) -> MergeMethod:
 
 
 def _merge_weights(
-    members: Members, spec: MergeMethod, weights: Sequence[float] | None, tts: TTSOptions | None, report: dict[str, Any]
-) -> list[float]:
-    """The merge weights: test-time scores for a scored method, else the given ones or the method's default."""
+    members: Members, spec: MergeMethod, weights: Sequence[float] | None, tts: TTSOptions | None
+) -> tuple[list[float], dict[str, Any]]:
+    """The merge weights (test-time scores for a scored method, else the given ones or the method's default) and,
+    for a scored method, the report's `scores`, `tts` and `support`."""
     k = len(members.adapters)
     if spec.scored:
         if tts is None:
@@ -119,13 +153,15 @@ def _merge_weights(
         if weights is not None:
             raise InvalidValueError(f"merge method {spec.name!r} sets its own weights from scores; give no weights")
         result, support = tts_merge_weights(members, tts)
-        report["scores"] = _score_rows(members.names, result)
-        report["tts"] = {"lam": result.lam, "beta": result.beta, "top_k": result.top_k}
-        report["support"] = support
-        return list(result.weight)
+        scored = {
+            "scores": _score_rows(members.names, result),
+            "tts": {"lam": result.lam, "beta": result.beta, "top_k": result.top_k},
+            "support": support,
+        }
+        return list(result.weight), scored
     if weights is None:
-        return spec.default_weights(k)
-    return check_weights(weights, k)
+        return spec.default_weights(k), {}
+    return check_weights(weights, k), {}
 
 
 def _score_rows(names: Sequence[str], result: TTSResult) -> list[dict[str, Any]]:
@@ -156,15 +192,16 @@ def _score_rows(names: Sequence[str], result: TTSResult) -> list[dict[str, Any]]
 
 def _refactor_all(
     merged: Mapping[str, Tensor], members: Members, rank: int | None
-) -> tuple[dict[str, Layer], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, LoraFactors], dict[str, dict[str, Any]]]:
     """SVD re-factoring of each merged ΔW: exact (at most Σ ranks) unless `rank` caps it."""
-    groups = layer_groups(members.adapters[0])
-    layers: dict[str, Layer] = {}
+    first = members.adapters[0]
+    groups = stored_groups(first.meta.lora, first.tensors)
+    layers: dict[str, LoraFactors] = {}
     report: dict[str, dict[str, Any]] = {}
     for name, delta in merged.items():
         cap = rank if rank is not None else sum(_member_rank(a, name, delta) for a in members.adapters)
         a, b, info = _refactor_layer(name, delta, groups.get(name, 1), cap)
-        layers[name] = Layer(a, b, info.rank)
+        layers[name] = LoraFactors(a, b)
         report[name] = info.model_dump()
     return layers, report
 
@@ -187,7 +224,7 @@ def _refactor_layer(name: str, delta: Tensor, groups: int, cap: int) -> tuple[Te
     return a, b, info
 
 
-def _cat_layers(members: Members, weights: Sequence[float], method: str) -> dict[str, Layer]:
+def _cat_layers(members: Members, weights: Sequence[float], method: str) -> dict[str, LoraFactors]:
     """Exact concatenation of the members' factors (rank Σ rᵢ, scale 1)."""
     for adapter in members.adapters:
         if adapter.meta.dense_deltas:
@@ -195,10 +232,7 @@ def _cat_layers(members: Members, weights: Sequence[float], method: str) -> dict
                 f"merge method {method!r} needs LoRA factors; {adapter.meta.name!r} has dense deltas",
                 hint="use --method linear",
             )
-    merged = cat_merge(
-        [{n: factors_of(layer) for n, layer in adapter_layers(a).items()} for a in members.adapters], weights
-    )
-    return {n: Layer(f.a, f.b, f.a.shape[0]) for n, f in merged.items()}
+    return cat_merge([stored_factors(a.meta.lora, a.tensors) for a in members.adapters], weights)
 
 
 def _merged_head(members: Members, weights: Sequence[float]) -> tuple[str | None, dict[str, Tensor]]:

@@ -1,4 +1,4 @@
-"""combine.ensemble: votes and routing on stored adapters equal hand computations on naive outputs."""
+"""jobs.ensemble_vote: votes and routing on stored adapters equal hand computations on naive outputs."""
 
 import json
 
@@ -6,16 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from loradar_cli.combine import (
-    adapter_models,
-    ensemble_probs,
-    vote_sets,
-)
 from loradar_cli.data import load_data
 from loradar_cli.errors import InvalidValueError
+from loradar_cli.jobs.ensemble_vote import vote_sets
 from loradar_cli.loading import load_model
 from loradar_cli.lora.layers import LoraLayer
-from tests.combine.conftest import NAMES, naive_probs
+from loradar_cli.members import adapter_models, ensemble_probs
+from tests.jobs.conftest import NAMES, naive_probs
 
 
 def test_ensemble_batched_path_equals_a_naive_unmerged_loop(pool, x):
@@ -78,7 +75,7 @@ def test_weighted_vote_defaults_to_stored_reliability(pool):
 
 
 def test_ensemble_classifier_decides_like_the_vote_on_naive_probs(pool, x):
-    from loradar_cli.combine.ensemble import load_ensemble
+    from loradar_cli.jobs.ensemble_vote import load_ensemble
 
     weights = [0.2, 0.5, 0.3]
     ensemble = load_ensemble(pool, list(NAMES), methods=["majority", "weighted", "soft", "route"], weights=weights)
@@ -90,7 +87,7 @@ def test_ensemble_classifier_decides_like_the_vote_on_naive_probs(pool, x):
 
 
 def test_surrogate_is_the_mean_of_member_logits_and_has_gradients(pool, x):
-    from loradar_cli.combine.ensemble import load_ensemble
+    from loradar_cli.jobs.ensemble_vote import load_ensemble
 
     classifier = load_ensemble(pool, ["a", "c"], methods=["majority"]).classifier("majority")
     surrogate = classifier.surrogate()
@@ -155,7 +152,7 @@ def test_vote_rows_take_the_worst_case_through_mean_logits_and_soft_vote(pool):
 
 
 def test_routed_decision_is_differentiable_and_decides_like_route(pool, x):
-    from loradar_cli.combine.ensemble import load_ensemble
+    from loradar_cli.jobs.ensemble_vote import load_ensemble
 
     ensemble = load_ensemble(pool, list(NAMES), methods=["route"])
     (target,) = ensemble.targets("route").values()
@@ -192,7 +189,7 @@ def _fitted_members(k: int):
 
 def test_routed_decision_attack_beats_the_mean_logit_attack_on_route():
     from loradar_cli.attacks import build_attack
-    from loradar_cli.combine.ensemble import Decision, EnsembleClassifier, MeanLogits, RoutedLogits
+    from loradar_cli.jobs.ensemble_vote import Decision, EnsembleClassifier, MeanLogits, RoutedLogits
 
     members, x, y = _fitted_members(3)
     names = ("m0", "m1", "m2")

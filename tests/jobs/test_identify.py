@@ -1,4 +1,4 @@
-"""combine.identify: the LoRADAR rule and calibrated identifiers on constructed and real sets."""
+"""jobs.identify: the LoRADAR rule and calibrated identifiers on constructed and real sets."""
 
 import json
 
@@ -6,18 +6,13 @@ import pytest
 import torch
 
 from loradar_cli.advset import AdvSet, save_adv_set
-from loradar_cli.combine import (
-    adapter_models,
-    ensemble_probs,
-    fit_identifier_from_sets,
-    identify_sets,
-    load_identifier,
-    vote_sets,
-)
 from loradar_cli.data import load_data
 from loradar_cli.errors import CorruptError, IncompatibleError
+from loradar_cli.jobs.ensemble_vote import vote_sets
+from loradar_cli.jobs.identify import fit_identifier_from_sets, identify_sets, load_identifier
 from loradar_cli.loading import load_model
-from loradar_cli.lora.inject import PEFT_PREFIX
+from loradar_cli.lora.state import PEFT_PREFIX
+from loradar_cli.members import adapter_models, ensemble_probs
 from loradar_cli.ops.identify import (
     accuracy,
     clean_confidence_stats,
@@ -25,7 +20,7 @@ from loradar_cli.ops.identify import (
     identify_rule,
     stratified_split,
 )
-from tests.combine.conftest import naive_probs
+from tests.jobs.conftest import naive_probs
 
 
 @pytest.fixture(scope="module")

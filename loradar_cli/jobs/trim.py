@@ -1,23 +1,24 @@
 """`trim`: singular-value trimming of an adapter's ΔW (by rank or energy) or of W0 + ΔW (AMT's full-weight trim)."""
 
 import re
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 from torch import Tensor
 
-from loradar_cli.combine.factors import (
-    Layer,
-    adapter_deltas,
-    adapter_layers,
-    dense_key,
-    layer_groups,
-    pack,
-    save_derived,
-)
-from loradar_cli.combine.members import Members, load_members
 from loradar_cli.device import active_engine
 from loradar_cli.errors import IncompatibleError, InvalidValueError, NotFoundError
-from loradar_cli.lora.inject import head_tensors
+from loradar_cli.jobs._derived import save_derived
+from loradar_cli.lora.state import (
+    LoraFactors,
+    dense_key,
+    head_tensors,
+    pack,
+    stored_deltas,
+    stored_factors,
+    stored_groups,
+)
+from loradar_cli.members import Members, load_members
 from loradar_cli.ops.trim import full_weight_trim, lowrank_or_dense, trim_deltas
 from loradar_cli.store.meta import AdapterMeta
 from loradar_cli.store.store import Adapter, Store
@@ -26,6 +27,39 @@ PEFT_NOTE = (
     "dense deltas are stored under '<layer>.weight_delta' and are not part of target_modules: "
     "PEFT ignores them, load this adapter with loradar"
 )
+
+
+class TrimReport(BaseModel):
+    """What a trim kept per layer; `rank`/`energy` belong to the svd mode, `keep`/`layers_regex` to full-weight.
+
+    The JSON holds the fields of its mode only (as the stored `combination` always did); `dense_deltas` (a note
+    that PEFT cannot load them) only when some layer is stored dense.
+    """
+
+    name: str
+    parent: str
+    layers: dict[str, dict[str, Any]]
+    mode: Literal["svd", "full-weight"]
+    rank: int | None = None
+    energy: float | None = None
+    keep: float | None = None
+    layers_regex: str | None = None
+    dense_deltas: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _mode_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        other = ("keep", "layers_regex") if self.mode == "svd" else ("rank", "energy")
+        data = {k: v for k, v in handler(self).items() if k not in other}
+        if data.get("dense_deltas") is None:
+            data.pop("dense_deltas", None)
+        return data
+
+    def combination(self) -> dict[str, Any]:
+        """The provenance stored with the trimmed adapter: method 'trim' and the report less name and parent."""
+        return {
+            "method": "trim",
+            **{k: v for k, v in self.model_dump(mode="json").items() if k not in ("name", "parent")},
+        }
 
 
 def trim_adapter(
@@ -40,7 +74,7 @@ def trim_adapter(
     keep: float = 0.7,
     layers_regex: str | None = None,
     overwrite: bool = False,
-) -> tuple[AdapterMeta, dict[str, Any]]:
+) -> tuple[AdapterMeta, TrimReport]:
     """Singular-value trimming of ΔW (--rank/--energy) or of W0 + ΔW (--full-weight); returns metadata and report."""
     if full_weight and (rank is not None or energy is not None):
         raise InvalidValueError("--full-weight trims W0 + ΔW by --keep; it cannot be combined with --rank/--energy")
@@ -49,18 +83,23 @@ def trim_adapter(
     store.check_free("adapter", out_name, overwrite)
     members = load_members(store, [name], base)
     adapter = members.adapters[0]
-    report: dict[str, Any] = {"name": out_name, "parent": name}
     if full_weight:
-        layers, dense, report["layers"] = _full_weight_layers(members, keep, layers_regex)
-        report.update(mode="full-weight", keep=keep, layers_regex=layers_regex)
-        if dense:
-            report["dense_deltas"] = PEFT_NOTE
+        layers, dense, layer_report = _full_weight_layers(members, keep, layers_regex)
+        report = TrimReport(
+            name=out_name,
+            parent=name,
+            layers=layer_report,
+            mode="full-weight",
+            keep=keep,
+            layers_regex=layers_regex,
+            dense_deltas=PEFT_NOTE if dense else None,
+        )
     else:
-        layers, report["layers"] = _svd_trim_layers(adapter, rank, energy)
+        layers, layer_report = _svd_trim_layers(adapter, rank, energy)
         dense = {}
-        report.update(mode="svd", rank=rank, energy=energy)
+        report = TrimReport(name=out_name, parent=name, layers=layer_report, mode="svd", rank=rank, energy=energy)
     spec, tensors = pack(layers, dense, adapter.meta.lora.head, head_tensors(adapter.tensors, adapter.meta.lora))
-    combination = {"method": "trim", **{k: v for k, v in report.items() if k not in ("name", "parent")}}
+    combination = report.combination()
     meta = save_derived(
         store,
         members,
@@ -79,24 +118,26 @@ def trim_adapter(
 
 def _svd_trim_layers(
     adapter: Adapter, rank: int | None, energy: float | None
-) -> tuple[dict[str, Layer], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, LoraFactors], dict[str, dict[str, Any]]]:
     """Keep the top triplets of each layer's ΔW by rank and/or energy."""
-    factors, infos = trim_deltas(adapter_deltas(adapter), rank, energy, groups=layer_groups(adapter))
-    layers = {name: Layer(f.a, f.b, infos[name].rank) for name, f in factors.items()}
-    return layers, {name: info.model_dump() for name, info in infos.items()}
+    spec, tensors = adapter.meta.lora, adapter.tensors
+    deltas = stored_deltas(spec, tensors, adapter.meta.dense_deltas)
+    factors, infos = trim_deltas(deltas, rank, energy, groups=stored_groups(spec, tensors))
+    return factors, {name: info.model_dump() for name, info in infos.items()}
 
 
 def _full_weight_layers(
     members: Members, keep: float, regex: str | None
-) -> tuple[dict[str, Layer], dict[str, Tensor], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, LoraFactors], dict[str, Tensor], dict[str, dict[str, Any]]]:
     """AMT trim of W0 + ΔW on the selected layers; the rest are copied unchanged."""
     adapter = members.adapters[0]
     chosen = _select_layers(adapter, regex)
-    groups = layer_groups(adapter)
-    layers = {n: layer for n, layer in adapter_layers(adapter).items() if n not in chosen}
+    spec, tensors = adapter.meta.lora, adapter.tensors
+    groups = stored_groups(spec, tensors)
+    layers = {n: f for n, f in stored_factors(spec, tensors).items() if n not in chosen}
     dense = {n: adapter.tensors[dense_key(n)] for n in adapter.meta.dense_deltas if n not in chosen}
     report: dict[str, dict[str, Any]] = {}
-    deltas = adapter_deltas(adapter)
+    deltas = stored_deltas(spec, tensors, adapter.meta.dense_deltas)
     for name in chosen:
         if groups.get(name, 1) != 1:
             raise IncompatibleError(f"layer {name!r} is a grouped conv; --full-weight supports groups == 1 only")
@@ -108,7 +149,7 @@ def _full_weight_layers(
         if packed is None:
             dense[name] = new_delta
         else:
-            layers[name] = Layer(packed[0].a, packed[0].b, packed[1].rank)
+            layers[name] = packed[0]
         report[name] = {
             **info.model_dump(),
             "storage": "dense" if packed is None else "lora",

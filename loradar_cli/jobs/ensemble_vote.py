@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from loradar_cli.combine.identify import Identifier, load_identifier
-from loradar_cli.combine.members import (
+from loradar_cli.errors import IncompatibleError, InvalidValueError
+from loradar_cli.jobs.identify import Identifier, load_identifier
+from loradar_cli.members import (
     InputSet,
     Members,
     ensemble_probs,
@@ -18,7 +19,6 @@ from loradar_cli.combine.members import (
     member_models,
     write_json,
 )
-from loradar_cli.errors import IncompatibleError, InvalidValueError
 from loradar_cli.metrics import prediction_accuracy
 from loradar_cli.ops.vote import VOTE_METHODS, normalise_weights, reliability_weights, vote
 from loradar_cli.store.store import Store

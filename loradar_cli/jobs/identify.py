@@ -12,7 +12,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
-from loradar_cli.combine.members import (
+from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError, validation_message
+from loradar_cli.loading import model_data
+from loradar_cli.members import (
     BASE_MEMBER,
     CLEAN,
     InputSet,
@@ -23,8 +25,6 @@ from loradar_cli.combine.members import (
     member_models,
     write_json,
 )
-from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError, validation_message
-from loradar_cli.loading import model_data
 from loradar_cli.models import weights_fingerprint
 from loradar_cli.ops.identify import (
     UNKNOWN,
@@ -193,9 +193,7 @@ def identify_sets(
     IDENTIFY_MODES.get(mode)
     ident = _calibrated_identifier(store, identifier, names) if identifier else None
     if mode == "calibrated" and ident is None:
-        raise InvalidValueError(
-            "--mode calibrated needs --identifier NAME (fit one with `loradar identify-attack fit`)"
-        )
+        raise InvalidValueError("--mode calibrated needs --identifier NAME (fit one with `loradar fit-identifier`)")
     members = load_members(store, list(names) or (ident.adapter_names if ident else []), base or _ident_base(ident))
     if ident is not None:
         check_identifier_base(ident, members.base.meta)
@@ -306,9 +304,7 @@ def _relative_stats(
 def _calibrated_identifier(store: Store, identifier: str | None, names: Sequence[str]) -> Identifier:
     """The stored identifier named by --identifier, checked against the adapters given (if any)."""
     if not identifier:
-        raise InvalidValueError(
-            "--mode calibrated needs --identifier NAME (fit one with `loradar identify-attack fit`)"
-        )
+        raise InvalidValueError("--mode calibrated needs --identifier NAME (fit one with `loradar fit-identifier`)")
     ident = load_identifier(store, identifier)
     if names and list(names) != ident.adapter_names:
         raise IncompatibleError(
