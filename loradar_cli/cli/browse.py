@@ -9,7 +9,7 @@ from loradar_cli.cli._common import JsonOpt, StoreOpt, console, open_store, run_
 from loradar_cli.cli._output import show_result
 from loradar_cli.cli._tables import pct
 
-KIND_HELP = "base, adapter or identifier"
+KIND_HELP = "base, adapter, identifier or pool"
 
 
 @run_command

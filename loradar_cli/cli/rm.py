@@ -9,7 +9,8 @@ from loradar_cli.cli._common import JsonOpt, StoreOpt, console, open_store, run_
 from loradar_cli.cli._output import show_result
 
 KindOpt = Annotated[
-    str | None, typer.Option("--kind", help="base, adapter or identifier (needed when a name is used by two kinds).")
+    str | None,
+    typer.Option("--kind", help="base, adapter, identifier or pool (needed when a name is used by two kinds)."),
 ]
 
 

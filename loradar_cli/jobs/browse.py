@@ -5,7 +5,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError, NotFoundError
-from loradar_cli.store.store import KINDS, Store
+from loradar_cli.store.store import ENTRY_KINDS, POOL, Store
 
 
 class Row(BaseModel):
@@ -28,9 +28,9 @@ class Listing(BaseModel):
     skipped: list[str]
 
     def as_json(self) -> dict[str, Any]:
-        """{store, bases, adapters, identifiers: [full metadata], skipped}."""
+        """{store, bases, adapters, identifiers, pools: [full metadata], skipped}."""
         out: dict[str, Any] = {"store": self.store}
-        for kind in KINDS:
+        for kind in ENTRY_KINDS:
             out[f"{kind}s"] = [r.meta for r in self.rows if r.kind == kind]
         out["skipped"] = self.skipped
         return out
@@ -53,10 +53,10 @@ def list_entries(
     recipe: str | None = None,
 ) -> Listing:
     """Every readable entry matching the filters; unreadable ones are named in `skipped`, not fatal."""
-    if kind is not None and kind not in KINDS:
-        raise InvalidValueError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind is not None and kind not in ENTRY_KINDS:
+        raise InvalidValueError(f"--kind must be one of {', '.join(ENTRY_KINDS)}, got {kind!r}")
     rows, skipped = [], []
-    for k in [kind] if kind else list(KINDS):
+    for k in [kind] if kind else list(ENTRY_KINDS):
         for name in store.names(k):
             try:
                 meta = store.meta(k, name)
@@ -93,6 +93,8 @@ def _row(kind: str, meta: Any) -> Row:
             val_robust=meta.metrics.get("val_robust_acc"),
             meta=data,
         )
+    if kind == POOL:
+        return Row(name=meta.name, kind=kind, recipe=meta.recipe or "", attack=", ".join(meta.members), meta=data)
     return Row(
         name=meta.name,
         kind=kind,

@@ -60,6 +60,7 @@ from loradar_cli.store.manifest import (
     parse_manifest,
 )
 from loradar_cli.store.meta import RESERVED_NAMES, AdapterMeta, BaseMeta, IdentifierMeta, Name, peft_config
+from loradar_cli.store.pools import load_pool, pool_names, pool_path, save_pool
 
 DEFAULT_STORE = Path("adapters")
 LEFTOVER_PREFIXES = (".tmp-", ".old-", ".rm-")
@@ -72,6 +73,11 @@ class Ref:
     source: tuple[str, str]
     target: tuple[str, str]
     relation: str
+
+
+POOL = "pool"
+# Kinds `rm`, `mv`, `verify`, `list` and `show` handle: the folder kinds, and pools (a manifest of adapters).
+ENTRY_KINDS: tuple[str, ...] = (*KINDS, POOL)
 
 
 def default_root() -> Path:
@@ -133,6 +139,8 @@ class Store:
     def names(self, kind: str) -> list[str]:
         """Entries of a kind, skipping hidden folders (temporary and aside copies), links and invalid names."""
         self.check_root()
+        if kind == POOL:
+            return [n for n in pool_names(self.root) if _valid(n, POOL) and not pool_path(self.root, n).is_symlink()]
         folder = self.kind_dir(kind)
         if folder != self.root and folder.is_symlink():
             return []
@@ -169,6 +177,9 @@ class Store:
         return self.names("identifier")
 
     def has(self, kind: str, name: str) -> bool:
+        if kind == POOL:
+            path = pool_path(self.root, name)
+            return not path.is_symlink() and path.is_file()
         folder = self.entry_dir(kind, name)
         return not folder.is_symlink() and (folder / KINDS[kind].meta_file).is_file()
 
@@ -181,12 +192,12 @@ class Store:
     def resolve_kind(self, name: str, kind: str | None = None) -> str:
         """The kind of the entry called `name`: `kind` if given, else the only kind holding that name."""
         if kind is not None:
-            if kind not in KINDS:
-                raise InvalidValueError(f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+            if kind not in ENTRY_KINDS:
+                raise InvalidValueError(f"unknown kind {kind!r}; valid: {', '.join(ENTRY_KINDS)}")
             return kind
         kinds = self.kinds_of(name)
         if not kinds:
-            every = sorted({n for k in KINDS for n in self.names(k)})
+            every = sorted({n for k in ENTRY_KINDS for n in self.names(k)})
             raise NotFoundError(f"no entry {name!r} in {self.root}", hint=_suggest(name, every))
         if len(kinds) > 1:
             raise InvalidValueError(f"{name!r} names a {' and a '.join(kinds)}; pass --kind")
@@ -195,7 +206,7 @@ class Store:
     def kinds_of(self, name: str) -> list[str]:
         """Every kind that has an entry called `name` (names are unique per kind only)."""
         out = []
-        for kind in KINDS:
+        for kind in ENTRY_KINDS:
             try:
                 if self.has(kind, name):
                     out.append(kind)
@@ -315,7 +326,9 @@ class Store:
         return parse_manifest(data, path, kind, name)
 
     def meta(self, kind: str, name: str) -> Any:
-        """The validated metadata of an entry of any kind (its file checked against the manifest)."""
+        """The validated metadata of an entry of any kind (its file checked against the manifest); a pool's manifest."""
+        if kind == POOL:
+            return load_pool(self.root, name)
         spec = KINDS[kind]
         data = self.read_files(kind, name, [spec.meta_file])[spec.meta_file]
         return parse_meta(data, self.entry_dir(kind, name) / spec.meta_file, spec.meta_model)
@@ -404,6 +417,10 @@ class Store:
                 refs.append(Ref(("identifier", name), ("base", meta.base), "base"))
             members = [m for m in meta.members if not m.startswith(":")]
             refs.extend(Ref(("identifier", name), ("adapter", m), "member") for m in members)
+        for name in self.names(POOL):
+            pool = self._quiet_meta(POOL, name)
+            if pool is not None:
+                refs.extend(Ref((POOL, name), ("adapter", m), "member") for m in dict.fromkeys(pool.members))
         return refs
 
     def dependents(self, kind: str, name: str) -> list[Ref]:
@@ -421,9 +438,13 @@ class Store:
 
         Returns the links it broke (empty unless forced).
         """
-        folder = self.entry_dir(kind, name)
         if not self.has(kind, name):
             raise NotFoundError(f"no {kind} {name!r} in {self.root}", hint=_suggest(name, self.names(kind)))
+        if kind == POOL:  # nothing refers to a pool: its members are ordinary adapters and stay
+            with self._claimed(kind, name, f"pool {name!r}"):
+                pool_path(self.root, name).unlink()
+            return []
+        folder = self.entry_dir(kind, name)
         self._ensure_format()
         with self._claimed(kind, name, f"{kind} {name!r}"):
             broken = _refuse_dependents(self.dependents(kind, name), force, f"remove {kind} {name!r}")
@@ -436,6 +457,9 @@ class Store:
         """Rename an entry (its metadata and manifest rewritten under the new name); refuse to break dependents."""
         if old == new:
             raise InvalidValueError(f"{kind} {old!r} already has that name")
+        if kind == POOL:
+            self._rename_pool(old, new)
+            return []
         target = self.entry_dir(kind, new)
         meta, _ = self._load(kind, old)
         self._ensure_format()
@@ -454,6 +478,14 @@ class Store:
             os.replace(self.entry_dir(kind, old), trash / "entry")
             shutil.rmtree(trash, ignore_errors=True)
         return broken
+
+    def _rename_pool(self, old: str, new: str) -> None:
+        """Write the manifest under the new name, then remove the old one (a crash leaves both, never neither)."""
+        manifest = load_pool(self.root, old)
+        check_name(new, POOL)
+        with self._claimed(POOL, old, f"pool {old!r}"), self._claimed(POOL, new, f"pool {new!r}"):
+            save_pool(self.root, manifest.model_copy(update={"name": new}))
+            pool_path(self.root, old).unlink()
 
     # ------------------------------------------------------------------ atomic write
     def write_entry(self, kind: str, name: str, files: Mapping[str, bytes], *, overwrite: bool = False) -> Path:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError, NotFoundError
 from loradar_cli.files import read_file
 from loradar_cli.store.manifest import MANIFEST
-from loradar_cli.store.store import ADAPTER_CONFIG, KINDS, Store
+from loradar_cli.store.store import ADAPTER_CONFIG, ENTRY_KINDS, KINDS, POOL, Store
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def verify_store(store: Store, names: Sequence[str] = ()) -> tuple[list[Problem]
 
 def _targets(store: Store, names: Sequence[str], problems: list[Problem]) -> list[tuple[str, str]]:
     if not names:
-        return [(kind, name) for kind in KINDS for name in store.names(kind)]
+        return [(kind, name) for kind in ENTRY_KINDS for name in store.names(kind)]
     out = []
     for name in names:
         try:
@@ -74,6 +74,12 @@ def _present(store: Store, kind: str, name: str) -> bool:
 
 def _check_entry(store: Store, kind: str, name: str) -> list[Problem]:
     where = f"{kind} {name}"
+    if kind == POOL:  # a manifest only: it parses, and its members are checked as links
+        try:
+            store.meta(kind, name)
+        except (CorruptError, NotFoundError) as err:
+            return [Problem(where, err.one_line())]
+        return []
     try:
         meta, _ = store._load(kind, name)
     except (CorruptError, IncompatibleError, NotFoundError) as err:
