@@ -104,6 +104,12 @@ def batch_seed(seed: int, number: int) -> int:
     return (seed * 1_000_003 + number) % (2**63)
 
 
+def point_seeds(seed: int, epoch: int, points: torch.Tensor) -> list[int]:
+    """The random-start seed of each training point in an epoch: a function of the point, not of its batch's shard."""
+    base = (seed * 1_000_003 + epoch) * 1_000_033
+    return [(base + int(i)) % (2**63) for i in points.tolist()]
+
+
 def gather(world: World, item: T) -> list[T]:
     """Every rank's `item` (picklable, on the CPU), in rank order; [item] in a world of one."""
     if world.size == 1:
