@@ -150,7 +150,9 @@ def stream_suite(
     afterwards, which gives the same flags for seeded attacks (each batch draws from its own seed).
 
     Batches stream from `source` in point order, one at a time, and go through every attack before the next is
-    read, so memory holds one batch of images whatever the number of points. Under torchrun the batches are dealt
+    read, so memory holds one batch of images whatever the number of points. This batch-major order gives the
+    flags of AutoAttack's attack-major one: the points an attack runs on in a batch depend only on that batch's
+    earlier attacks, and each (attack, batch) draws from its own seed. Under torchrun the batches are dealt
     out to the processes and the per-point flags gathered; since a batch is the same batch on any number of
     processes and its attacks are seeded by its number, the result equals a one-process run's.
     """
