@@ -90,6 +90,28 @@ def on_main(world: World, write: Callable[[], T]) -> T | None:
     return result
 
 
+def from_main(world: World, compute: Callable[[], T]) -> T:
+    """`compute()` run on rank 0 alone and its (picklable) result given to every rank; a failure fails every rank.
+
+    For small side computations every rank needs, e.g. the evaluation's sanity checks on a few points: on a shared
+    CPU a copy on every process would only slow rank 0 down.
+    """
+    if world.size == 1:
+        return compute()
+    box: list[Any] = [None, None]
+    if world.is_main:
+        try:
+            box[0] = compute()
+        except Exception as err:  # re-raised below, after the other ranks learn of it
+            box[1] = str(getattr(err, "message", err))
+            torch.distributed.broadcast_object_list(box, src=0)
+            raise
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise LoradarError(f"rank 0 failed: {box[1]}")
+    return box[0]
+
+
 def local_batches(n: int, batch_size: int, world: World) -> list[tuple[int, range]]:
     """(global batch number, point indices) of this rank: batch b of the whole run goes to rank b mod world size.
 

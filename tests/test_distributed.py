@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from loradar_cli.advset import load_adv_set
-from loradar_cli.distributed import World, all_mean, gather_points, local_batches, on_main
+from loradar_cli.distributed import World, all_mean, from_main, gather_points, local_batches, on_main
 from loradar_cli.store.store import ADAPTER_WEIGHTS
 from tests.conftest import make_adapter, make_base
 
@@ -33,6 +33,7 @@ def test_a_world_of_one_needs_no_process_group():
     with pytest.raises(Exception, match="gathered 6 results for 7 points"):
         gather_points(World(), parts, 7)
     assert on_main(World(), lambda: 42) == 42
+    assert from_main(World(), lambda: 43) == 43
     assert all_mean(World(), 0.25, 8) == 0.25
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from loradar_cli.attacks import Attack, AttackConfig
 from loradar_cli.data import ImageData
 from loradar_cli.device import Engine
-from loradar_cli.distributed import World
+from loradar_cli.distributed import World, from_main
 from loradar_cli.evaluation import evaluate_suite, run_suite, stream_suite, suite_attacks
 from loradar_cli.loader import TensorSource, open_split
 from tests.attacks.conftest import fit_digits
@@ -128,8 +128,9 @@ def _rank(rank: int, rendezvous: str, out: str) -> None:
         result = stream_suite(
             digits.model, source, attacks, targets=targets, batch_size=24, engine=Engine(world=World(rank, 2))
         )
-        if rank == 0:
-            torch.save(_flat(result), out)
+        row = evaluate_suite("mlp", digits.model, source, attacks, batch_size=24, engine=Engine(world=World(rank, 2)))
+        main = from_main(World(rank, 2), lambda: f"computed on rank {rank}")
+        torch.save({**_flat(result), "row": _row(row), "main": main}, f"{out}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -143,6 +144,11 @@ class _Scaled(nn.Module):
 
     def forward(self, x):
         return self.model(x) / 10
+
+
+def _row(row) -> dict:
+    """A row without compute seconds (summed over processes, the one field that may differ)."""
+    return row.model_dump(exclude={"records": {"__all__": {"seconds"}}})
 
 
 def _flat(result) -> dict:
@@ -159,7 +165,7 @@ def test_two_ranks_give_the_per_point_flags_and_records_of_one(tmp_path: Path):
     """Batches dealt out to 2 gloo processes and gathered: per point equal to one process, worst case exact."""
     out = tmp_path / "two.pt"
     torch.multiprocessing.spawn(_rank, args=(str(tmp_path / "rdv"), str(out)), nprocs=2, join=True)
-    two = torch.load(out)
+    two, other = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     digits = fit_digits()
     targets = {"model": digits.model, "scaled": _Scaled(digits.model)}
     attacks = suite_attacks("quick", eps=0.1, seed=3, steps=3)
@@ -168,3 +174,7 @@ def test_two_ranks_give_the_per_point_flags_and_records_of_one(tmp_path: Path):
     assert all(torch.equal(one["fooled_by"][k], two["fooled_by"][k]) for k in one["fooled_by"])
     assert one["records"] == two["records"]
     assert 0 < one["robust"].sum() < one["clean"].sum()
+    row = evaluate_suite("mlp", digits.model, ImageData(digits.x, digits.y, 10, "digits"), attacks, batch_size=24)
+    assert two["row"] == other["row"] == _row(row)  # the checks ran on rank 0, their flags handed to rank 1
+    assert torch.equal(two["robust"], other["robust"])
+    assert two["main"] == other["main"] == "computed on rank 0"

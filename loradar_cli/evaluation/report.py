@@ -11,6 +11,7 @@ from loradar_cli.advset import AdvSet
 from loradar_cli.attacks import Attack
 from loradar_cli.data import ImageData
 from loradar_cli.device import Engine
+from loradar_cli.distributed import from_main
 from loradar_cli.evaluation import checks
 from loradar_cli.evaluation.rows import EvalRow
 from loradar_cli.evaluation.suite import stream_suite
@@ -42,7 +43,7 @@ def evaluate_suite(
     The row holds clean accuracy, robust accuracy after each attack, the per-point worst case, saved-set
     accuracies, every attack's record, and the sanity flags; `meta` fills suite, norm, eps and seed. The data
     and the saved sets stream batch by batch (sharded over the processes of a torchrun job); the checks that
-    run extra attacks read only the first points.
+    run extra attacks read only the first points, on rank 0, which passes their flags to the other ranks.
     """
     engine = engine or (Engine(data.x.device) if isinstance(data, ImageData) else Engine())
     source = TensorSource(data) if isinstance(data, ImageData) else data
@@ -50,7 +51,7 @@ def evaluate_suite(
     x, y = _head(source, CHECK_POINTS, engine)
     num_classes = predict_logits(judge, x[:1]).shape[1] if len(x) else 0
     attacks, flags = checks.usable_attacks(attacks, num_classes)
-    flags += _pre_checks(judge, targets, attacks, x, y)
+    flags += from_main(engine.world, lambda: _pre_checks(judge, targets, attacks, x, y))
     result = stream_suite(
         judge, source, attacks, targets=targets, early_stop=early_stop, batch_size=batch_size, progress=progress,
         engine=engine,
