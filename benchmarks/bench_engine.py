@@ -1,5 +1,7 @@
 """Engine throughput: train (PGD-7) and eval (PGD-10) images/s of a resnet18 at 32×32 on 1 and 2 processes,
 a streamed image folder against pre-decoded tensors, `loradar --help` start-up, and quickstart end to end.
+The eval rows run the one evaluation path (the suite streamed batch by batch, sharded over the processes) and
+check that 2 processes report the rows of 1.
 
 Every number comes from the CLI run as a user would run it (a subprocess, OMP_NUM_THREADS=1 per process);
 images/s are the `run` records of the JSON reports. Data: the CIFAR-10 files under LORADAR_DATA (or
@@ -123,21 +125,29 @@ def _scaling_rows(store: Path, spec: str, quick: bool) -> list[dict]:
     evals += ["--quiet"]
     rows = []
     for what, args, key in (("train PGD-7", train, "combination"), ("eval PGD-10", evals, None)):
-        ips = {}
+        ips, reports = {}, {}
         for n in (1, 2):
-            report = _cli(*args, *(["--name", f"b{n}"] if key else []), nproc=n)
-            ips[n] = (report[key]["run"] if key else report["run"])["images_per_s"]
+            reports[n] = _cli(*args, *(["--name", f"b{n}"] if key else []), nproc=n)
+            ips[n] = (reports[n][key]["run"] if key else reports[n]["run"])["images_per_s"]
+        detail: dict[str, Any] = {"images_per_s": ips, "nproc": [1, 2]}
+        if key is None:  # the streamed, sharded suite: 2 processes must report what 1 does
+            detail["rows_equal"] = _eval_rows(reports[1]) == _eval_rows(reports[2])
         rows.append(
             _row(
                 f"{what} resnet18 32×32: 2 processes vs 1 (images/s)",
                 f"1 process: {ips[1]:.1f} img/s",
                 ips[2] / ips[1],
-                "> 1 (two cores used)",
-                ips[2] > ips[1],
-                {"images_per_s": ips, "nproc": [1, 2]},
+                "> 1 (two cores used)" + ("; same rows" if key is None else ""),
+                ips[2] > ips[1] and detail.get("rows_equal", True),
+                detail,
             )
         )
     return rows
+
+
+def _eval_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """An eval report's rows without the compute seconds of each attack (the one field that may differ)."""
+    return [{**row, "records": [{**r, "seconds": None} for r in row["records"]]} for row in report["rows"]]
 
 
 def _loader_row(store: Path, spec: str, tmp: Path, quick: bool) -> dict:

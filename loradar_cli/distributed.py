@@ -90,6 +90,28 @@ def on_main(world: World, write: Callable[[], T]) -> T | None:
     return result
 
 
+def from_main(world: World, compute: Callable[[], T]) -> T:
+    """`compute()` run on rank 0 alone and its (picklable) result given to every rank; a failure fails every rank.
+
+    For small side computations every rank needs, e.g. the evaluation's sanity checks on a few points: on a shared
+    CPU a copy on every process would only slow rank 0 down.
+    """
+    if world.size == 1:
+        return compute()
+    box: list[Any] = [None, None]
+    if world.is_main:
+        try:
+            box[0] = compute()
+        except Exception as err:  # re-raised below, after the other ranks learn of it
+            box[1] = str(getattr(err, "message", err))
+            torch.distributed.broadcast_object_list(box, src=0)
+            raise
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise LoradarError(f"rank 0 failed: {box[1]}")
+    return box[0]
+
+
 def local_batches(n: int, batch_size: int, world: World) -> list[tuple[int, range]]:
     """(global batch number, point indices) of this rank: batch b of the whole run goes to rank b mod world size.
 
@@ -102,6 +124,12 @@ def local_batches(n: int, batch_size: int, world: World) -> list[tuple[int, rang
 def batch_seed(seed: int, number: int) -> int:
     """The RNG seed of evaluation batch `number` in a run seeded by `seed` (the same in every process)."""
     return (seed * 1_000_003 + number) % (2**63)
+
+
+def point_seeds(seed: int, epoch: int, points: torch.Tensor) -> list[int]:
+    """The random-start seed of each training point in an epoch: a function of the point, not of its batch's shard."""
+    base = (seed * 1_000_003 + epoch) * 1_000_033
+    return [(base + int(i)) % (2**63) for i in points.tolist()]
 
 
 def gather(world: World, item: T) -> list[T]:

@@ -9,6 +9,9 @@ in fixed batches dealt out to the processes. Training augmentations are a `Regis
 the job's device with a seeded CPU generator, so a seed gives the same crops on every device.
 """
 
+import ctypes
+import ctypes.util
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -98,10 +101,29 @@ class Geometry:
     crop_pct: float = DEFAULT_CROP_PCT
 
 
+MMAP_THRESHOLD = 1 << 20  # bytes: larger blocks (whole batches) are mapped, and unmapped when freed
+
+
+@functools.cache
+def fixed_mmap_threshold() -> bool:
+    """Make glibc map every block over 1 MiB instead of raising its threshold after the first free (glibc only).
+
+    glibc's dynamic threshold (mallopt(3), M_MMAP_THRESHOLD) moves freed batch-sized blocks onto the heap, where
+    the small allocations of decoding interleave with them and the heap grows with the number of batches read:
+    a stream of 20,000 images then peaked over 100 MB above one of 2,000. Where there is no glibc, nothing changes.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD in malloc.h
+    except (OSError, AttributeError):
+        return False
+
+
 class FolderSource(Dataset):
     """Image files decoded on demand: memory holds the paths, never the images."""
 
     def __init__(self, paths: np.ndarray, labels: np.ndarray, num_classes: int, name: str, geometry: Geometry) -> None:
+        fixed_mmap_threshold()  # peak memory must not grow with the number of images streamed
         self.paths = paths
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.num_classes = num_classes

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from loradar_cli.advset import load_adv_set
-from loradar_cli.distributed import World, all_mean, gather_points, local_batches, on_main
+from loradar_cli.distributed import World, all_mean, from_main, gather_points, local_batches, on_main
 from loradar_cli.store.store import ADAPTER_WEIGHTS
 from tests.conftest import make_adapter, make_base
 
@@ -33,6 +33,7 @@ def test_a_world_of_one_needs_no_process_group():
     with pytest.raises(Exception, match="gathered 6 results for 7 points"):
         gather_points(World(), parts, 7)
     assert on_main(World(), lambda: 42) == 42
+    assert from_main(World(), lambda: 43) == 43
     assert all_mean(World(), 0.25, 8) == 0.25
 
 
@@ -49,9 +50,13 @@ def _cli(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_process_training_gives_the_one_process_adapter(store):
-    """Same global batch, seed and data order: DDP's averaged gradients reproduce one process's steps."""
+    """Same global batch, seed and data order: DDP's averaged gradients reproduce one process's steps.
+
+    PGD starts at a random point: each point's start is seeded by the point, not by the shard it falls in.
+    """
     make_base(store)
-    common = ["train", "--base", "tiny", "--attack", "fgsm", "--eps", "0.05", "--data", "digits", "--limit", "128"]
+    common = ["train", "--base", "tiny", "--attack", "pgd", "--eps", "0.05", "--alpha", "0.02", "--steps", "2"]
+    common += ["--data", "digits", "--limit", "128"]
     common += ["--batch-size", "32", "--epochs", "2", "--val-limit", "64", "--store", str(store.root), "--json"]
     one = json.loads(_cli(*common, "--name", "one").stdout)
     two = _cli(*common, "--name", "two", "--nproc", "2").stdout  # --nproc starts torchrun itself
@@ -67,11 +72,6 @@ def test_two_process_training_gives_the_one_process_adapter(store):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the evaluation suite (jobs/evaluate.py -> evaluation/report.py) runs on the split in memory and "
-    "un-sharded; streaming and sharding it over torchrun ranks is open work (issue 8)",
-)
 def test_two_rank_eval_and_attack_equal_one_rank(store, tmp_path):
     """Random-start PGD seeded per batch: the same adversarial points and the same report on 1 and 2 ranks."""
     make_base(store)
@@ -80,6 +80,11 @@ def test_two_rank_eval_and_attack_equal_one_rank(store, tmp_path):
     common += ["--limit", "100", "--batch-size", "16", "--store", str(store.root), "--json", "--quiet"]
     reports = [json.loads(_cli("eval", *common, "--adapter", "ad", nproc=n).stdout) for n in (1, 2)]
     assert [r["run"]["world_size"] for r in reports] == [1, 2]
+    for report in reports:  # compute seconds are the one field that may differ
+        assert all(r["seconds"] >= 0 for row in report["rows"] for r in row["records"])
+        report["rows"] = [
+            {**row, "records": [{**r, "seconds": None} for r in row["records"]]} for row in report["rows"]
+        ]
     assert reports[0]["rows"] == reports[1]["rows"]
     assert 0 < reports[0]["rows"][0]["attacks"]["pgd"] < reports[0]["rows"][0]["clean"]  # the attack bites
     sets = []
@@ -88,3 +93,55 @@ def test_two_rank_eval_and_attack_equal_one_rank(store, tmp_path):
         sets.append(load_adv_set(tmp_path / f"adv{n}.safetensors"))
     assert torch.equal(sets[0].x, sets[1].x) and torch.equal(sets[0].y, sets[1].y)
     assert not torch.equal(sets[0].x[:16], sets[0].x[16:32])  # batches got their own random starts
+
+
+def test_nproc_hands_the_launchers_stdin_to_every_process(monkeypatch, tmp_path):
+    """Names read from '-' reach each process torchrun starts (they share one stdin only one could read)."""
+    import io
+
+    import typer
+
+    from loradar_cli.cli import _engine_options as engine_options
+    from loradar_cli.cli._common import read_names
+
+    calls = []
+
+    def call(command, env):
+        saved = Path(env[engine_options.STDIN_ENV])
+        calls.append((command, saved, saved.read_text()))
+        monkeypatch.setenv(engine_options.STDIN_ENV, str(saved))  # as in a started process
+        calls.append(read_names(["-"]))
+        monkeypatch.delenv(engine_options.STDIN_ENV)
+        return 7
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv(engine_options.NPROC_ENV, raising=False)
+    monkeypatch.setattr(engine_options.subprocess, "call", call)
+    monkeypatch.setattr(sys, "argv", ["loradar", "eval", "--adapter", "-", "--nproc", "2"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("ad\nbd\n"))
+    assert read_names(["-"]) == ["ad", "bd"]  # the launcher reads stdin first (eval resolves names early)
+    with pytest.raises(typer.Exit) as exit_:
+        engine_options.launch_nproc(2)
+    (command, saved, text), names = calls
+    assert exit_.value.exit_code == 7 and text == "ad\nbd\n" and names == ["ad", "bd"]
+    assert command[-4:] == ["loradar_cli", "eval", "--adapter", "-"] and "--nproc" not in command
+    assert not saved.exists()  # removed once torchrun returns
+
+
+@pytest.mark.slow
+def test_two_rank_eval_reads_adapter_names_from_stdin(store):
+    make_base(store)
+    make_adapter(store, "tiny")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORADAR_DEVICE": "cpu"}
+    env.pop("WORLD_SIZE", None)
+    args = ["eval", "--adapter", "-", "--no-base", "--data", "digits", "--limit", "40", "--store", str(store.root)]
+    done = subprocess.run(
+        [sys.executable, "-m", "loradar_cli", *args, "--nproc", "2", "--json", "--quiet"],
+        input="ad\n",
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert [r["model"] for r in report["rows"]] == ["ad"] and report["run"]["world_size"] == 2

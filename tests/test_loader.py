@@ -166,11 +166,6 @@ def _eval_rss(store: Path, folder: Path) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the evaluation suite (jobs/evaluate.py -> evaluation/report.py) runs on the split in memory and "
-    "un-sharded; streaming and sharding it over torchrun ranks is open work (issue 8)",
-)
 def test_eval_over_an_image_folder_streams(tmp_path, store):
     """Peak RSS over 20,000 images of 64×64 grows by < 150 MB over 2,000 (decoded whole: about 1 GB more)."""
     _rgb_base(store)

@@ -4,8 +4,9 @@ Every helper works on batches `[B, C, H, W]` in [0, 1] with per-sample norms, an
 input only (`torch.autograd.grad`), so parameter `.grad` is never touched.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Literal
 
 import torch
@@ -121,14 +122,41 @@ def project_l2(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     return clamp01(x + delta * per_sample(factor))
 
 
+_POINT_STREAMS: ContextVar[list[torch.Generator] | None] = ContextVar("point_streams", default=None)
+
+
+@contextmanager
+def point_streams(seeds: Sequence[int]) -> Iterator[None]:
+    """Inside the block, noise for a batch of `len(seeds)` points draws point i's part from a generator seeded by
+    `seeds[i]` (on the CPU), so a point's random start does not depend on the other points of its batch.
+
+    Training seeds each point by (run seed, epoch, point index): its starts are then the same whether the batch is
+    split over processes or a run resumed from a checkpoint. Draws of another leading size use `generator`.
+    """
+    token = _POINT_STREAMS.set([torch.Generator().manual_seed(int(s) % 2**63) for s in seeds])
+    try:
+        yield
+    finally:
+        _POINT_STREAMS.reset(token)
+
+
+def _noise(shape: torch.Size, x: Tensor, generator: torch.Generator | None, normal: bool) -> Tensor:
+    """U[0, 1) or N(0, 1) noise of `shape` on `x`'s device and dtype, per point inside `point_streams`."""
+    draw = torch.randn if normal else torch.rand
+    streams = _POINT_STREAMS.get()
+    if streams is not None and len(shape) and shape[0] == len(streams):
+        return torch.stack([draw(shape[1:], generator=g) for g in streams]).to(x.device, x.dtype)
+    return draw(shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def uniform(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """U[0, 1) noise shaped like `x`, drawn from `generator` (global RNG when None)."""
-    return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return _noise(x.shape, x, generator, normal=False)
 
 
 def gaussian(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """N(0, 1) noise shaped like `x`, drawn from `generator` (global RNG when None)."""
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return _noise(x.shape, x, generator, normal=True)
 
 
 def random_init_linf(x: Tensor, eps: float, generator: torch.Generator | None = None) -> Tensor:
@@ -139,7 +167,7 @@ def random_init_linf(x: Tensor, eps: float, generator: torch.Generator | None = 
 def random_init_l2(x: Tensor, eps: float, generator: torch.Generator | None = None) -> Tensor:
     """Start at a uniformly random direction with radius U[0, eps] (torchattacks' PGDL2 convention), clipped."""
     direction = normalize_l2(gaussian(x, generator))
-    radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) * eps
+    radius = _noise(x.shape[:1], x, generator, normal=False) * eps
     return clamp01(x + direction * per_sample(radius))
 
 

@@ -396,8 +396,9 @@ def read_names(names: list[str]) -> list[str]:
         if name != "-":
             out.append(name)
             continue
-        text = sys.stdin.read()
-        out.extend(_names_from_text(text))
+        from loradar_cli.cli._engine_options import stdin_text
+
+        out.extend(_names_from_text(stdin_text()))
     if not out:
         raise InvalidValueError("no adapter names given (stdin was empty)")
     return out

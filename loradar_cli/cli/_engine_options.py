@@ -7,6 +7,8 @@ to the registries (`loradar_cli.device.PRECISIONS`, `loradar_cli.loader.AUGMENTS
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -14,6 +16,7 @@ import typer
 PRECISION_NAMES = ("bf16", "fp16", "fp32")
 AUGMENT_NAMES = ("crop-flip", "none")
 NPROC_ENV = "LORADAR_LAUNCHED"  # set in the processes `--nproc` starts, so they do not start torchrun again
+STDIN_ENV = "LORADAR_STDIN"  # in the processes `--nproc` starts: a file holding the launcher's standard input
 
 DeviceOpt = Annotated[
     str | None,
@@ -71,15 +74,43 @@ def engine_from(device: str | None, precision: str = "fp32", channels_last: bool
     return engine_for(device, precision, channels_last=channels_last, workers=workers)
 
 
+_STDIN: dict[int, tuple[object, str]] = {}  # the text read from each stdin object: `--nproc` reads it again
+
+
+def stdin_text() -> str:
+    """Standard input, read once (a second call gives the same text); under `--nproc`, the launcher's, from a file.
+
+    The processes torchrun starts share one stdin, which only one of them could read: the launcher reads it and
+    passes a copy to all.
+    """
+    saved = os.environ.get(STDIN_ENV)
+    if saved:
+        return Path(saved).read_text()
+    source = sys.stdin
+    if id(source) not in _STDIN or _STDIN[id(source)][0] is not source:
+        _STDIN.clear()  # one stdin at a time (test runners swap sys.stdin per invocation)
+        _STDIN[id(source)] = (source, source.read())
+    return _STDIN[id(source)][1]
+
+
 def launch_nproc(nproc: int) -> None:
-    """With --nproc N > 1 outside torchrun, run this same command under torchrun and exit with its status."""
+    """With --nproc N > 1 outside torchrun, run this same command under torchrun and exit with its status.
+
+    An argument '-' (names read from stdin) gets the launcher's stdin, saved to a temporary file for every process.
+    """
     if nproc <= 1 or "WORLD_SIZE" in os.environ or os.environ.get(NPROC_ENV):
         return
     args = _without_nproc(sys.argv[1:])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command += ["-m", "loradar_cli", *args]
     env = {**os.environ, NPROC_ENV: "1"}
-    raise typer.Exit(subprocess.call(command, env=env))
+    if not any(arg == "-" or arg.endswith("=-") for arg in args):
+        raise typer.Exit(subprocess.call(command, env=env))
+    with tempfile.TemporaryDirectory(prefix="loradar-stdin-") as folder:
+        saved = Path(folder) / "stdin"
+        saved.write_text(stdin_text())
+        status = subprocess.call(command, env={**env, STDIN_ENV: str(saved)})
+    raise typer.Exit(status)
 
 
 def _without_nproc(args: list[str]) -> list[str]:

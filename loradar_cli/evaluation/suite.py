@@ -14,10 +14,15 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from loradar_cli.attacks import ATTACKS, Attack, build_attack
+from loradar_cli.data import ImageData
+from loradar_cli.device import Engine
+from loradar_cli.distributed import batch_seed, gather, gather_points
 from loradar_cli.errors import InvalidValueError
-from loradar_cli.metrics import Progress, correct
+from loradar_cli.loader import Batch, TensorSource, eval_batches
+from loradar_cli.metrics import Progress, correct, mean_flag
 from loradar_cli.registry import Registry
 
 Entry = tuple[str, str, dict[str, Any]]  # (label in reports, registered attack, options beyond eps and seed)
@@ -90,7 +95,7 @@ class AttackRecord(BaseModel):
     unconfirmed: int  # points the attack reported fooled but that re-scoring found correct
     robust_after: float  # robust accuracy after this attack and all earlier ones
     robust_alone: float | None = None  # this attack alone on every clean-correct point (without early stopping)
-    seconds: float
+    seconds: float  # compute seconds, summed over the processes of a torchrun job
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,10 @@ class SuiteResult:
     robust: Tensor
     records: list[AttackRecord]
     fooled_by: dict[str, Tensor]  # label -> bool [N], points this attack broke
+
+
+Step = tuple[str, Attack[Any], str, nn.Module]  # (attack label, attack, target description, target)
+FLAGS_PER_STEP = 4  # per point and step: attacked, fooled, claimed but unconfirmed, robust after the step
 
 
 def run_suite(
@@ -114,82 +123,121 @@ def run_suite(
     batch_size: int = 128,
     progress: Progress | None = None,
 ) -> SuiteResult:
+    """`stream_suite` over tensors already in memory, in this process, on their device."""
+    source = TensorSource(ImageData(x, y, 0, "tensors"))
+    return stream_suite(
+        judge, source, attacks, targets=targets, early_stop=early_stop, batch_size=batch_size, progress=progress,
+        engine=Engine(x.device),
+    )  # fmt: skip
+
+
+def stream_suite(
+    judge: nn.Module,
+    source: Dataset[Batch],
+    attacks: Mapping[str, Attack[Any]],
+    *,
+    targets: Mapping[str, nn.Module] | None = None,
+    early_stop: bool = True,
+    batch_size: int = 128,
+    progress: Progress | None = None,
+    engine: Engine | None = None,
+) -> SuiteResult:
     """Run attacks in order against each target; `judge` decides correctness (the decision being evaluated).
 
     `targets` maps a description to the model attacked (default `{"white-box": judge}`); with several (the
     differentiable surrogates of an ensemble's decision) a point must survive every attack through every
     target. Without `early_stop` every attack runs on every point to the end and the worst case is taken
     afterwards, which gives the same flags for seeded attacks (each batch draws from its own seed).
+
+    Batches stream from `source` in point order, one at a time, and go through every attack before the next is
+    read, so memory holds one batch of images whatever the number of points. This batch-major order gives the
+    flags of AutoAttack's attack-major one: the points an attack runs on in a batch depend only on that batch's
+    earlier attacks, and each (attack, batch) draws from its own seed. Under torchrun the batches are dealt
+    out to the processes and the per-point flags gathered; since a batch is the same batch on any number of
+    processes and its attacks are seeded by its number, the result equals a one-process run's.
     """
+    engine = engine or Engine()
     targets = dict(targets or {"white-box": judge})
-    clean = correct(judge, x, y, batch_size)
-    robust = clean.clone()
-    records, fooled_by = [], {}
-    for label, attack in attacks.items():
-        hit = torch.zeros_like(clean)
-        for target_name, target in targets.items():
-            start = time.perf_counter()
-            active = robust.clone() if early_stop else torch.ones_like(robust)
-            fooled, unconfirmed = _attack_points(judge, target, x, y, attack, active, early_stop, batch_size, progress)
-            hit |= fooled
-            robust &= ~fooled
-            records.append(
-                AttackRecord(
-                    label=label,
-                    attack=attack.describe(),
-                    target=target_name,
-                    attacked=int(active.sum()),
-                    fooled=int((fooled & clean).sum()),
-                    unconfirmed=unconfirmed,
-                    robust_after=robust.float().mean().item() if len(x) else 0.0,
-                    robust_alone=None if early_stop else (clean & ~fooled).float().mean().item(),
-                    seconds=round(time.perf_counter() - start, 3),
-                )
-            )
-        fooled_by[label] = hit
-    return SuiteResult(clean, robust, records, fooled_by)
+    plan = [(label, attack, name, target) for label, attack in attacks.items() for name, target in targets.items()]
+    parts, seconds, done, n = [], [0.0] * len(plan), 0, len(source)  # type: ignore[arg-type]
+    stage = ", ".join(attacks) or "clean"
+    devices = [engine.device] if engine.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), engine.autocast():
+        for number, first, x, y in eval_batches(source, batch_size, engine):
+            torch.manual_seed(batch_seed(0, number))  # unseeded attacks too draw the same on any number of processes
+            parts.append((first, _suite_batch(judge, x, y, number, plan, early_stop, batch_size, seconds).cpu()))
+            done += len(y) * engine.world.size
+            if progress:
+                progress(stage, min(done, n), n)
+    flags = gather_points(engine.world, parts, n).reshape(n, 1 + FLAGS_PER_STEP * len(plan)).bool()
+    total = [sum(s) for s in zip(*gather(engine.world, seconds), strict=True)]
+    return _result(flags, plan, early_stop, total)
 
 
-def _attack_points(
+def _suite_batch(
     judge: nn.Module,
-    target: nn.Module,
     x: Tensor,
     y: Tensor,
-    attack: Attack[Any],
-    active: Tensor,
+    number: int,
+    plan: list[Step],
     early_stop: bool,
     batch_size: int,
-    progress: Progress | None,
-) -> tuple[Tensor, int]:
-    """Points of `active` the attack fools (re-scored by the judge), and how many it claimed but did not fool.
+    seconds: list[float],
+) -> Tensor:
+    """One batch through every step: bool `[b, 1 + 4 * steps]`, clean then the flags of each step (time added up)."""
+    clean = correct(judge, x, y, batch_size)
+    robust, columns = clean.clone(), [clean]
+    for k, (_, attack, _, target) in enumerate(plan):
+        start = time.perf_counter()
+        active = robust.clone() if early_stop else torch.ones_like(robust)
+        fooled, unconfirmed = _attack_batch(judge, target, x, y, _reseeded(attack, number), active, early_stop)
+        robust &= ~fooled
+        columns += [active, fooled, unconfirmed, robust.clone()]
+        seconds[k] += time.perf_counter() - start
+    return torch.stack(columns, 1)
 
-    Batches are fixed slices of all points, each with its own seed derived from the attack's, so a point's
-    random draws do not depend on which other points are still attacked.
-    """
-    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    unconfirmed = 0
+
+def _attack_batch(
+    judge: nn.Module, target: nn.Module, x: Tensor, y: Tensor, attack: Attack[Any], active: Tensor, early_stop: bool
+) -> tuple[Tensor, Tensor]:
+    """Points of `active` the attack fools (re-scored by the judge), and those it claimed but did not fool."""
+    none = torch.zeros_like(active)
+    if early_stop and not active.any():
+        return none, none
     judge_arg = None if judge is target else judge
-    for b, i in enumerate(range(0, len(x), batch_size)):
-        part = slice(i, i + batch_size)
-        if early_stop and not active[part].any():
-            continue
-        batch_attack = _reseeded(attack, b)
-        x_adv, claimed = batch_attack.until_fooled(
-            target, x[part], y[part], early_stop=early_stop, judge=judge_arg, active=active[part]
+    x_adv, claimed = attack.until_fooled(target, x, y, early_stop=early_stop, judge=judge_arg, active=active)
+    claimed = claimed & active
+    still = none.clone()
+    if claimed.any():
+        still[claimed] = correct(judge, x_adv[claimed], y[claimed], len(y))
+    return claimed & ~still, still
+
+
+def _result(flags: Tensor, plan: list[Step], early_stop: bool, seconds: list[float]) -> SuiteResult:
+    """Records and per-point flags of all points from the gathered flag columns."""
+    clean, records, fooled_by = flags[:, 0], [], {}
+    for k, (label, attack, target_name, _) in enumerate(plan):
+        active, fooled, unconfirmed, robust = flags[:, 1 + FLAGS_PER_STEP * k : 1 + FLAGS_PER_STEP * (k + 1)].unbind(1)
+        records.append(
+            AttackRecord(
+                label=label,
+                attack=attack.describe(),
+                target=target_name,
+                attacked=int(active.sum()),
+                fooled=int((fooled & clean).sum()),
+                unconfirmed=int(unconfirmed.sum()),
+                robust_after=mean_flag(robust),
+                robust_alone=None if early_stop else mean_flag(clean & ~fooled),
+                seconds=round(seconds[k], 3),
+            )
         )
-        claimed &= active[part]
-        still = torch.zeros_like(claimed)
-        if claimed.any():
-            still[claimed] = correct(judge, x_adv[claimed], y[part][claimed], batch_size)
-        unconfirmed += int(still.sum())
-        fooled[part] = claimed & ~still
-        if progress:
-            progress(attack.name, min(i + batch_size, len(x)), len(x))
-    return fooled, unconfirmed
+        fooled_by[label] = fooled_by.get(label, torch.zeros_like(clean)) | fooled
+    robust = flags[:, -1] if plan else clean.clone()
+    return SuiteResult(clean, robust.clone(), records, fooled_by)
 
 
 def _reseeded(attack: Attack[Any], batch: int) -> Attack[Any]:
-    """The attack with a seed derived from its own and the batch index (unchanged when unseeded)."""
+    """The attack with a seed derived from its own and the batch number (unchanged when unseeded)."""
     seed = attack.config.seed
     if seed is None:
         return attack

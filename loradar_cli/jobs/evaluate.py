@@ -8,14 +8,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from loradar_cli.advset import AdvSet, labelled_adv_sets
+from loradar_cli.advset import labelled_adv_sets
 from loradar_cli.attacks import Attack, build_attack
-from loradar_cli.data import ImageData
 from loradar_cli.device import Engine, using
-from loradar_cli.evaluation import EvalRow, evaluate_suite, run_suite, suite_attacks
+from loradar_cli.evaluation import EvalRow, evaluate_suite, stream_suite, suite_attacks
 from loradar_cli.evaluation.checks import flag, noise
-from loradar_cli.loading import model_data, model_on
+from loradar_cli.loader import Batch
+from loradar_cli.loading import model_on, model_source
 from loradar_cli.metrics import Progress, mean_flag
 from loradar_cli.store.store import Store
 
@@ -74,15 +75,14 @@ def evaluate_models(
     Attacks (`attacks` by name, then a `suite`'s) run in order with early stopping and are white-box against
     each row's decision: ensemble votes through their mean logits and the soft vote of member probabilities,
     route through the routed decision; never transferred from the base. Each row carries its sanity flags and,
-    with `eps_sweep`, the worst case at each eps of the suite (or of the attacks).
+    with `eps_sweep`, the worst case at each eps of the suite (or of the attacks). The split streams through the
+    loader in point order (an image folder is decoded batch by batch); under torchrun its batches are shared out
+    and the per-point flags gathered, so every process returns the rows of a one-process run.
     """
     engine = engine or Engine()
     stored = store.load_base(base)
-    clean = _on(engine, model_data(data, split, stored.meta, seed=seed, limit=limit))
-    sets = {
-        label: AdvSet(engine.batch(s.x), s.y.to(engine.device), s.attack, s.info)
-        for label, s in labelled_adv_sets(adv_sets, stored.meta.input_size, num_classes=stored.meta.num_classes).items()
-    }
+    clean = model_source(data, split, stored.meta, seed=seed, limit=limit)
+    sets = labelled_adv_sets(adv_sets, stored.meta.input_size, num_classes=stored.meta.num_classes)
     built = build_attacks(attacks or {}, suite, seed)
     meta = _meta(suite, built, seed)
     rows = []
@@ -92,10 +92,11 @@ def evaluate_models(
         torch.manual_seed(seed)
         result = evaluate_suite(
             row.name, row.judge, clean, built, sets, targets=row.targets, early_stop=early_stop,
-            batch_size=batch_size, progress=progress, meta=meta,
+            batch_size=batch_size, progress=progress, meta=meta, engine=engine,
         )  # fmt: skip
         if eps_sweep:
-            result = _with_sweep(result, row, clean, attacks or {}, suite, seed, eps_sweep, batch_size, progress)
+            sweep = _Sweep(attacks or {}, suite, seed, eps_sweep)
+            result = _with_sweep(result, row, clean, sweep, batch_size, progress, engine)
         rows.append(result)
     return rows
 
@@ -124,11 +125,6 @@ def _meta(suite: SuiteSpec | None, built: Mapping[str, Attack[Any]], seed: int) 
     return {"suite": suite.name if suite else None, "norm": norm, "eps": eps, "seed": seed}
 
 
-def _on(engine: Engine, data: ImageData) -> ImageData:
-    """The split's tensors on the engine's device (labels too), so attacks and models never cross devices."""
-    return ImageData(engine.batch(data.x), data.y.to(engine.device), data.num_classes, data.name)
-
-
 def _rows(
     store: Store,
     stored: Any,
@@ -155,28 +151,36 @@ def _rows(
     return rows
 
 
+@dataclass(frozen=True)
+class _Sweep:
+    """What --eps-sweep rebuilds at each eps: the attacks by name, the suite, the seed, and the eps values."""
+
+    attacks: Mapping[str, Mapping[str, Any]]
+    suite: SuiteSpec | None
+    seed: int
+    eps: Sequence[float]
+
+
 def _with_sweep(
     row: EvalRow,
     spec: _Row,
-    data: ImageData,
-    attacks: Mapping[str, Mapping[str, Any]],
-    suite: SuiteSpec | None,
-    seed: int,
-    eps_sweep: Sequence[float],
+    data: Dataset[Batch],
+    sweep: _Sweep,
     batch_size: int,
     progress: Progress | None,
+    engine: Engine,
 ) -> EvalRow:
     """The row with its worst case at each eps, flagged when accuracy rises with eps beyond noise."""
     curve = []
-    for eps in eps_sweep:
-        built = build_attacks(attacks, suite, seed, eps=eps)
+    for eps in sweep.eps:
+        built = build_attacks(sweep.attacks, sweep.suite, sweep.seed, eps=eps)
         built = {k: a for k, a in built.items() if a.threat_model != "patch"}
-        result = run_suite(
-            spec.judge, data.x, data.y, built, targets=spec.targets, batch_size=batch_size, progress=progress
+        result = stream_suite(
+            spec.judge, data, built, targets=spec.targets, batch_size=batch_size, progress=progress, engine=engine
         )
         curve.append((eps, mean_flag(result.robust)))
     flags = list(row.flags)
     for (e1, a1), (e2, a2) in itertools.pairwise(curve):
-        if e2 > e1 and a2 > a1 + noise(a1, len(data)):
+        if e2 > e1 and a2 > a1 + noise(a1, row.n):
             flags.append(flag("accuracy-rises-with-eps", f"sweep: {a1:.3f} at {e1:.4g}, {a2:.3f} at {e2:.4g}"))
     return row.model_copy(update={"sweep": curve, "flags": flags})

@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from loradar_cli.attacks._functional import point_streams
 from loradar_cli.data import ImageData
 from loradar_cli.device import Engine
-from loradar_cli.distributed import all_mean, batch_seed, gather_points, wrap_ddp
+from loradar_cli.distributed import all_mean, batch_seed, gather_points, point_seeds, wrap_ddp
 from loradar_cli.loader import Batch, TensorSource, augment_batch, eval_batches, materialize, train_batches
 from loradar_cli.lora.inject import trainable_parameters
 from loradar_cli.metrics import Progress, correct, mean_flag
@@ -181,7 +182,7 @@ def train_adapter(
         augment_generator(config.seed, engine),
         best_state=[p.detach().clone() for p in tracked],
     )
-    static_adv = _static_adversarial(attack, model, train, config.batch_size, engine) if config.static_attack else None
+    static_adv = _static_adversarial(attack, model, train, config, engine) if config.static_attack else None
     steps = _Steps(
         wrap_ddp(model, engine.world, engine.device), optimizer, engine.scaler(), engine, augment, run.generator
     )
@@ -238,11 +239,18 @@ def augment_generator(seed: int, engine: Engine) -> torch.Generator:
     return torch.Generator().manual_seed(seed + 7919 * engine.world.rank)
 
 
-def _static_adversarial(attack: Callable, model: nn.Module, train: Source, batch_size: int, engine: Engine) -> Tensor:
-    """The whole training set attacked once (on the CPU, in point order): every process crafts all of it."""
+def _static_adversarial(
+    attack: Callable, model: nn.Module, train: Source, config: TrainConfig, engine: Engine
+) -> Tensor:
+    """The whole training set attacked once (on the CPU, in point order): every process crafts all of it, each
+    point from its own random start (epoch 0 of the run's point seeds)."""
     whole = Engine(engine.device, engine.precision, engine.channels_last, engine.workers)
+    parts = []
     with engine.autocast():
-        return torch.cat([attack(model, x, y).cpu() for _, _, x, y in eval_batches(train, batch_size, whole)])
+        for _, first, x, y in eval_batches(train, config.batch_size, whole):
+            with point_streams(point_seeds(config.seed, 0, torch.arange(first, first + len(y)))):
+                parts.append(attack(model, x, y).cpu())
+    return torch.cat(parts)
 
 
 def train_epoch(
@@ -268,7 +276,7 @@ def train_epoch(
         else:
             x = augment_batch(steps.augment, x, steps.generator)
         adapter_train_mode(steps.net) if recipe.frozen_norm_stats else steps.net.train()
-        with engine.autocast():
+        with engine.autocast(), point_streams(point_seeds(config.seed, epoch, idx)):
             out = recipe.step(steps.net, x, y, batch_attack)
         steps.step(out.loss)
         recipe.after_step(model)

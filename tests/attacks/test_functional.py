@@ -8,6 +8,7 @@ from loradar_cli.attacks._functional import (
     best_of_restarts,
     input_grad,
     model_mode,
+    point_streams,
     project_l2,
     project_linf,
     random_init_l2,
@@ -63,3 +64,35 @@ def test_best_of_restarts_prefers_misclassified_then_higher_loss() -> None:
 
     best = best_of_restarts(model, y, run, restarts=3)
     torch.testing.assert_close(best.flatten(1), torch.tensor([[0.2, 0.8], [0.6, 0.4]]))
+
+
+def test_point_streams_give_each_point_its_start_whatever_its_batch() -> None:
+    """Inside `point_streams` a point's noise depends on its seed only: split batches give the whole batch's starts."""
+    from loradar_cli.attacks import build_attack
+
+    x = torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    seeds = [11, 12, 13, 14, 15, 16]
+    with point_streams(seeds):
+        whole = torch.cat([random_init_linf(x, 0.1), random_init_l2(x, 0.5)])
+    with point_streams(seeds[::2]):
+        even = torch.cat([random_init_linf(x[::2], 0.1), random_init_l2(x[::2], 0.5)])
+    with point_streams(seeds[1::2]):
+        odd = torch.cat([random_init_linf(x[1::2], 0.1), random_init_l2(x[1::2], 0.5)])
+    assert torch.equal(whole[:6][::2], even[:3]) and torch.equal(whole[:6][1::2], odd[:3])
+    assert torch.equal(whole[6:][::2], even[3:]) and torch.equal(whole[6:][1::2], odd[3:])  # successive draws too
+    assert not torch.equal(whole[0] - x[0], whole[1] - x[1])  # distinct seeds, distinct starts
+    assert ((whole[:6] - x).abs().amax() <= 0.1 + 1e-6) and ((whole[:6] - x).abs().amax() > 0.05)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+    pgd = build_attack("pgd", eps=0.1, alpha=0.02, steps=2)  # unseeded: without streams, the global RNG
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    with point_streams(seeds):
+        full = pgd(model, x, y)
+    with point_streams(seeds[:2]):
+        head = pgd(model, x[:2], y[:2])
+    torch.testing.assert_close(full[:2], head, rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    a = random_init_linf(x, 0.1)
+    with point_streams(seeds[:2]):  # another leading size: the usual generator
+        torch.manual_seed(0)
+        b = random_init_linf(x, 0.1)
+    assert torch.equal(a, b)
