@@ -123,3 +123,27 @@ def build_target(
     for module in (target.judge, *target.targets.values()):
         engine.model(module)
     return target
+
+
+ADAPTIVE_ROUTE = "route (adaptive vs identifier)"
+"""The eval row of route attacked by the adaptive attacker."""
+
+
+def adaptive_route_targets(ensemble: Any, weight: float = 1.0) -> dict[str, nn.Module]:
+    """Route's routed decision with the identifier term that hides every attack family its router knows.
+
+    The attack a suite runs may be any of them, so the attacker lowers the router's total probability of all
+    attack classes (not "clean"), which lowers the true family's whatever it is; needs a calibrated router.
+    """
+    from loradar_cli.combine.members import CLEAN
+    from loradar_cli.ops.identify_adaptive import EvadeIdentifier
+
+    router = ensemble.router
+    if router is None:
+        raise InvalidValueError("the adaptive route row needs route's --identifier")
+    hidden = [i for i, c in enumerate(router.meta.classes) if c != CLEAN]
+    readers = {m: ensemble.models[m] for m in router.members}
+    return {
+        f"{name} + evading {router.meta.name}": EvadeIdentifier(model, readers, router.probabilities, hidden, weight)
+        for name, model in ensemble.targets("route").items()
+    }

@@ -5,12 +5,15 @@ Example Defenses", NeurIPS 2020, arXiv:2002.08347) maximises the defended decisi
 minimises the identifier's probability q of the attack families it must hide (the true one). `EvadeIdentifier`
 makes that objective reachable by every attack that ascends the cross-entropy, with its own algorithm unchanged
 (PGD's iterated steps, FGSM's single step, ROA's sticker search): it appends one logit e = logsumexp(z) + g to the
-decision's logits z, and since logsumexp([z, e]) = logsumexp(z) + softplus(g),
+decision's logits z, and since logsumexp([z, e]) = logsumexp(z) + softplus(g), choosing g = log(q^(−w) − 1) gives
 
-    CE([z, e], y) = CE(z, y) + softplus(g),   g = weight · (log(1 − q) − log q),
+    CE([z, e], y) = CE(z, y) − w · log q
 
-for every label y. Ascending it raises the decision's loss and lowers q (softplus(g) grows as q falls). The extra
-logit can win the argmax, so this module is only a gradient target: judge success on the decision itself.
+for every label y: the decision's loss plus w times the identifier's cross-entropy on the hidden classes. Ascending
+it raises the decision's loss and lowers q, and unlike a term such as softplus(w · logit(1 − q)) it does not
+saturate while the identifier is sure (its gradient in q is −w / q). The extra logit can win the argmax, so this
+module is only a gradient target: judge success on the decision itself. With w = 0 the decision's logits are
+returned as they are.
 Attacks whose loss is not the cross-entropy of the logits (FIA's feature loss) do not see the identifier term.
 
 The identifier's probabilities are differentiable in the members' outputs and the input except for feature
@@ -72,7 +75,9 @@ class EvadeIdentifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.decision(x)
-        q = self.hidden_probability(x).to(logits.dtype)
-        g = self.weight * (torch.log1p(-q) - q.log())
+        if self.weight == 0:
+            return logits
+        a = -self.weight * self.hidden_probability(x).to(logits.dtype).log()  # the added loss, > 0
+        g = a + torch.log(-torch.expm1(-a))  # log(exp(a) − 1), stable for small and large a
         extra = logits.logsumexp(dim=-1) + g
         return torch.cat([logits, extra[:, None]], dim=1)
