@@ -62,7 +62,7 @@ def test_craft_against_keeps_per_point_the_first_example_that_fools_the_judge():
 
     def attack(model, inp, labels):
         out = inp.clone()
-        for i in ([0, 1] if model is first else [1, 2]):
+        for i in [0, 1] if model is first else [1, 2]:
             out[i] = 0.5 if model is first else 0.25
         return out
 
