@@ -36,7 +36,7 @@ class Preset:
     identifier: str
     features: str = "auto"
     limit: int = 200
-    extra: dict[str, str] = field(default_factory=dict)
+    unfitted: dict[str, str] = field(default_factory=dict)  # attacks no identifier is fitted on -> options
 
 
 PRESETS = {
@@ -53,6 +53,7 @@ PRESETS = {
         },
         eps=("0.1", "0.05", "0.2"),
         identifier="id-m",
+        unfitted={"pgd-l2": "--eps 1.5 --alpha 0.2 --steps 20"},
     ),
     "cifar10": Preset(
         data=f"cifar10:{DATA_ROOT}",
@@ -80,6 +81,8 @@ def _eps_value(eps: str) -> float:
 
 def attack_options(preset: Preset, family: str, eps: str) -> list[str]:
     """The attack's options at `eps` (PGD's step is eps/10 over 20 steps on MNIST, eps/4 over 10 on CIFAR-10)."""
+    if family in preset.unfitted:
+        return shlex.split(preset.unfitted[family])
     steps = 20 if "--steps 20" in preset.options[family] else 10
     alpha = f"{_eps_value(eps) / (10 if steps == 20 else 4):.6g}"
     return shlex.split(preset.options[family].format(eps=eps, alpha=alpha))
@@ -124,10 +127,18 @@ def target_accuracy(path: Path) -> float | None:
     return load_adv_set(path).info.get("target_accuracy")
 
 
-def groups(runner: Runner, preset: Preset, weights: list[float]) -> dict[str, list[tuple[str, Path]]]:
-    """Test-set groups by row: (family, set) pairs crafted against each target."""
+def groups(
+    runner: Runner, preset: Preset, weights: list[float], identifier: str = ""
+) -> dict[str, list[tuple[str, Path]]]:
+    """Test-set groups by row: (family, set) pairs crafted against each target.
+
+    With an `identifier` other than the preset's, the adaptive sets are crafted against route with it and
+    evading it (the attacker knows the defence); the other sets do not depend on it and are reused.
+    """
     main = preset.eps[0]
     members = ",".join(preset.adapters.values())
+    identifier = identifier or preset.identifier
+    suffix = "" if identifier == preset.identifier else f"-{identifier}"
     route = ["--members", members, "--decision", "route", "--identifier", preset.identifier]
     rows: dict[str, list[tuple[str, Path]]] = {}
     for eps in preset.eps:
@@ -146,10 +157,16 @@ def groups(runner: Runner, preset: Preset, weights: list[float]) -> dict[str, li
     rows["ensemble route"] = [
         (f, craft(runner, preset, f, f"test-{f}-route", "test", main, route)) for f in preset.families
     ]
+    if preset.unfitted:
+        rows["not fitted on (want unknown)"] = [
+            (f, craft(runner, preset, f, f"test-{f}", "test", main, [])) for f in preset.unfitted
+        ]
+    route_with = [*route[:-1], identifier]
     for w in weights:
-        evade = [*route, "--evade-identifier", preset.identifier, "--evade-weight", f"{w:g}"]
-        rows[f"adaptive: route + evading, weight {w:g}"] = [
-            (f, craft(runner, preset, f, f"test-{f}-adaptive-w{w:g}", "test", main, evade)) for f in preset.families
+        evade = [*route_with, "--evade-identifier", identifier, "--evade-weight", f"{w:g}"]
+        rows[f"adaptive: route + evading {identifier}, weight {w:g}"] = [
+            (f, craft(runner, preset, f, f"test-{f}-adaptive{suffix}-w{w:g}", "test", main, evade))
+            for f in preset.families
         ]
     return rows
 
@@ -158,15 +175,36 @@ def _tag(eps: str) -> str:
     return eps.replace("/", "_")
 
 
-def fit(runner: Runner, preset: Preset) -> dict[str, Any]:
-    """Val sets against the base at the main eps, and the identifier fitted on them with the clean val split."""
+def fit(runner: Runner, preset: Preset, name: str = "", extra: list[Path] | None = None) -> dict[str, Any]:
+    """Val sets against the base at the main eps (and `extra` sets), and an identifier fitted on them with the
+    clean val split (the preset's, unless `name` is given)."""
+    name = name or preset.identifier
     sets = [craft(runner, preset, f, f"val-{f}", "val", preset.eps[0], []) for f in preset.families]
-    args = ["identify-attack", "fit", *preset.adapters.values(), "--name", preset.identifier]
+    sets += extra or []
+    args = ["identify-attack", "fit", *preset.adapters.values(), "--name", name]
     args += [a for s in sets for a in ("--adv-set", str(s))]
     args += ["--features", preset.features, "--data", preset.data, "--split", "val", "--limit", str(preset.limit)]
-    report = runner.run([*args, "--overwrite", "--json"], runner.out / "fit.json", capture=True)
+    report = runner.run([*args, "--overwrite", "--json"], runner.out / f"fit-{name}.json", capture=True)
     assert report is not None
     return report
+
+
+def defence_sets(runner: Runner, preset: Preset, weights: list[float]) -> list[Path]:
+    """Val sets for the defended identifier: against the base at the other eps, and by the adaptive attacker
+    (route + evading the preset's identifier) at each weight."""
+    main = preset.eps[0]
+    members = ",".join(preset.adapters.values())
+    sets = [
+        craft(runner, preset, f, f"val-{f}-e{_tag(eps)}", "val", eps, [])
+        for eps in preset.eps[1:]
+        for f in preset.families
+        if f != "roa"
+    ]
+    route = ["--members", members, "--decision", "route", "--identifier", preset.identifier]
+    for w in weights:
+        evade = [*route, "--evade-identifier", preset.identifier, "--evade-weight", f"{w:g}"]
+        sets += [craft(runner, preset, f, f"val-{f}-adaptive-w{w:g}", "val", main, evade) for f in preset.families]
+    return sets
 
 
 def identify(runner: Runner, preset: Preset, label: str, sets: list[tuple[str, Path]], mode: list[str]) -> dict:
@@ -182,7 +220,7 @@ def identify(runner: Runner, preset: Preset, label: str, sets: list[tuple[str, P
 def table(preset: Preset, results: list[dict[str, Any]]) -> str:
     """Markdown: per row, accuracy per family (decision accuracy on the set in brackets), clean, all, unknown."""
     fams = preset.families
-    head = ["sets crafted against", "identifier", *fams, "clean", "all", "unknown"]
+    head = ["sets crafted against", "identifier", *fams, "clean", "all", "unknown", "not fitted: unknown"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         by = {s["attack"]: s for s in r["report"]["sets"].values()}
@@ -197,13 +235,38 @@ def table(preset: Preset, results: list[dict[str, Any]]) -> str:
             )
         clean = by.get("clean")
         rep = r["report"]
+        others = [
+            f"{a} {100 * s['predicted'].get('unknown', 0) / s['n']:.1f}"
+            for a, s in by.items()
+            if a not in fams and a != "clean"
+        ]
         lines.append(
             "| " + " | ".join(
                 [r["row"], r["mode"], *cells, f"{100 * clean['accuracy']:.1f}" if clean else "–",
-                 f"{100 * rep['accuracy']:.1f}", f"{100 * (rep.get('unknown_rate') or 0):.1f}"]
+                 f"{100 * rep['accuracy']:.1f}", f"{100 * (rep.get('unknown_rate') or 0):.1f}", ", ".join(others) or "–"]
             ) + " |"
         )  # fmt: skip
     return "\n".join(lines)
+
+
+def score(
+    runner: Runner, preset: Preset, rows: dict[str, list[tuple[str, Path]]], identifier: str, *, rules: bool
+) -> list[dict[str, Any]]:
+    """Each group identified by `identifier` (with and without rejection), and by the rules on the base's sets."""
+    results = []
+    for label, sets in rows.items():
+        targets = {f: target_accuracy(s) for f, s in sets}
+        modes = [["--identifier", identifier], ["--identifier", identifier, "--no-reject"]]
+        if rules and label == f"base, eps {preset.eps[0]}":
+            adapters = list(preset.adapters.values())
+            modes += [[*adapters, "--mode", "relative-rule"], [*adapters, "--mode", "rule"]]
+        for mode in modes:
+            report = identify(runner, preset, label, sets, mode)
+            name = (
+                mode[-1] if mode[-2] == "--mode" else f"{identifier}" + (", no reject" if "--no-reject" in mode else "")
+            )
+            results.append({"row": label, "mode": name, "target_accuracy": targets, "report": report})
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,28 +275,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", type=Path, default=Path(os.environ.get("LORADAR_STORE", "~/.loradar")).expanduser())
     parser.add_argument("--out", type=Path, required=True, help="Folder for sets, reports and the summary.")
     parser.add_argument("--evade-weights", default="1,10", help="Adaptive attacker's weights, comma-separated.")
+    parser.add_argument("--defence", action="store_true", help="Also fit and score an identifier fitted on more eps "
+                        "and on adaptive examples (ID-mix), against an attacker who adapts to it.")  # fmt: skip
+    parser.add_argument("--defence-weights", default="10", help="Adaptive weights for --defence, comma-separated.")
     opts = parser.parse_args(argv)
     preset = PRESETS[opts.preset]
     for sub in ("sets", "reports"):
         (opts.out / sub).mkdir(parents=True, exist_ok=True)
     runner = Runner(opts.store, opts.out)
-    fitted = fit(runner, preset)
-    results = []
-    for label, sets in groups(runner, preset, [float(w) for w in opts.evade_weights.split(",")]).items():
-        targets = {f: target_accuracy(s) for f, s in sets}
-        modes = [["--identifier", preset.identifier], ["--identifier", preset.identifier, "--no-reject"]]
-        if label.startswith(f"base, eps {preset.eps[0]}"):
-            adapters = list(preset.adapters.values())
-            modes += [[*adapters, "--mode", "relative-rule"], [*adapters, "--mode", "rule"]]
-        for mode in modes:
-            report = identify(runner, preset, label, sets, mode)
-            name = (
-                mode[-1] if mode[-2] == "--mode" else ("calibrated" + (", no reject" if "--no-reject" in mode else ""))
-            )
-            results.append({"row": label, "mode": name, "target_accuracy": targets, "report": report})
+    fitted = {preset.identifier: fit(runner, preset)}
+    weights = [float(w) for w in opts.evade_weights.split(",")]
+    results = score(runner, preset, groups(runner, preset, weights), preset.identifier, rules=True)
+    if opts.defence:
+        mix = f"{preset.identifier}-mix"
+        defence = [float(w) for w in opts.defence_weights.split(",")]
+        fitted[mix] = fit(runner, preset, mix, defence_sets(runner, preset, defence))
+        results += score(runner, preset, groups(runner, preset, defence, mix), mix, rules=False)
     summary = {
         "preset": opts.preset,
-        "fit": {k: fitted[k] for k in ("features", "train_accuracy", "held_out_accuracy")},
+        "fit": {n: {k: f[k] for k in ("features", "train_accuracy", "held_out_accuracy")} for n, f in fitted.items()},
         "commands": runner.commands,
         "rows": [{k: r[k] for k in ("row", "mode", "target_accuracy")} | {"sets": r["report"]["sets"],
                  "accuracy": r["report"]["accuracy"], "unknown_rate": r["report"].get("unknown_rate")}
