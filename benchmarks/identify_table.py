@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--defence", action="store_true", help="Also fit and score an identifier fitted on more eps "
                         "and on adaptive examples (ID-mix), against an attacker who adapts to it.")  # fmt: skip
     parser.add_argument("--defence-weights", default="10", help="Adaptive weights for --defence, comma-separated.")
+    parser.add_argument("--defence-only", action="store_true", help="With --defence: skip the first identifier's rows.")
     opts = parser.parse_args(argv)
     preset = PRESETS[opts.preset]
     for sub in ("sets", "reports"):
@@ -285,7 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     runner = Runner(opts.store, opts.out)
     fitted = {preset.identifier: fit(runner, preset)}
     weights = [float(w) for w in opts.evade_weights.split(",")]
-    results = score(runner, preset, groups(runner, preset, weights), preset.identifier, rules=True)
+    results = []
+    if not opts.defence_only:
+        results = score(runner, preset, groups(runner, preset, weights), preset.identifier, rules=True)
     if opts.defence:
         mix = f"{preset.identifier}-mix"
         defence = [float(w) for w in opts.defence_weights.split(",")]
@@ -299,7 +302,9 @@ def main(argv: list[str] | None = None) -> None:
                  "accuracy": r["report"]["accuracy"], "unknown_rate": r["report"].get("unknown_rate")}
                  for r in results],
     }  # fmt: skip
-    (opts.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (opts.out / f"summary{'-defence' if opts.defence_only else ''}.json").write_text(
+        json.dumps(summary, indent=1) + "\n"
+    )
     print(table(preset, results))
 
 
