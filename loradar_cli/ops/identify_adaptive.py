@@ -14,7 +14,8 @@ it raises the decision's loss and lowers q, and unlike a term such as softplus(w
 saturate while the identifier is sure (its gradient in q is −w / q). The extra logit can win the argmax, so this
 module is only a gradient target: judge success on the decision itself. With w = 0 the decision's logits are
 returned as they are.
-Attacks whose loss is not the cross-entropy of the logits (FIA's feature loss) do not see the identifier term.
+Attacks whose loss is not the cross-entropy of the logits (FIA's feature loss) do not see the identifier term;
+the decision's `members` are exposed so that such attacks tap the same layers as against the decision itself.
 
 The identifier's probabilities are differentiable in the members' outputs and the input except for feature
 groups that count exact values (`plateau`), which are constant for the gradient: the attacker's surrogate treats
@@ -63,6 +64,9 @@ class EvadeIdentifier(nn.Module):
         if not hidden:
             raise InvalidValueError("the adaptive objective needs at least one class to hide")
         self.decision = decision
+        members = getattr(decision, "members", None)
+        if isinstance(members, nn.ModuleList):  # attacks that tap an ensemble's members (FIA) tap the same ones
+            self.members = members
         self.readers = nn.ModuleList(readers.values())
         self._names = list(readers)
         self._probabilities = probabilities

@@ -92,3 +92,18 @@ def test_adaptive_pgd_lowers_the_identifiers_probability_of_pgd_at_the_same_budg
     q_adaptive = identifier.predict_proba(features(adaptive))[:, pgd_index]
     assert q_plain.mean() > 0.9, q_plain.mean()  # the identifier sees plain PGD
     assert q_adaptive.mean() < q_plain.mean() - 0.2, (q_adaptive.mean(), q_plain.mean())
+
+
+def test_fia_taps_the_same_member_layers_through_the_objective_as_through_the_decision():
+    """FIA's loss does not see the identifier term: through EvadeIdentifier it must equal FIA on the decision."""
+    from loradar_cli.combine.ensemble import MeanLogits
+
+    members = [_tiny_classifier(1), _tiny_classifier(2)]
+    decision = MeanLogits(members)
+    evade = EvadeIdentifier(decision, {}, lambda probs, x: torch.full((len(x), 2), 0.5), hidden=[0], weight=1.0)
+    x = _smooth_images(6, 3)
+    y = decision(x).argmax(-1).detach()
+    fia = build_attack("fia", eps=0.05, steps=3, layer="1", seed=0)
+    torch.testing.assert_close(
+        fia(evade, x, y), build_attack("fia", eps=0.05, steps=3, layer="1", seed=0)(decision, x, y)
+    )
