@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from loradar_cli import names
+from loradar_cli.cli._combine import IdentifierOpt
 from loradar_cli.cli._common import (
     AlphaOpt,
     AttackOptOpt,
@@ -33,6 +34,7 @@ from loradar_cli.cli._engine_options import (
 )
 from loradar_cli.cli._output import show_result
 from loradar_cli.cli._tables import kv_table
+from loradar_cli.errors import InvalidValueError
 
 
 @run_command
@@ -41,6 +43,24 @@ def attack_cli(
     attack: Annotated[str, typer.Option("--attack", help=f"Attack: {names.choices(names.ATTACKS)}.")],
     out: Annotated[Path, typer.Option("--out", help="Output .safetensors file.")],
     adapter: Annotated[str | None, typer.Option("--adapter", help="Attack the base with this adapter applied.")] = None,
+    members: Annotated[
+        str | None,
+        typer.Option("--members", help="Attack the decision of an ensemble of these adapters (comma-separated)."),
+    ] = None,
+    decision: Annotated[
+        str, typer.Option("--decision", help=f"The ensemble's decision: {names.choices(names.ENSEMBLE_METHODS)}.")
+    ] = "soft",
+    identifier: IdentifierOpt = None,
+    evade_identifier: Annotated[
+        str | None,
+        typer.Option(
+            "--evade-identifier",
+            help="Adaptive attacker: also lower this identifier's probability of the attack's family.",
+        ),
+    ] = None,
+    evade_weight: Annotated[
+        float, typer.Option("--evade-weight", min=0.0, help="Weight of the identifier term against the loss.")
+    ] = 1.0,
     data: DataOpt = "digits",
     split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
     eps: EpsOpt = None,
@@ -59,7 +79,15 @@ def attack_cli(
 ) -> None:
     """Craft adversarial examples against base (+ adapter) and save them with the attack's full config."""
     from loradar_cli.jobs.attack import craft_adv_set
+    from loradar_cli.jobs.attack_target import EnsembleSpec, EvasionSpec
 
+    voters = [n.strip() for n in (members or "").split(",") if n.strip()]
+    if decision not in names.ENSEMBLE_METHODS:
+        raise InvalidValueError(f"unknown --decision {decision!r}; valid: {', '.join(names.ENSEMBLE_METHODS)}")
+    if identifier and not voters:
+        raise InvalidValueError("--identifier is route's router: give --members and --decision route")
+    ensemble = EnsembleSpec(voters, decision, identifier) if voters else None
+    evade = EvasionSpec(evade_identifier, attack, evade_weight) if evade_identifier else None
     options = attack_options([attack], eps, alpha, steps, attack_opt)[attack]
     launch_nproc(nproc)
     engine = engine_from(device, workers=workers)
@@ -79,6 +107,8 @@ def attack_cli(
             batch_size=batch_size,
             progress=progress,
             engine=engine,
+            ensemble=ensemble,
+            evade=evade,
         )
     if not main:
         return

@@ -148,6 +148,10 @@ def _rows(
         for method in loaded.decisions:
             name = method if method == "route" else f"vote:{method}"
             rows.append(_Row(name, loaded.classifier(method), loaded.targets(method)))
+        if loaded.router is not None:  # route with a calibrated identifier: also the attacker who evades it
+            from loradar_cli.jobs.attack_target import ADAPTIVE_ROUTE, adaptive_route_targets
+
+            rows.append(_Row(ADAPTIVE_ROUTE, loaded.classifier("route"), adaptive_route_targets(loaded)))
     return rows
 
 
