@@ -161,33 +161,26 @@ def _lora(model: nn.Module, seed: int) -> nn.Module:
 
 
 def _training_row(arch: str, model: nn.Module, x: Tensor, y: Tensor, repeats: int) -> dict[str, Any]:
-    """One PGD-AT epoch of the training loop on one batch vs the attack plus one forward/backward."""
+    """One PGD-AT step of the training loop's batch body on one batch vs the attack plus one forward/backward."""
     from loradar_cli.attacks import build_attack
-    from loradar_cli.data import ImageData
     from loradar_cli.lora.inject import trainable_parameters
-    from loradar_cli.recipes.loop import TrainConfig, _train_epoch
-    from loradar_cli.recipes.losses import recipe_loss
+    from loradar_cli.recipes import build_recipe
+    from loradar_cli.recipes.loop import adapter_train_mode
 
     adapted = _lora(model, seed=0)
     attack = build_attack("pgd", eps=8 / 255, alpha=2 / 255, steps=10, seed=0)
-    config = TrainConfig(epochs=1, batch_size=len(x), lr=1e-3, seed=0, recipe="pgd-at")
+    recipe = build_recipe("pgd-at")
     params = trainable_parameters(adapted)
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    data = ImageData(x, y, 10, "synthetic")
 
-    def step() -> None:
-        _train_epoch(
-            adapted,
-            attack,
-            recipe_loss("pgd-at"),
-            data,
-            None,
-            optimizer,
-            torch.Generator().manual_seed(0),
-            config,
-            1,
-            None,
-        )
+    def step() -> None:  # the body of recipes.loop.train_epoch for one batch, without augmentation or scaling
+        adapter_train_mode(adapted) if recipe.frozen_norm_stats else adapted.train()
+        out = recipe.step(adapted, x, y, attack)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        recipe.after_step(adapted)
+        adapted.eval()
 
     def floor() -> None:
         x_adv = attack(adapted, x, y)
