@@ -10,6 +10,7 @@ ATTACKS: tuple[str, ...] = (
     "apgd-l2",
     "apgd-t",
     "apgd-t-l2",
+    "fab-t",
     "fgsm",
     "fia",
     "pgd",

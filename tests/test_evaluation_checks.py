@@ -8,8 +8,8 @@ from loradar_cli.advset import AdvSet
 from loradar_cli.attacks import build_attack
 from loradar_cli.data import ImageData
 from loradar_cli.evaluation import AttackRecord, evaluate_suite, suite_attacks
-from loradar_cli.evaluation.checks import check_monotone, check_results
-from tests.attacks.conftest import Digits, fit_digits
+from loradar_cli.evaluation.checks import EOT_SAMPLES, check_monotone, check_results, eot_if_randomised
+from tests.attacks.conftest import Digits, InputNoise, fit_digits
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,21 @@ def test_randomised_model_is_flagged(digits: Digits) -> None:
     torch.manual_seed(0)
     row = evaluate_suite("noisy", Noisy(digits.model), data, suite_attacks("quick", eps=0.05, seed=0, steps=3))
     assert {"randomised", "eps-zero-not-clean"} <= ids(row)
+
+
+def test_a_randomised_model_is_attacked_with_eot_and_the_flag_says_so(digits: Digits) -> None:
+    data = ImageData(digits.x[:64], digits.y[:64], 10, "digits")
+    attacks = suite_attacks("quick", eps=0.05, seed=0, steps=3)
+    torch.manual_seed(0)
+    noisy = evaluate_suite("noisy", InputNoise(digits.model, sigma=0.2), data, attacks)
+    assert [r.attack["config"]["eot"] for r in noisy.records] == [EOT_SAMPLES, EOT_SAMPLES]
+    (randomised,) = [f for f in noisy.flags if f.id == "randomised" and "EOT over" in f.message]
+    assert f"EOT over {EOT_SAMPLES} passes: pgd, apgd-ce" in randomised.message
+    plain = evaluate_suite("mlp", digits.model, data, attacks)
+    assert [r.attack["config"]["eot"] for r in plain.records] == [1, 1] and "randomised" not in ids(plain)
+    own = {"pgd": attacks["pgd"], "apgd-ce": build_attack("apgd", eps=0.05, steps=3, eot=4)}
+    kept, _ = eot_if_randomised(InputNoise(digits.model, sigma=0.2), own, digits.x[:16])
+    assert kept["apgd-ce"].config.eot == 4 and kept["pgd"].config.eot == EOT_SAMPLES, "an explicit count is kept"
 
 
 def test_masked_gradients_are_flagged_by_zero_gradient_and_black_box(digits: Digits) -> None:

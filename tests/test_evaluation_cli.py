@@ -72,7 +72,7 @@ def test_strict_exits_3_when_a_flag_is_raised_after_printing(tiny, monkeypatch) 
     assert invoke(store, *args, "--strict").exit_code == 0, "no flag on an ordinary model"
     from loradar_cli.evaluation import checks
 
-    monkeypatch.setattr(checks, "check_randomised", lambda model, x: [checks.flag("randomised", "forced")])
+    monkeypatch.setattr(checks, "output_spread", lambda model, x, passes=3: 1.0)  # as if randomised
     result = invoke(store, *args, "--strict")
     assert result.exit_code == 3
     assert json.loads(result.stdout)["rows"][0]["flags"][0]["id"] == "randomised"

@@ -34,7 +34,8 @@ def test_suites_are_a_registry_with_autoattack_order() -> None:
     assert list(standard) == ["apgd-ce", "apgd-t", "square"]
     assert [a.name for a in standard.values()] == ["apgd", "apgd-t", "square"]
     assert all(a.config.eps == 0.1 and a.config.seed == 3 for a in standard.values())
-    assert list(suite_attacks("plus", eps=0.1)) == ["apgd-ce", "apgd-t", "square", "fgsm", "roa", "fia"]
+    assert list(suite_attacks("plus", eps=0.1)) == ["apgd-ce", "apgd-t", "square", "fab-t", "fgsm", "roa", "fia"]
+    assert suite_attacks("plus", eps=0.1)["fab-t"].config.eps == 0.1
     assert [a.name for a in suite_attacks("standard", norm="l2", eps=0.5).values()] == [
         "apgd-l2",
         "apgd-t-l2",

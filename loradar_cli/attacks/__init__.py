@@ -17,9 +17,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from loradar_cli.attacks import apgd, fgsm, fia, pgd, roa, square
+from loradar_cli.attacks import apgd, fab, fgsm, fia, pgd, roa, square
 from loradar_cli.attacks.apgd import APGD, APGDL2, APGDT, APGDTL2, APGDConfig, APGDL2Config, APGDTConfig, APGDTL2Config
 from loradar_cli.attacks.base import ATTACKS, Attack, AttackConfig, ThreatModel, Tracker, register_attack
+from loradar_cli.attacks.fab import FABT, FABTConfig
 from loradar_cli.attacks.fgsm import FGSM
 from loradar_cli.attacks.fia import FIA, FIAConfig, default_feature_layer
 from loradar_cli.attacks.pgd import PGD, PGDL2, PGDConfig, PGDL2Config
@@ -45,6 +46,7 @@ __all__ = [
     "APGDTL2",
     "ATTACKS",
     "ATTACK_NAMES",
+    "FABT",
     "FGSM",
     "FIA",
     "PGD",
@@ -56,6 +58,7 @@ __all__ = [
     "APGDTL2Config",
     "Attack",
     "AttackConfig",
+    "FABTConfig",
     "FIAConfig",
     "PGDConfig",
     "PGDL2Config",
@@ -73,7 +76,7 @@ __all__ = [
     "route_options",
 ]
 
-_MODULES = (apgd, fgsm, fia, pgd, roa, square)  # imported for their registrations
+_MODULES = (apgd, fab, fgsm, fia, pgd, roa, square)  # imported for their registrations
 
 
 def attack_names() -> list[str]:

@@ -60,6 +60,31 @@ def losses_grad_logits(
     return losses.detach(), grad.detach(), logits.detach()
 
 
+def eot_input_grad(model: nn.Module, x: Tensor, y: Tensor, samples: int = 1) -> Tensor:
+    """`input_grad` averaged over `samples` passes (EOT, see `eot_losses_grad_logits`); one pass when 1."""
+    grad = input_grad(model, x, y)
+    for _ in range(samples - 1):
+        grad += input_grad(model, x, y)
+    return grad / samples if samples > 1 else grad
+
+
+def eot_losses_grad_logits(
+    model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], samples: int = 1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`losses_grad_logits` averaged over `samples` forward/backward passes: Expectation over Transformation.
+
+    Athalye, Carlini & Wagner, "Obfuscated Gradients Give a False Sense of Security: Circumventing Defenses to
+    Adversarial Examples", ICML 2018, arXiv:1802.00420, section 4.3: against a randomised model, ascend the
+    expected loss, whose gradient is the mean of the per-draw gradients. Losses and logits are averaged too (the
+    reference APGD keeps the last draw's), so step-size decisions and "fooled" see the expectation as well.
+    """
+    losses, grad, logits = losses_grad_logits(model, x, y, loss_fn)
+    for _ in range(samples - 1):
+        more = losses_grad_logits(model, x, y, loss_fn)
+        losses, grad, logits = losses + more[0], grad + more[1], logits + more[2]
+    return (losses / samples, grad / samples, logits / samples) if samples > 1 else (losses, grad, logits)
+
+
 def ce_each(logits: Tensor, y: Tensor) -> Tensor:
     """Per-sample cross-entropy `[B]`."""
     return F.cross_entropy(logits, y, reduction="none")

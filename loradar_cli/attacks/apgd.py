@@ -20,6 +20,9 @@ Choices:
   (the reference returns them unperturbed).
 * APGD-T maximises the targeted DLR loss towards the 2nd, 3rd, ... most likely class at the clean input
   (`targets` of them, at most C - 1), `steps` each; success is misclassification [code].
+* `eot > 1` averages loss, gradient and logits of each iterate over that many passes (Expectation over
+  Transformation, Athalye, Carlini & Wagner, ICML 2018, arXiv:1802.00420); the reference code averages the
+  gradient over `eot_iter` passes and keeps the last pass's loss [code].
 """
 
 from collections.abc import Callable
@@ -34,8 +37,8 @@ from loradar_cli.attacks._functional import (
     clamp01,
     dlr,
     dlr_targeted,
+    eot_losses_grad_logits,
     gaussian,
-    losses_grad_logits,
     normalize_l2,
     per_sample,
     project_l2,
@@ -55,6 +58,7 @@ class _APGDOptions(AttackConfig):
     restarts: int = Field(1, ge=1)
     rho: float = Field(0.75, gt=0, le=1)
     momentum: float = Field(0.75, ge=0, le=1)
+    eot: int = Field(1, ge=1)  # gradients averaged per iterate (EOT, for randomised models; 1: plain APGD)
 
 
 class APGDConfig(_APGDOptions):
@@ -160,7 +164,7 @@ class _APGDBase(Attack[P]):
         self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, loss_fn: Loss, tracker: Tracker, idx: Tensor
     ) -> Tensor:
         """One APGD run from `x_adv`; returns each point's highest-loss iterate (fooled ones are in `tracker`)."""
-        loss, grad, logits = losses_grad_logits(model, x_adv, y, loss_fn)
+        loss, grad, logits = eot_losses_grad_logits(model, x_adv, y, loss_fn, self.config.eot)
         keep = tracker.observe(idx, x_adv, logits)
         sched = StepSchedule(self.config.steps, torch.full_like(loss, 2 * self.config.eps), loss, self.config.rho)
         x_best, grad_best, x_prev = x_adv.clone(), grad.clone(), x_adv.clone()
@@ -178,7 +182,7 @@ class _APGDBase(Attack[P]):
             a = 1.0 if i == 0 else self.config.momentum
             z = self._project(x_adv + per_sample(sched.eta) * self._direction(grad), x)
             x_prev, x_adv = x_adv, self._project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x)
-            loss, grad, logits = losses_grad_logits(model, x_adv, y, loss_fn)
+            loss, grad, logits = eot_losses_grad_logits(model, x_adv, y, loss_fn, self.config.eot)
             keep = tracker.observe(idx, x_adv, logits)
             better = per_sample(loss > sched.best)
             x_best, grad_best = torch.where(better, x_adv, x_best), torch.where(better, grad, grad_best)

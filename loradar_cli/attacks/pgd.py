@@ -5,6 +5,8 @@ ICLR 2018, arXiv:1706.06083.
 Threat models: "pgd" ||x_adv - x||_inf <= eps; "pgd-l2" ||x_adv - x||_2 <= eps per sample; x_adv in [0, 1].
 Defaults [paper, CIFAR-10 training]: L-inf eps 8/255, alpha 2/255, 10 steps, uniform random start.
 L2 defaults (eps 0.5, alpha 0.1) follow torchattacks' PGDL2 and the RobustBench L2 track.
+`eot > 1` averages each step's gradient over that many passes (Expectation over Transformation: Athalye,
+Carlini & Wagner, ICML 2018, arXiv:1802.00420), for models that are random in eval mode.
 """
 
 from typing import ClassVar, TypeVar
@@ -16,8 +18,8 @@ from torch import Tensor, nn
 from loradar_cli.attacks._functional import (
     best_of_restarts,
     ce_each,
-    input_grad,
-    losses_grad_logits,
+    eot_input_grad,
+    eot_losses_grad_logits,
     normalize_l2,
     project_l2,
     project_linf,
@@ -34,6 +36,7 @@ class PGDConfig(AttackConfig):
     steps: int = Field(10, ge=1)
     random_start: bool = True
     restarts: int = Field(1, ge=1)
+    eot: int = Field(1, ge=1)  # gradients averaged per step (EOT, for randomised models; 1: plain PGD)
 
 
 class PGDL2Config(PGDConfig):
@@ -56,7 +59,7 @@ class _PGDBase(Attack[P]):
         """One PGD run from a fresh start."""
         x_adv = self._start(x, generator) if self.config.random_start else x.clone()
         for _ in range(self.config.steps):
-            x_adv = self._step(x_adv, x, input_grad(model, x_adv, y))
+            x_adv = self._step(x_adv, x, eot_input_grad(model, x_adv, y, self.config.eot))
         return x_adv
 
     def _generate_tracked(
@@ -78,7 +81,7 @@ class _PGDBase(Attack[P]):
         out = x_adv.clone()
         pos = torch.arange(len(x), device=x.device)
         for _ in range(self.config.steps):
-            _, grad, logits = losses_grad_logits(model, x_adv, y, ce_each)
+            _, grad, logits = eot_losses_grad_logits(model, x_adv, y, ce_each, self.config.eot)
             keep = tracker.observe(idx, x_adv, logits)
             if not keep.all():
                 out[pos] = x_adv

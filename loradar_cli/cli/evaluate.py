@@ -57,7 +57,7 @@ def eval_cli(
         typer.Option(
             "--suite",
             help=f"Attack suite with early stopping, after any --attack: {' | '.join(names.SUITES)} "
-            "(quick = PGD + APGD-CE; standard = APGD-CE, APGD-T, Square; plus adds FGSM, ROA, FIA).",
+            "(quick = PGD + APGD-CE; standard = APGD-CE, APGD-T, Square; plus adds FAB-T, FGSM, ROA, FIA).",
         ),
     ] = None,
     norm: Annotated[str, typer.Option("--norm", help=f"Threat model of --suite: {' | '.join(names.NORMS)}.")] = "linf",

@@ -19,6 +19,8 @@ from loradar_cli.attacks._functional import model_mode
 from loradar_cli.metrics import correct, mean_flag
 
 BLACK_BOX = ("square", "square-l2")  # attacks that use scores only: they must not beat the gradient attacks
+RANDOM_SPREAD = 1e-4  # relative logit spread above which a model counts as randomised (AutoAttack's threshold)
+EOT_SAMPLES = 20  # gradient passes averaged per step against a randomised model (AutoAttack's "rand" version)
 
 
 class SanityFlag(BaseModel):
@@ -37,7 +39,7 @@ EXPLAIN = {
     "transfer-beats-white-box": "a transfer set fools the model more than white-box attacks do: gradients are masked",
     "transfer-overstates": "a transfer set's accuracy is far above white-box robustness: do not report it as robustness",
     "zero-gradient": "input gradients vanish on some points: gradient attacks cannot work there (use Square or BPDA)",
-    "randomised": "outputs differ between identical forward passes in eval mode: use EOT and re-check results",
+    "randomised": "outputs differ between identical forward passes in eval mode: gradient attacks use EOT",
     "too-few-classes": "the DLR losses need 3 (targeted: 4) classes; those attacks were skipped or limited",
 }
 
@@ -53,13 +55,40 @@ def noise(p: float, n: int) -> float:
 
 
 @torch.no_grad()
-def check_randomised(model: nn.Module, x: Tensor, passes: int = 3) -> list[SanityFlag]:
-    """Flag a model whose eval-mode logits differ across identical passes (relative 1e-4, as AutoAttack)."""
+def output_spread(model: nn.Module, x: Tensor, passes: int = 3) -> float:
+    """Largest difference of eval-mode logits between identical passes, relative to their largest magnitude."""
     with model_mode(model, "eval"):
         outs = [model(x) for _ in range(passes)]
     scale = outs[0].abs().amax().clamp_min(1e-12)
-    spread = max(((o - outs[0]).abs().amax() / scale).item() for o in outs[1:])
-    return [flag("randomised", f"relative spread {spread:.2g} over {passes} passes")] if spread > 1e-4 else []
+    return max(((o - outs[0]).abs().amax() / scale).item() for o in outs[1:])
+
+
+def check_randomised(model: nn.Module, x: Tensor, passes: int = 3) -> list[SanityFlag]:
+    """Flag a model whose eval-mode logits differ across identical passes (relative 1e-4, as AutoAttack)."""
+    spread = output_spread(model, x, passes)
+    return [flag("randomised", f"relative spread {spread:.2g} over {passes} passes")] if spread > RANDOM_SPREAD else []
+
+
+def eot_if_randomised(
+    model: nn.Module, attacks: Mapping[str, Attack[Any]], x: Tensor, samples: int = EOT_SAMPLES
+) -> tuple[dict[str, Attack[Any]], list[SanityFlag]]:
+    """The attacks with EOT over `samples` passes where `model` is randomised (flagged, naming them), else as given.
+
+    Athalye, Carlini & Wagner, "Obfuscated Gradients Give a False Sense of Security", ICML 2018,
+    arXiv:1802.00420: a single draw's gradient understates what an attacker who averages draws achieves.
+    Attacks already set to `eot > 1` keep their own count; attacks without the option are unchanged.
+    """
+    spread = output_spread(model, x)
+    if spread <= RANDOM_SPREAD:
+        return dict(attacks), []
+    out, changed = {}, []
+    for label, attack in attacks.items():
+        if getattr(attack.config, "eot", None) == 1:
+            attack = type(attack)(attack.config.model_copy(update={"eot": samples}))
+            changed.append(label)
+        out[label] = attack
+    done = f"EOT over {samples} passes: {', '.join(changed)}" if changed else "no attack takes EOT"
+    return out, [flag("randomised", f"relative spread {spread:.2g} over 3 passes; {done}")]
 
 
 def check_gradients(targets: Mapping[str, nn.Module], x: Tensor, y: Tensor) -> list[SanityFlag]:

@@ -51,6 +51,8 @@ def evaluate_suite(
     x, y = _head(source, CHECK_POINTS, engine)
     num_classes = predict_logits(judge, x[:1]).shape[1] if len(x) else 0
     attacks, flags = checks.usable_attacks(attacks, num_classes)
+    attacks, randomised = checks.eot_if_randomised(judge, attacks, x)  # attacked with EOT, flagged
+    flags += randomised
     flags += from_main(engine.world, lambda: _pre_checks(judge, targets, attacks, x, y))
     result = stream_suite(
         judge, source, attacks, targets=targets, early_stop=early_stop, batch_size=batch_size, progress=progress,
@@ -95,9 +97,8 @@ def _set_flags(judge: nn.Module, adv: AdvSet, batch_size: int, engine: Engine) -
 def _pre_checks(
     judge: nn.Module, targets: Mapping[str, nn.Module], attacks: Mapping[str, Attack[Any]], x: Tensor, y: Tensor
 ) -> list[checks.SanityFlag]:
-    """Determinism, gradients, eps = 0, and monotonicity in eps and steps on a few points."""
-    flags = checks.check_randomised(judge, x)
-    flags += checks.check_gradients(targets, x, y)
+    """Gradients, eps = 0, and monotonicity in eps and steps on a few points (determinism is checked before)."""
+    flags = checks.check_gradients(targets, x, y)
     target = next(iter(targets.values()))
     flags += checks.check_eps_zero(judge, target, attacks, x, y)
     gradient = [(lbl, a) for lbl, a in attacks.items() if a.name not in checks.BLACK_BOX and a.threat_model != "patch"]

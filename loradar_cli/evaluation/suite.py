@@ -50,8 +50,8 @@ def _standard(norm: str) -> list[Entry]:
 
 @SUITES.register("plus")
 def _plus(norm: str) -> list[Entry]:
-    """The standard suite, then FGSM, ROA and FIA (the L-inf ones only under L-inf; ROA is a patch attack)."""
-    extra: list[Entry] = [("fgsm", "fgsm", {}), ("roa", "roa", {}), ("fia", "fia", {})]
+    """The standard suite, then FAB-T, FGSM, ROA and FIA (the L-inf ones only under L-inf; ROA is a patch attack)."""
+    extra: list[Entry] = [("fab-t", "fab-t", {}), ("fgsm", "fgsm", {}), ("roa", "roa", {}), ("fia", "fia", {})]
     return _standard(norm) + [e for e in extra if norm == "linf" or ATTACKS.get(e[1]).threat_model == "patch"]
 
 

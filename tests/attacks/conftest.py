@@ -85,3 +85,21 @@ def fit_digits() -> Digits:
     digits = Digits(model, x[test], y[test])
     assert digits.accuracy(digits.x) > 0.9
     return digits
+
+
+class InputNoise(nn.Module):
+    """A randomised defence: Gaussian noise added to the input on every forward pass, eval mode included."""
+
+    def __init__(self, model: nn.Module, sigma: float) -> None:
+        super().__init__()
+        self.model, self.sigma = model, sigma
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x + self.sigma * torch.randn_like(x))
+
+
+def expected_accuracy(model: nn.Module, x: Tensor, y: Tensor, passes: int = 8, seed: int = 1) -> float:
+    """Accuracy of a randomised model averaged over `passes` seeded draws."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return torch.stack([(model(x).argmax(1) == y).float() for _ in range(passes)]).mean().item()

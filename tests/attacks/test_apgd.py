@@ -12,7 +12,7 @@ from loradar_cli.attacks.apgd import StepSchedule, checkpoints
 from loradar_cli.errors import InvalidValueError
 
 from ._oracle import torchattacks
-from .conftest import Digits
+from .conftest import Digits, InputNoise, expected_accuracy
 
 
 def paper_checkpoints(n: int) -> list[int]:
@@ -146,3 +146,15 @@ def test_robust_accuracy_matches_torchattacks_apgd_targeted(digits: Digits) -> N
     atk.n_target_classes = 3
     theirs = digits.accuracy(atk(digits.x, digits.y))
     assert ours <= theirs + 0.01, (ours, theirs)
+
+
+def test_eot_lowers_robust_accuracy_of_a_randomised_model(digits: Digits) -> None:
+    """Athalye et al. (arXiv:1802.00420): against input noise, averaged gradients find stronger examples."""
+    model = InputNoise(digits.model, sigma=0.2)
+    accuracy = {}
+    for eot in (1, 10):
+        torch.manual_seed(0)  # the model's noise
+        x_adv = build_attack("apgd", eps=0.06, steps=10, seed=0, eot=eot)(model, digits.x, digits.y)
+        assert (x_adv - digits.x).abs().amax() <= 0.06 + 1e-6
+        accuracy[eot] = expected_accuracy(model, x_adv, digits.y)
+    assert accuracy[10] < accuracy[1] - 0.05, accuracy

@@ -6,6 +6,9 @@ from torch import Tensor, nn
 
 from loradar_cli.attacks._functional import (
     best_of_restarts,
+    ce_each,
+    eot_input_grad,
+    eot_losses_grad_logits,
     input_grad,
     model_mode,
     point_streams,
@@ -96,3 +99,39 @@ def test_point_streams_give_each_point_its_start_whatever_its_batch() -> None:
         torch.manual_seed(0)
         b = random_init_linf(x, 0.1)
     assert torch.equal(a, b)
+
+
+class RandomLinear(nn.Module):
+    """Logits (W + noise) x: each pass draws fresh noise, so each pass has its own input gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 12))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1) @ (self.w + torch.randn_like(self.w)).T
+
+
+def test_eot_averages_loss_gradient_and_logits_over_the_draws() -> None:
+    model, x, y = RandomLinear(), torch.rand(5, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+    torch.manual_seed(7)
+    losses, grad, logits = eot_losses_grad_logits(model, x, y, ce_each, samples=4)
+    torch.manual_seed(7)  # the same four draws, each differentiated by hand: d CE / dx = (softmax - onehot) W
+    draws = [model.w.detach() + torch.randn_like(model.w) for _ in range(4)]
+    flat = x.flatten(1)
+    each = [flat @ w.T for w in draws]
+    onehot = nn.functional.one_hot(y, 3).float()
+    by_hand = [((z.softmax(1) - onehot) @ w).view_as(x) for z, w in zip(each, draws, strict=True)]
+    assert torch.allclose(grad, torch.stack(by_hand).mean(0), atol=1e-5)
+    assert torch.allclose(logits, torch.stack(each).mean(0), atol=1e-5)
+    assert torch.allclose(losses, torch.stack([ce_each(z, y) for z in each]).mean(0), atol=1e-5)
+    assert not torch.allclose(by_hand[0], by_hand[1], atol=1e-3), "the draws must differ for the test to mean much"
+    assert model.w.grad is None
+    torch.manual_seed(7)
+    assert torch.allclose(eot_input_grad(model, x, y, samples=4), grad, atol=1e-5), "summed CE, same draws"
+
+
+def test_eot_on_a_deterministic_model_is_one_plain_pass() -> None:
+    model, x, y = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    assert torch.equal(eot_input_grad(model, x, y, samples=1), input_grad(model, x, y))
+    assert torch.allclose(eot_input_grad(model, x, y, samples=3), input_grad(model, x, y), atol=1e-6)

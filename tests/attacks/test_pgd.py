@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from loradar_cli.attacks import build_attack
 
 from ._oracle import torchattacks
-from .conftest import Digits
+from .conftest import Digits, InputNoise, expected_accuracy
 
 
 def reference_pgd_linf(
@@ -112,3 +112,15 @@ def test_robust_accuracy_close_to_torchattacks(digits: Digits) -> None:
     theirs = digits.accuracy(ta.PGD(digits.model, eps=eps, alpha=alpha, steps=10)(digits.x, digits.y))
     assert ours < digits.accuracy(digits.x) - 0.5
     assert ours <= theirs + 0.01, (ours, theirs)
+
+
+def test_eot_lowers_robust_accuracy_of_a_randomised_model(digits: Digits) -> None:
+    """Athalye et al. (arXiv:1802.00420): against input noise, averaged gradients find stronger examples."""
+    model = InputNoise(digits.model, sigma=0.2)
+    accuracy = {}
+    for eot in (1, 20):
+        torch.manual_seed(0)  # the model's noise
+        x_adv = build_attack("pgd", eps=0.06, alpha=0.015, steps=10, seed=0, eot=eot)(model, digits.x, digits.y)
+        assert (x_adv - digits.x).abs().amax() <= 0.06 + 1e-6
+        accuracy[eot] = expected_accuracy(model, x_adv, digits.y)
+    assert accuracy[20] < accuracy[1] - 0.015, accuracy  # sign steps shrug off much of the noise: a small gain
