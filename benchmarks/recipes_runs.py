@@ -124,6 +124,7 @@ def main() -> None:
         queue += [(recipe_run, args.store, args.out, args.data, r, eps, args.limit) for r in recipes]
         queues.append(queue)
     if args.pool_eval_eps:
+        queues = queues or [[]]
         queues[0].append((pool_run, args.store, args.out, args.data, float(args.pool_eval_eps), args.limit))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda q: [_safe(*job) for job in q], queues))

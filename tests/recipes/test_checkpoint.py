@@ -69,11 +69,13 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(store, rec
     assert not resume_folder(store, "cut").exists()
 
 
-@pytest.mark.parametrize(("recipe", "options"), [("trades", {"inner": "attack"}), ("amt", {}), ("advlora", {})])
+@pytest.mark.parametrize(
+    ("recipe", "options"), [("trades", {"inner": "attack"}), ("amt", {}), ("advlora", {}), ("hyperat", {})]
+)
 def test_resume_continues_a_seeded_attacks_own_generator(store, recipe, options):
     """A seeded PGD draws its random starts from its own generator (training and validation): resumed, it goes on
     from where the interrupted run left it, so the adapter and every epoch's metrics equal the uninterrupted run's.
-    advlora's PGD-3 is an attack of its own (the recipe's state)."""
+    advlora's PGD-3 is an attack of its own (the recipe's state); hyperat attacks again to choose its merge."""
     base = make_base(store).name
     config = TrainConfig(recipe=recipe, recipe_options=options, epochs=3, batch_size=16, lr=1e-2, seed=3, select="last")
     seeded = {"eps": 0.3, "alpha": 0.1, "steps": 2, "seed": 11}
