@@ -89,6 +89,26 @@ def pool_run(store: Path, out: Path, data: str, eps: float, limit: int, recipe: 
                   "eval": evaluation})  # fmt: skip
 
 
+def variants_run(store: Path, out: Path, data: str, eps: float, limit: int, recipe: str = "amt") -> None:
+    """What else the ablation tries on the stored pool: tts over all members (top-k 3), a wider score trade-off
+    (lam 0.3, beta 5), a harder trim (keep 0.7 of layer4, and 0.9 of every layer), and the soft vote."""
+    path = out / f"variants-{recipe}-{eps:g}.json"
+    if path.exists():
+        return
+    pool, made = f"pool-{recipe}", {}
+    merges = {"top3": ["--top-k", "3"], "lam03-beta5": ["--lam", "0.3", "--beta", "5"]}
+    for tag, options in merges.items():
+        made[f"{pool}-tts-{tag}"] = cli(store, "merge", pool, "--method", "tts", "--support", data, *options,
+                                        "--name", f"{pool}-tts-{tag}", "--overwrite")  # fmt: skip
+    trims = {"trim07": ["--keep", "0.7", "--layers", "layer4"], "trim09-all": ["--keep", "0.9"]}
+    for tag, options in trims.items():
+        made[f"{pool}-tts-{tag}"] = cli(store, "trim", f"{pool}-tts", "--full-weight", *options,
+                                        "--name", f"{pool}-tts-{tag}", "--overwrite")  # fmt: skip
+    evaluation = cli(store, "eval", *[a for m in made for a in ("--adapter", m)], "--no-base",
+                     "--members", f"pool:{pool}", "--vote", "soft", *eval_args(data, eps, limit))  # fmt: skip
+    _write(path, {"recipe": f"variants-{recipe}", "eps": eps, "made": made, "eval": evaluation})
+
+
 def _write(path: Path, document: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(document, indent=1))
@@ -125,7 +145,9 @@ def main() -> None:
         queues.append(queue)
     if args.pool_eval_eps:
         queues = queues or [[]]
-        queues[0].append((pool_run, args.store, args.out, args.data, float(args.pool_eval_eps), args.limit))
+        pool_eps = float(args.pool_eval_eps)
+        queues[0].append((pool_run, args.store, args.out, args.data, pool_eps, args.limit))
+        queues[0].append((variants_run, args.store, args.out, args.data, pool_eps, args.limit))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda q: [_safe(*job) for job in q], queues))
 

@@ -56,16 +56,18 @@ def main() -> None:
     args = parser.parse_args()
     docs = [json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))]
     order = ["base", "loradar", "pgd-at", "trades", "mart", "amt", "advlora", "autolora", "hyperat"]
-    runs = [d for d in docs if not d["recipe"].startswith("pool-")]
+    runs = [d for d in docs if not d["recipe"].startswith(("pool-", "variants-"))]
     runs.sort(key=lambda d: (d["eps"], order.index(d["recipe"]) if d["recipe"] in order else len(order)))
     header = ["recipe", "eps", "clean", "PGD-20", "worst case", "s/epoch", "epoch kept", "n"]
     print(markdown(header, [recipe_row(d) for d in runs]))
-    for doc in (d for d in docs if d["recipe"].startswith("pool-")):
+    for doc in (d for d in docs if d["recipe"].startswith(("pool-", "variants-"))):
         print(f"\n{doc['recipe']} evaluated at eps {doc['eps']:g}:\n")
-        weights = doc["merge"]["report"].get("combination", {}).get("weights")
         print(markdown(["model", "clean", "PGD-20", "worst case"], pool_rows(doc)))
-        if weights is not None:
-            print(f"\ntts weights: {weights}")
+        merges = {"tts": doc["merge"]} if "merge" in doc else doc.get("made", {})
+        for name, merge in merges.items():
+            weights = merge["report"].get("combination", {}).get("weights")
+            if weights is not None:
+                print(f"\n{name} weights: {weights}")
 
 
 if __name__ == "__main__":
