@@ -54,8 +54,11 @@ def recipe_run(store: Path, out: Path, data: str, recipe: str, eps: float, limit
         return
     name = f"rec-{recipe}-{eps:g}"
     attack = ["--attack", "pgd", "--eps", f"{eps:g}", "--alpha", f"{eps / 4:g}", "--steps", "7"]
-    train = cli(store, "train", "--base", "mnist-base", "--data", data, "--recipe", recipe, "--name", name,
-                *attack, *TRAIN, "--overwrite")  # fmt: skip
+    if (store / name).is_dir() or (store / "bases" / name).is_dir():  # trained before an interrupted evaluation
+        train = cli(store, "show", name)
+    else:
+        train = cli(store, "train", "--base", "mnist-base", "--data", data, "--recipe", recipe, "--name", name,
+                    *attack, *TRAIN, "--resume")  # fmt: skip
     target = ["--base", name] if recipe == "autolora" else ["--adapter", name, "--no-base"]
     evaluation = cli(store, "eval", *target, *eval_args(data, eps, limit))
     _write(path, {"recipe": recipe, "eps": eps, "train": train, "eval": evaluation})
@@ -69,15 +72,16 @@ def base_run(store: Path, out: Path, data: str, eps: float, limit: int) -> None:
                                                                   *eval_args(data, eps, limit))})  # fmt: skip
 
 
-def pool_run(store: Path, out: Path, data: str, eps: float, limit: int, recipe: str = "amt") -> None:
-    """The AMT ablation: pool at POOL_EPS, tts merge, trimmed merge, majority vote; evaluated at `eps`."""
+def pool_run(store: Path, out: Path, data: str, eps: float, limit: int, lr: str, recipe: str = "amt") -> None:
+    """The AMT ablation: pool at POOL_EPS (learning rate `lr`), tts merge, trimmed merge, majority vote; evaluated
+    at `eps`."""
     path = out / f"pool-{recipe}-{eps:g}.json"
     if path.exists():
         return
     pool = f"pool-{recipe}"
     values = ",".join(f"{e:g}" for e in POOL_EPS)
     train = cli(store, "train", "--base", "mnist-base", "--data", data, "--recipe", recipe, "--attack", "pgd",
-                "--steps", "7", "--pool", f"eps={values}", "--name", pool, *TRAIN, "--resume")  # fmt: skip
+                "--steps", "7", "--pool", f"eps={values}", "--name", pool, *TRAIN, "--lr", lr, "--resume")  # fmt: skip
     merge = cli(store, "merge", pool, "--method", "tts", "--support", data, "--name", f"{pool}-tts", "--overwrite")
     trim = cli(store, "trim", f"{pool}-tts", "--full-weight", "--keep", "0.9", "--layers", "layer4",
                "--name", f"{pool}-tts-trim", "--overwrite")  # fmt: skip
@@ -134,6 +138,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--eps", default=",".join(f"{e:g}" for e in EPS))
+    parser.add_argument("--pool-lr", default="1e-3", help="learning rate of the pool (amt collapses at 1e-2 here)")
     parser.add_argument("--pool-eval-eps", default="0.1", help="eps of the AMT ablation's evaluation ('' skips it)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +151,7 @@ def main() -> None:
     if args.pool_eval_eps:
         queues = queues or [[]]
         pool_eps = float(args.pool_eval_eps)
-        queues[0].append((pool_run, args.store, args.out, args.data, pool_eps, args.limit))
+        queues[0].append((pool_run, args.store, args.out, args.data, pool_eps, args.limit, args.pool_lr))
         queues[0].append((variants_run, args.store, args.out, args.data, pool_eps, args.limit))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda q: [_safe(*job) for job in q], queues))
