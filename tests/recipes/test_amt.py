@@ -6,6 +6,7 @@ import torch
 
 from loradar_cli.attacks import build_attack
 from loradar_cli.data import load_data
+from loradar_cli.errors import ExistsError
 from loradar_cli.jobs.train import train_and_store_adapter
 from loradar_cli.loading import build_model, load_model
 from loradar_cli.lora.init import init_lora
@@ -127,6 +128,17 @@ def test_pool_trains_one_member_per_budget_and_merge_accepts_it(store):
         config=config, r=2, limit=16, val_limit=8, resume=True,
     )  # fmt: skip
     assert again.members == manifest.members and [m.created_at for m in kept] == [m.created_at for m in members]
+    # resumed once more after the manifest was written: the same pool, nothing retrained; other members are refused
+    third, kept = train_pool(
+        store, "P", "eps", values, attack="pgd", attack_options={"steps": 2}, base=base.name, data="digits",
+        config=config, r=2, limit=16, val_limit=8, resume=True,
+    )  # fmt: skip
+    assert third == load_pool(store.root, "P") and [m.created_at for m in kept] == [m.created_at for m in members]
+    with pytest.raises(ExistsError):
+        train_pool(
+            store, "P", "eps", values[:1], attack="pgd", attack_options={"steps": 2}, base=base.name, data="digits",
+            config=config, r=2, limit=16, val_limit=8, resume=True,
+        )  # fmt: skip
     out = CliRunner().invoke(app, ["merge", "P", "--name", "pm", "--store", str(store.root), "--json"])
     assert out.exit_code == 0, out.output
     assert store.adapter_meta("pm").parents == manifest.members
