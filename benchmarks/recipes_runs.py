@@ -33,7 +33,7 @@ def _env() -> dict[str, str]:
 
 def cli(store: Path, *args: str) -> dict[str, Any]:
     """Run `python -m loradar_cli ARGS --store STORE --json -q`; its JSON document with the command and wall time."""
-    cmd = ["loradar", *args, "--store", str(store), "--json", "-q"]
+    cmd = ["loradar", *args, "--store", str(store), "--json", *([] if args[0] == "show" else ["-q"])]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "loradar_cli", *cmd[1:]], capture_output=True, text=True, env=_env())
     if done.returncode:
