@@ -27,7 +27,7 @@ from loradar_cli.recipes.base import build_recipe
 from loradar_cli.recipes.checkpoint import Checkpoint, run_fingerprint
 from loradar_cli.recipes.loop import TrainConfig, train_adapter
 from loradar_cli.store.meta import AdapterMeta, BaseMeta
-from loradar_cli.store.pools import PoolManifest, check_pool_free, save_pool
+from loradar_cli.store.pools import PoolManifest, check_pool_free, load_pool, pool_path, save_pool
 from loradar_cli.store.store import Store
 
 
@@ -168,9 +168,11 @@ def train_pool(
     Members are independent runs (each may be resumed, or trained in its own process with the same
     command and `--pool` of one value); the manifest is written last, atomically.
     """
-    check_pool_free(store.root, name, overwrite)
     names = [member_name(name, key, text) for text, _ in values]
     resume = bool(kwargs.get("resume"))
+    rerun = resume and pool_path(store.root, name).exists() and load_pool(store.root, name).members == names
+    if not rerun:  # a resumed run whose manifest was written already finds the same pool again
+        check_pool_free(store.root, name, overwrite)
     for member in names:
         if not (resume and store.has_adapter(member)):
             store.check_free("adapter", member, overwrite)
@@ -189,7 +191,7 @@ def train_pool(
     manifest = PoolManifest(
         name=name, key=key, values=[text for text, _ in values], members=names, recipe=members[0].recipe
     )
-    save_pool(store.root, manifest, overwrite=overwrite)
+    save_pool(store.root, manifest, overwrite=overwrite or rerun)
     return manifest, members
 
 

@@ -9,7 +9,8 @@ Conv2d A [r, in/g, kh, kw], B [out, r/g, 1, 1]; ΔW = scale·B·A with scale = l
 A layer with a frozen residual pair (A₀, B₀) and/or a trainable scale α computes
 W₀ + s·(α·B·A − B₀·A₀) = W₀ + s·[α·B, −B₀]·[A; A₀]: an exact LoRA of rank 2r. It is stored as such (rank and
 alpha per layer in `rank_pattern`/`alpha_pattern`, the scale s unchanged), so loradar and PEFT load it onto the
-plain base, and every adapter initialised from the same base shares that base.
+plain base, and every adapter initialised from the same base shares that base. Where 2r exceeds what the layer
+can hold (min(d_out, d_in), e.g. the 3×3 conv of a 1-channel input), the same ΔW is re-factored exactly by SVD.
 """
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -182,7 +183,7 @@ def adapter_tensors(model: nn.Module, spec: LoraSpec) -> tuple[LoraSpec, dict[st
     ranks, alphas = dict(spec.rank_pattern), dict(spec.alpha_pattern)
     with torch.no_grad():
         for name, layer in layers.items():
-            a, b = layer.factors()
+            a, b = within_rank(*layer.factors())
             a_key, b_key = factor_keys(name)
             tensors[a_key] = a.detach().cpu().contiguous().clone()
             tensors[b_key] = b.detach().cpu().contiguous().clone()
@@ -194,6 +195,19 @@ def adapter_tensors(model: nn.Module, spec: LoraSpec) -> tuple[LoraSpec, dict[st
     alphas = {n: v for n, v in alphas.items() if v != lora_alpha}
     stored = spec.model_copy(update={"r": r, "lora_alpha": lora_alpha, "rank_pattern": ranks, "alpha_pattern": alphas})
     return LoraSpec.model_validate(stored.model_dump()), tensors
+
+
+def within_rank(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Factors (A, B) of the same ΔW = B·A with at most min(d_out, d_in) rows of A (an exact SVD re-factoring)."""
+    d_out, d_in = b.shape[0], a[0].numel()
+    m = min(d_out, d_in)
+    if a.shape[0] <= m or b.shape[1] != a.shape[0]:  # grouped conv factors (B holds r/groups columns): as they are
+        return a, b
+    u, s, vh = torch.linalg.svd(b.flatten(1).double() @ a.flatten(1).double(), full_matrices=False)
+    root = s[:m].sqrt()
+    new_b = (u[:, :m] * root).to(b.dtype).reshape(d_out, m, *b.shape[2:])
+    new_a = (root[:, None] * vh[:m]).to(a.dtype).reshape(m, *a.shape[1:])
+    return new_a, new_b
 
 
 def base_state(model: nn.Module) -> dict[str, Tensor]:

@@ -14,6 +14,9 @@ The paper describes three ingredients and publishes no code; everything below th
   training attack as given.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -23,6 +26,7 @@ from loradar_cli.attacks.base import Attack
 from loradar_cli.data import ImageData
 from loradar_cli.lora.inject import lora_layers
 from loradar_cli.recipes.base import AttackFn, Recipe, RecipeConfig, StepOutput, register_recipe
+from loradar_cli.recipes.checkpoint import generator_states, set_generator_states
 
 
 class AdvLoRAConfig(RecipeConfig):
@@ -63,6 +67,7 @@ class AdvLoRA(Recipe):
     def __init__(self, config: RecipeConfig | None = None) -> None:
         super().__init__(config)
         self._inner: tuple[AttackFn, AttackFn] | None = None  # (training attack, its PGD-3 version)
+        self._resumed: dict[str, Any] = {}  # the PGD-3 attack's generator states, set when it is next built
 
     def prepare(self, model: nn.Module, train: ImageData, val: ImageData, attack: AttackFn) -> None:
         """Give every LoRA layer its trainable scale α = 1."""
@@ -72,8 +77,19 @@ class AdvLoRA(Recipe):
     def step(self, model: nn.Module, x: Tensor, y: Tensor, attack: AttackFn) -> StepOutput:
         if self._inner is None or self._inner[0] is not attack:  # one object per run: a seeded generator advances
             self._inner = (attack, with_steps(attack, self.config.steps))
+            if self._resumed:
+                set_generator_states(self._inner[1], self._resumed)
+                self._resumed = {}
         logits = model(self._inner[1](model, x, y))
         loss = F.cross_entropy(logits, y)
         if self.config.mu > 0:
             loss = loss + self.config.mu * alignment(model)
         return StepOutput(loss, logits)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The own generators of the PGD-3 attack (a seeded one continues its draws on --resume)."""
+        return {"inner": generator_states(self._inner[1]) if self._inner is not None else {}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Keep the PGD-3 attack's generator states for when the attack is built (first step)."""
+        self._inner, self._resumed = None, dict(state.get("inner", {}))

@@ -1,8 +1,8 @@
 """Resumable training: the run state after each completed epoch, in a hidden folder beside the store entry.
 
 A checkpoint holds what the next epoch depends on: trainable parameters, optimiser and scheduler states, the
-batch-order generator, the global RNG states (random starts, dropout), the history, the best epoch's weights
-and the recipe's own state. It is keyed by a fingerprint of the run's options, so a resume with different
+batch-order generator, the global RNG states (random starts, dropout), the states of a seeded attack's own
+generators (`generator_states`), the history, the best epoch's weights and the recipe's own state. It is keyed by a fingerprint of the run's options, so a resume with different
 options is refused instead of silently mixing two runs.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from loradar_cli.errors import InvalidValueError
 from loradar_cli.files import atomic_path
@@ -39,6 +40,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def generator_states(attack: Any) -> dict[str, Tensor]:
+    """The states of a seeded attack's own generators by device (empty for an unseeded attack or a plain callable).
+
+    A seeded attack draws its random starts from one generator per device, created on first use and advancing
+    across calls (training batches and validation alike); a resumed run must continue those draws, not restart
+    them from the seed.
+    """
+    generators = getattr(attack, "_generators", None)
+    return {device: g.get_state() for device, g in generators.items()} if isinstance(generators, dict) else {}
+
+
+def set_generator_states(attack: Any, states: dict[str, Tensor]) -> None:
+    """Restore what `generator_states` returned (each generator made on its device and set, seed then state)."""
+    generators = getattr(attack, "_generators", None)
+    if not isinstance(generators, dict):
+        return
+    seed = getattr(getattr(attack, "config", None), "seed", None)
+    generators.clear()
+    for device, state in states.items():
+        generator = torch.Generator(device=device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        generator.set_state(state)
+        generators[device] = generator
 
 
 class Checkpoint:

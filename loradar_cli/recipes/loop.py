@@ -22,7 +22,7 @@ from loradar_cli.loader import Batch, TensorSource, augment_batch, eval_batches,
 from loradar_cli.lora.inject import trainable_parameters
 from loradar_cli.metrics import Progress, correct, mean_flag
 from loradar_cli.recipes.base import Recipe, build_recipe, norm_stats
-from loradar_cli.recipes.checkpoint import Checkpoint, rng_state, set_rng_state
+from loradar_cli.recipes.checkpoint import Checkpoint, generator_states, rng_state, set_generator_states, set_rng_state
 
 Source = Dataset[Batch]
 
@@ -109,7 +109,7 @@ class _Run:
     result: TrainResult = field(default_factory=lambda: TrainResult(best_epoch=0))
     best_state: list[Tensor] = field(default_factory=list)
 
-    def state_dict(self, recipe: Recipe) -> dict[str, Any]:
+    def state_dict(self, recipe: Recipe, attack: Callable) -> dict[str, Any]:
         return {
             "epoch": len(self.result.history),
             "params": [p.detach().clone() for p in self.params],
@@ -117,13 +117,14 @@ class _Run:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "generator": self.generator.get_state(),
             "rng": rng_state(),
+            "attack": generator_states(attack),  # a seeded training attack's own generators
             "best_epoch": self.result.best_epoch,
             "history": [asdict(h) for h in self.result.history],
             "best_state": self.best_state,
             "recipe": recipe.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any], recipe: Recipe) -> None:
+    def load_state_dict(self, state: dict[str, Any], recipe: Recipe, attack: Callable) -> None:
         with torch.no_grad():
             for p, saved in zip(self.params, state["params"], strict=True):
                 p.copy_(saved)
@@ -132,6 +133,7 @@ class _Run:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         set_rng_state(state["rng"])
+        set_generator_states(attack, state.get("attack", {}))
         self.result = TrainResult(state["best_epoch"], [EpochStats(**h) for h in state["history"]])
         self.best_state = list(state["best_state"])
         recipe.load_state_dict(state["recipe"])
@@ -188,7 +190,7 @@ def train_adapter(
     )
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
-        run.load_state_dict(saved, recipe)
+        run.load_state_dict(saved, recipe, attack)
     for epoch in range(len(run.result.history) + 1, config.epochs + 1):
         start = time.perf_counter()
         recipe.on_epoch_start(model, epoch)
@@ -206,7 +208,7 @@ def train_adapter(
             run.result.best_epoch = epoch
             run.best_state = [p.detach().clone() for p in tracked]
         if checkpoint is not None and engine.world.is_main:
-            checkpoint.save(run.state_dict(recipe))
+            checkpoint.save(run.state_dict(recipe, attack))
         if stop:
             break
     with torch.no_grad():

@@ -6,6 +6,7 @@ import torch
 
 from loradar_cli.attacks import build_attack
 from loradar_cli.data import load_data
+from loradar_cli.errors import ExistsError
 from loradar_cli.jobs.train import train_and_store_adapter
 from loradar_cli.loading import build_model, load_model
 from loradar_cli.lora.init import init_lora
@@ -43,7 +44,10 @@ def test_svd_start_reproduces_the_base_and_holds_the_top_singular_triplets(store
         np.testing.assert_allclose(ba, top, atol=1e-5)  # the trainable product is the principal part of W0
 
 
-def test_stored_rank_2r_adapter_reproduces_the_trained_model_in_loradar_and_peft(store):
+@pytest.mark.parametrize(("r", "targets"), [(2, "convs"), (12, "all")])
+def test_stored_rank_2r_adapter_reproduces_the_trained_model_in_loradar_and_peft(store, r, targets):
+    """Stored as [B, -B0]·[A; A0] (rank 2r); with r = 12 the 1-channel stem conv (d_in = 9) cannot hold 2r = 24, so
+    its ΔW is re-factored at rank 9, and the adapter still loads and reproduces the trained model."""
     peft = pytest.importorskip("peft")
     import timm
 
@@ -51,9 +55,11 @@ def test_stored_rank_2r_adapter_reproduces_the_trained_model_in_loradar_and_peft
     config = TrainConfig(recipe="amt", epochs=1, batch_size=16, lr=2e-2, seed=1, select="last")
     meta = train_and_store_adapter(
         store, "m", base=base.name, attack="pgd", data="digits", attack_options={"eps": 0.1, "steps": 2},
-        config=config, r=2, targets="convs", limit=32, val_limit=8,
+        config=config, r=r, targets=targets, limit=32, val_limit=8,
     )  # fmt: skip
-    assert meta.lora.r == 4 and meta.recipe_config["trained_rank"] == 2  # [B, -B0]·[A; A0]
+    assert meta.lora.r == 2 * r and meta.recipe_config["trained_rank"] == r  # [B, -B0]·[A; A0]
+    if targets == "all":
+        assert meta.lora.rank_of("conv1.0") == 9  # min(16 out, 1·3·3 in)
     ours = load_model(store, base.name, "m")
     x = load_data("digits", "test", limit=8, channels=1, size=16).x
     net = timm.create_model("test_resnet", num_classes=10, in_chans=1)
@@ -122,6 +128,17 @@ def test_pool_trains_one_member_per_budget_and_merge_accepts_it(store):
         config=config, r=2, limit=16, val_limit=8, resume=True,
     )  # fmt: skip
     assert again.members == manifest.members and [m.created_at for m in kept] == [m.created_at for m in members]
+    # resumed once more after the manifest was written: the same pool, nothing retrained; other members are refused
+    third, kept = train_pool(
+        store, "P", "eps", values, attack="pgd", attack_options={"steps": 2}, base=base.name, data="digits",
+        config=config, r=2, limit=16, val_limit=8, resume=True,
+    )  # fmt: skip
+    assert third == load_pool(store.root, "P") and [m.created_at for m in kept] == [m.created_at for m in members]
+    with pytest.raises(ExistsError):
+        train_pool(
+            store, "P", "eps", values[:1], attack="pgd", attack_options={"steps": 2}, base=base.name, data="digits",
+            config=config, r=2, limit=16, val_limit=8, resume=True,
+        )  # fmt: skip
     out = CliRunner().invoke(app, ["merge", "P", "--name", "pm", "--store", str(store.root), "--json"])
     assert out.exit_code == 0, out.output
     assert store.adapter_meta("pm").parents == manifest.members

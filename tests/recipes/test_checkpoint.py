@@ -30,7 +30,8 @@ def _train(store, name, base, recipe="loradar", **kwargs):
         base=base,
         attack="pgd",
         data="digits",
-        attack_options={"eps": 0.1, "alpha": 0.05, "steps": 2},  # random starts: the global RNG must resume too
+        # random starts: the global RNG (and a seeded attack's own generator) must resume too
+        attack_options=kwargs.pop("attack_options", {"eps": 0.1, "alpha": 0.05, "steps": 2}),
         config=kwargs.pop("config", config),
         r=2,
         limit=32,
@@ -66,6 +67,31 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(store, rec
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert history_a == history_b
     assert not resume_folder(store, "cut").exists()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "options"), [("trades", {"inner": "attack"}), ("amt", {}), ("advlora", {}), ("hyperat", {})]
+)
+def test_resume_continues_a_seeded_attacks_own_generator(store, recipe, options):
+    """A seeded PGD draws its random starts from its own generator (training and validation): resumed, it goes on
+    from where the interrupted run left it, so the adapter and every epoch's metrics equal the uninterrupted run's.
+    advlora's PGD-3 is an attack of its own (the recipe's state); hyperat attacks again to choose its merge."""
+    base = make_base(store).name
+    config = TrainConfig(recipe=recipe, recipe_options=options, epochs=3, batch_size=16, lr=1e-2, seed=3, select="last")
+    seeded = {"eps": 0.3, "alpha": 0.1, "steps": 2, "seed": 11}
+    _train(store, "full", base, config=config, attack_options=seeded)
+    with pytest.raises(Interrupt):
+        _train(store, "cut", base, config=config, attack_options=seeded, progress=_interrupt_at(3))
+    saved = torch.load(resume_folder(store, "cut") / STATE_FILE, weights_only=True)["state"]
+    assert list(saved["attack"]) == ["cpu"]  # the generator was used, and saved
+    if recipe == "advlora":
+        assert list(saved["recipe"]["inner"]) == ["cpu"]
+    torch.manual_seed(12345)  # the global RNG is restored from the state, whatever it is now
+    _train(store, "cut", base, config=config, attack_options=seeded, resume=True)
+
+    (a, history_a), (b, history_b) = _result(store, recipe, "full"), _result(store, recipe, "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert history_a == history_b
 
 
 def test_without_resume_an_old_state_is_discarded_and_other_options_are_refused(store):
