@@ -1,5 +1,6 @@
 """Ctrl-C on a real process: exit 130, one line on stderr, no traceback, no partial output file."""
 
+import functools
 import os
 import signal
 import subprocess
@@ -22,7 +23,12 @@ def test_sigint_exits_130_with_one_line_and_no_partial_file(store, tmp_path, del
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("LORADAR_DEBUG", None)
     before = sorted(p.name for p in store.root.rglob("*"))
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a shell without job control starts background commands with SIGINT ignored, and children inherit that: give
+    # the attack the default disposition, as a terminal's foreground command has, so Python installs its handler
+    restore = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=restore
+    )  # fmt: skip
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
