@@ -78,3 +78,16 @@ def test_strict_exits_3_when_a_flag_is_raised_after_printing(tiny, monkeypatch) 
     assert json.loads(result.stdout)["rows"][0]["flags"][0]["id"] == "randomised"
     assert "randomised" in result.stderr
     assert invoke(store, *args).exit_code == 0, "without --strict flags only warn"
+
+
+def test_suite_attack_options_keep_a_dashed_label_and_reach_the_built_attack():
+    """`--attack-opt apgd-t.targets=3` must reach APGD-T (a label normalised to apgd_t was silently dropped)."""
+    from loradar_cli.cli.evaluate import suite_spec
+    from loradar_cli.evaluation.suite import suite_attacks
+    from loradar_cli.jobs.evaluate import SuiteSpec
+
+    extra = ["apgd-t.targets=3", "square.queries=1000", "apgd-ce.eot=2"]
+    spec = suite_spec("standard", "linf", "0.1", None, extra, SuiteSpec)
+    assert spec.overrides == {"apgd-t": {"targets": 3}, "square": {"queries": 1000}, "apgd-ce": {"eot": 2}}
+    built = suite_attacks("standard", eps=spec.eps, overrides=spec.overrides)
+    assert (built["apgd-t"].config.targets, built["square"].config.queries, built["apgd-ce"].config.eot) == (3, 1000, 2)

@@ -224,10 +224,12 @@ def suite_spec(
     from loradar_cli.cli._common import parse_fraction, parse_key_values
 
     overrides: dict[str, dict[str, Any]] = {}
-    for key, value in parse_key_values(extra, "--attack-opt").items():
-        label, dot, field = key.partition(".")
-        if dot:
-            overrides.setdefault(label, {})[field] = value
+    for item in extra or []:  # LABEL.KEY=VALUE; the label keeps its dashes (apgd-t), only KEY is normalised
+        key, sep, text = item.partition("=")
+        label, dot, field = key.strip().rpartition(".")
+        if sep and dot and label:
+            field = field.replace("-", "_")
+            overrides.setdefault(label, {})[field] = parse_key_values([f"{field}={text}"], "--attack-opt")[field]
     return cls(suite, norm, parse_fraction(eps), steps, overrides)
 
 
