@@ -289,6 +289,17 @@ def parse_key_values(items: list[str] | None, what: str) -> dict[str, Any]:
     return out
 
 
+def parse_attack_option(item: str) -> tuple[str, str, Any]:
+    """`ATTACK.KEY=VALUE` or `KEY=VALUE` -> (attack or "", key, value); the attack keeps its dashes (apgd-t), the
+    key is normalised as `parse_key_values` does."""
+    key, sep, text = item.partition("=")
+    attack, dot, field = key.strip().rpartition(".")
+    field = field.replace("-", "_")
+    if not sep or not field or (dot and not attack):
+        raise InvalidValueError(f"--attack-opt expects KEY=VALUE or ATTACK.KEY=VALUE, got {item!r}")
+    return attack, field, parse_key_values([f"{field}={text}"], "--attack-opt")[field]
+
+
 def attack_options(
     names: list[str], eps: str | None, alpha: str | None, steps: int | None, extra: list[str] | None
 ) -> dict[str, dict[str, Any]]:
@@ -298,16 +309,12 @@ def attack_options(
     shared: dict[str, Any] = {"eps": parse_fraction(eps), "alpha": parse_fraction(alpha, "--alpha"), "steps": steps}
     specific: dict[str, dict[str, Any]] = {}
     for item in extra or []:
-        key, sep, text = item.partition("=")
-        attack, dot, field = key.strip().rpartition(".")
-        field = field.replace("-", "_")
-        if not sep or not field or (dot and not attack):
-            raise InvalidValueError(f"--attack-opt expects KEY=VALUE or ATTACK.KEY=VALUE, got {item!r}")
-        value = parse_key_values([f"{field}={text}"], "--attack-opt")[field]
-        target = specific.setdefault(attack, {}) if dot else shared
-        if dot and attack not in names:
+        attack, field, value = parse_attack_option(item)
+        key = item.partition("=")[0].strip()  # as the user wrote it, for messages
+        target = specific.setdefault(attack, {}) if attack else shared
+        if attack and attack not in names:
             raise InvalidValueError(f"--attack-opt {key}: attack {attack!r} is not among {', '.join(names)}")
-        if field in target and (dot or field not in ("eps", "alpha", "steps") or target[field] is not None):
+        if field in target and (attack or field not in ("eps", "alpha", "steps") or target[field] is not None):
             raise InvalidValueError(f"--attack-opt {key} is given twice")
         target[field] = value
     return route_options(names, shared, specific)

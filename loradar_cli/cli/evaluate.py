@@ -221,15 +221,12 @@ def suite_spec(
     """The suite to run (None without --suite): --eps, --steps, and LABEL.KEY=VALUE options for its attacks."""
     if suite is None:
         return None
-    from loradar_cli.cli._common import parse_fraction, parse_key_values
+    from loradar_cli.cli._common import parse_attack_option, parse_fraction
 
     overrides: dict[str, dict[str, Any]] = {}
-    for item in extra or []:  # LABEL.KEY=VALUE; the label keeps its dashes (apgd-t), only KEY is normalised
-        key, sep, text = item.partition("=")
-        label, dot, field = key.strip().rpartition(".")
-        if sep and dot and label:
-            field = field.replace("-", "_")
-            overrides.setdefault(label, {})[field] = parse_key_values([f"{field}={text}"], "--attack-opt")[field]
+    for item in extra or []:  # LABEL.KEY=VALUE (split_suite_options kept only those naming a suite attack)
+        label, field, value = parse_attack_option(item)
+        overrides.setdefault(label, {})[field] = value
     return cls(suite, norm, parse_fraction(eps), steps, overrides)
 
 
