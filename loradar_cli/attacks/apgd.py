@@ -45,7 +45,7 @@ from loradar_cli.attacks._functional import (
     project_linf,
     uniform,
 )
-from loradar_cli.attacks.base import Attack, AttackConfig, ThreatModel, Tracker, register_attack
+from loradar_cli.attacks.base import AttackConfig, ThreatModel, TrackedAttack, Tracker, register_attack
 from loradar_cli.errors import InvalidValueError
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -137,12 +137,8 @@ def check_classes(num_classes: int, needed: int, what: str) -> None:
 P = TypeVar("P", bound=_APGDOptions)
 
 
-class _APGDBase(Attack[P]):
+class _APGDBase(TrackedAttack[P]):
     """The APGD loop; subclasses choose the norm (start, direction, projection) and the loss."""
-
-    def _generate(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
-        tracker = Tracker(model, None, x, y, early_stop=True)
-        return tracker.result(self._generate_tracked(model, x, y, generator, tracker))[0]
 
     def _generate_tracked(
         self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None, tracker: Tracker

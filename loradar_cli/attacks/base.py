@@ -1,12 +1,13 @@
 """The attack contract: a frozen object holding a pydantic config, called as `attack(model, x, y) -> x_adv`."""
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from loradar_cli.attacks._functional import model_mode
+from loradar_cli.attacks._functional import ce_each, eot_losses_grad_logits, model_mode
 from loradar_cli.errors import InvalidValueError
 from loradar_cli.registry import Registry
 
@@ -132,6 +133,17 @@ class Attack(Generic[C]):
         return {"name": self.name, "threat_model": self.threat_model, "config": self.config.model_dump(mode="json")}
 
 
+class TrackedAttack(Attack[C]):
+    """An attack whose loop reports every iterate to a `Tracker` (`_generate_tracked` is the attack proper).
+
+    Called plainly it returns each point's first fooling iterate, else its final one, as AutoAttack's attacks do.
+    """
+
+    def _generate(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        tracker = Tracker(model, None, x, y, early_stop=True)
+        return tracker.result(self._generate_tracked(model, x, y, generator, tracker))[0]
+
+
 class Tracker:
     """Per-point record of an attack's first fooling iterate, and which points are still worth attacking.
 
@@ -200,3 +212,38 @@ def check_inputs(x: Tensor, y: Tensor) -> None:
         raise InvalidValueError(f"y must be integer labels [B] with B = {x.shape[0]}, got shape {tuple(y.shape)}")
     if x.numel() and (x.min() < 0 or x.max() > 1):
         raise InvalidValueError("x must lie in [0, 1] (normalisation belongs inside the model)")
+
+
+def tracked_ascent(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    x_adv: Tensor,
+    tracker: Tracker,
+    idx: Tensor,
+    steps: int,
+    step: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
+    eot: int = 1,
+) -> Tensor:
+    """`steps` ascent steps on CE from `x_adv`, reporting every iterate and dropping points once they are fooled.
+
+    `step(x_adv, x, grad, rows)` makes one step for the points still attacked (`rows`: their positions in `x`, so
+    per-point state such as a sticker mask can be indexed). The logits of each gradient pass judge the iterate it
+    was taken at; the final iterate is judged once more. Returns every point's last iterate.
+    """
+    out = x_adv.clone()
+    rows = torch.arange(len(x), device=x.device)
+    sub_x, sub_y = x, y
+    for _ in range(steps):
+        _, grad, logits = eot_losses_grad_logits(model, x_adv, sub_y, ce_each, eot)
+        keep = tracker.observe(idx, x_adv, logits)
+        if not keep.all():
+            out[rows] = x_adv
+            rows, idx, x_adv, grad = rows[keep], idx[keep], x_adv[keep], grad[keep]
+            sub_x, sub_y = x[rows], y[rows]
+            if not len(idx):
+                return out
+        x_adv = step(x_adv, sub_x, grad, rows)
+    tracker.observe(idx, x_adv, None)
+    out[rows] = x_adv
+    return out

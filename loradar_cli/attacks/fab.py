@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from loradar_cli.attacks._functional import clamp01, per_sample, project_linf, uniform
 from loradar_cli.attacks.apgd import check_classes
-from loradar_cli.attacks.base import Attack, AttackConfig, ThreatModel, Tracker, register_attack
+from loradar_cli.attacks.base import AttackConfig, ThreatModel, TrackedAttack, Tracker, register_attack
 
 _TINY = 1e-12
 
@@ -80,16 +80,12 @@ def _linf(t: Tensor) -> Tensor:
 
 
 @register_attack
-class FABT(Attack[FABTConfig]):
+class FABT(TrackedAttack[FABTConfig]):
     """L-inf FAB-T: minimal-distortion targeted boundary steps; a point is broken by a fooling iterate within eps."""
 
     name: ClassVar[str] = "fab-t"
     threat_model: ClassVar[ThreatModel] = "linf"
     config_cls: ClassVar[type[AttackConfig]] = FABTConfig
-
-    def _generate(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
-        tracker = Tracker(model, None, x, y, early_stop=True)
-        return tracker.result(self._generate_tracked(model, x, y, generator, tracker))[0]
 
     def _generate_tracked(
         self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None, tracker: Tracker

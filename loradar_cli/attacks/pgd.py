@@ -17,16 +17,14 @@ from torch import Tensor, nn
 
 from loradar_cli.attacks._functional import (
     best_of_restarts,
-    ce_each,
     eot_input_grad,
-    eot_losses_grad_logits,
     normalize_l2,
     project_l2,
     project_linf,
     random_init_l2,
     random_init_linf,
 )
-from loradar_cli.attacks.base import Attack, AttackConfig, ThreatModel, Tracker, register_attack
+from loradar_cli.attacks.base import Attack, AttackConfig, ThreatModel, Tracker, register_attack, tracked_ascent
 
 
 class PGDConfig(AttackConfig):
@@ -71,26 +69,17 @@ class _PGDBase(Attack[P]):
             start = self._start(x, generator) if self.config.random_start else x.clone()
             idx = tracker.remaining()
             if len(idx):
-                out[idx] = self._tracked_run(model, x[idx], y[idx], start[idx], tracker, idx)
-        return out
-
-    def _tracked_run(
-        self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, tracker: Tracker, idx: Tensor
-    ) -> Tensor:
-        """One run reporting every iterate (the logits of each gradient pass are reused), dropping fooled points."""
-        out = x_adv.clone()
-        pos = torch.arange(len(x), device=x.device)
-        for _ in range(self.config.steps):
-            _, grad, logits = eot_losses_grad_logits(model, x_adv, y, ce_each, self.config.eot)
-            keep = tracker.observe(idx, x_adv, logits)
-            if not keep.all():
-                out[pos] = x_adv
-                pos, idx, x, y, x_adv, grad = pos[keep], idx[keep], x[keep], y[keep], x_adv[keep], grad[keep]
-                if not len(idx):
-                    return out
-            x_adv = self._step(x_adv, x, grad)
-        tracker.observe(idx, x_adv, None)
-        out[pos] = x_adv
+                out[idx] = tracked_ascent(
+                    model,
+                    x[idx],
+                    y[idx],
+                    start[idx],
+                    tracker,
+                    idx,
+                    self.config.steps,
+                    lambda x_adv, x0, grad, _rows: self._step(x_adv, x0, grad),
+                    self.config.eot,
+                )
         return out
 
     def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:

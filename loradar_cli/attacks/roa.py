@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from loradar_cli.attacks._functional import input_grad, per_sample, project_linf
-from loradar_cli.attacks.base import Attack, AttackConfig, ThreatModel, register_attack
+from loradar_cli.attacks.base import Attack, AttackConfig, ThreatModel, Tracker, register_attack, tracked_ascent
 from loradar_cli.errors import InvalidValueError
 
 GREY = 0.5  # sticker colour before the inside-rectangle PGD, 127.5/255 in the official code
@@ -104,14 +104,43 @@ class ROA(Attack[ROAConfig]):
         return rectangle_size(self.config, height, width)
 
     def _generate(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        mask = self._sticker(model, x, y, generator)
+        x_adv = project_linf(torch.where(mask, GREY, x), x, self.config.eps)
+        for _ in range(self.config.steps):
+            x_adv = self._inside_step(x_adv, x, input_grad(model, x_adv, y), mask)
+        return torch.where(mask, x_adv, x)
+
+    def _generate_tracked(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None, tracker: Tracker
+    ) -> Tensor:
+        """The search and the sticker PGD on the active points only; a point fooled by an iterate stops there."""
+        idx, out = tracker.remaining(), x.clone()
+        if not len(idx):
+            return out
+        mask = self._sticker(model, x[idx], y[idx], generator, draws=(len(x), idx))
+        start = project_linf(torch.where(mask, GREY, x[idx]), x[idx], self.config.eps)
+        out[idx] = tracked_ascent(
+            model, x[idx], y[idx], start, tracker, idx, self.config.steps,
+            lambda x_adv, x0, grad, rows: self._inside_step(x_adv, x0, grad, mask[rows]),
+        )  # fmt: skip
+        return out
+
+    def _sticker(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator | None,
+        draws: tuple[int, Tensor] | None = None,
+    ) -> Tensor:
+        """Boolean sticker masks `[B, 1, H, W]` at the searched positions (`draws`: see `_exhaustive_search`)."""
         size = self.patch_size(x.shape[2], x.shape[3])
         if self.config.search == "exhaustive":
-            index = self._exhaustive_search(model, x, y, size, generator)
+            index = self._exhaustive_search(model, x, y, size, generator, draws)
         else:
             index = self._gradient_search(model, x, y, size)
         top, left = self._position(index, x, size)
-        mask = rectangle_mask(top, left, *size, x.shape[2], x.shape[3])[:, None]  # [B, 1, H, W]
-        return self._inside_pgd(model, x, y, mask)
+        return rectangle_mask(top, left, *size, x.shape[2], x.shape[3])[:, None]
 
     def _position(self, index: Tensor, x: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Flat grid indices -> (top, left) pixel coordinates."""
@@ -119,15 +148,26 @@ class ROA(Attack[ROAConfig]):
         return (index // nx) * self.config.stride, (index % nx) * self.config.stride
 
     def _exhaustive_search(
-        self, model: nn.Module, x: Tensor, y: Tensor, size: tuple[int, int], generator: torch.Generator | None
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        size: tuple[int, int],
+        generator: torch.Generator | None,
+        draws: tuple[int, Tensor] | None = None,
     ) -> Tensor:
-        """Grey-sticker CE at every grid position; arg-max per sample, random where the losses are flat."""
+        """Grey-sticker CE at every grid position; arg-max per sample, random where the losses are flat.
+
+        `draws = (n, rows)`: the random positions are drawn for a batch of n points and rows `rows` used, so a
+        point's draw does not depend on which others an early-stopping run still attacks.
+        """
         ny, nx = grid_shape(x.shape[2], x.shape[3], *size, self.config.stride)
         index = torch.arange(ny * nx, device=x.device)[:, None].expand(-1, x.shape[0])  # [P, B]
         losses = _grey_losses(model, x, y, *self._position(index, x, size), size, self.config.max_batch)
         best, arg = losses.max(dim=0)
         flat = (losses == best).float().mean(dim=0) >= 0.9
-        fallback = torch.randint(ny * nx, arg.shape, generator=generator, device=x.device)
+        n, rows = draws or (len(x), torch.arange(len(x), device=x.device))
+        fallback = torch.randint(ny * nx, (n,), generator=generator, device=x.device)[rows]
         return torch.where(flat | (best == 0), fallback, arg)
 
     def _gradient_search(self, model: nn.Module, x: Tensor, y: Tensor, size: tuple[int, int]) -> Tensor:
@@ -140,11 +180,6 @@ class ROA(Attack[ROAConfig]):
         losses = _grey_losses(model, x, y, *self._position(top_c, x, size), size, self.config.max_batch)
         return top_c.gather(0, losses.argmax(dim=0)[None])[0]
 
-    def _inside_pgd(self, model: nn.Module, x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-        """Grey start, then signed-gradient ascent on CE restricted to the sticker (clipped to [0, 1] and eps)."""
-        eps, alpha = self.config.eps, self.config.alpha
-        x_adv = project_linf(torch.where(mask, GREY, x), x, eps)
-        for _ in range(self.config.steps):
-            step = alpha * input_grad(model, x_adv, y).sign()
-            x_adv = project_linf(torch.where(mask, x_adv + step, x_adv), x, eps)
-        return torch.where(mask, x_adv, x)
+    def _inside_step(self, x_adv: Tensor, x: Tensor, grad: Tensor, mask: Tensor) -> Tensor:
+        """One signed-gradient ascent step on CE inside the sticker, clipped to [0, 1] and eps."""
+        return project_linf(torch.where(mask, x_adv + self.config.alpha * grad.sign(), x_adv), x, self.config.eps)

@@ -27,7 +27,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from loradar_cli.attacks._functional import clamp01, l2_norm, margin, per_sample, project_linf
-from loradar_cli.attacks.base import Attack, AttackConfig, ThreatModel, Tracker, register_attack
+from loradar_cli.attacks.base import AttackConfig, ThreatModel, TrackedAttack, Tracker, register_attack
 
 _TINY = 1e-12
 
@@ -85,12 +85,8 @@ def meta_pseudo_gaussian(s: int, like: Tensor, flip: bool) -> Tensor:
 S = TypeVar("S", bound=SquareConfig)
 
 
-class _SquareBase(Attack[S]):
+class _SquareBase(TrackedAttack[S]):
     """Random search shared by both norms; subclasses give the initialisation and the candidate update."""
-
-    def _generate(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
-        tracker = Tracker(model, None, x, y, early_stop=True)
-        return tracker.result(self._generate_tracked(model, x, y, generator, tracker))[0]
 
     @torch.no_grad()
     def _generate_tracked(

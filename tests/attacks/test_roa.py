@@ -90,3 +90,48 @@ def test_rectangle_size_scales_with_image_and_rejects_oversize() -> None:
     assert grid_shape(224, 224, 70, 70, 10) == (16, 16)
     with pytest.raises(InvalidValueError, match="does not fit"):
         rectangle_size(ROAConfig(height=40), 32, 32)
+
+
+class Counting(nn.Module):
+    """Counts the images each forward pass sees."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.seen = model, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen += len(x)
+        return self.model(x)
+
+
+def test_early_stop_gives_the_same_flags_with_less_work(digits) -> None:
+    """A point fooled by a sticker iterate keeps it and leaves the PGD; the flags equal the run to the end."""
+    x, y = digits.x[:60], digits.y[:60]
+    counted = Counting(digits.model)
+    results, seen = {}, {}
+    for early in (True, False):
+        counted.seen = 0
+        attack = build_attack("roa", height=2, width=2, eps=0.5, steps=20, alpha=0.05, candidates=4, seed=0)
+        results[early] = attack.until_fooled(counted, x, y, early_stop=early)
+        seen[early] = counted.seen
+    (stop_x, stop), (full_x, full) = results[True], results[False]
+    assert torch.equal(stop, full) and stop.any() and not stop.all()
+    assert torch.equal(stop_x, full_x), "fooled points keep their first fooling iterate, the others the last one"
+    with torch.no_grad():
+        assert torch.equal(stop, digits.model(stop_x).argmax(1) != y)
+    assert changed_box(stop_x[stop], x[stop]) and all(h <= 2 and w <= 2 for h, w in changed_box(stop_x, x))
+    assert seen[True] < 0.9 * seen[False], seen
+
+
+def test_exhaustive_fallback_draws_do_not_depend_on_the_other_active_points() -> None:
+    """Flat losses send every point to a random position, drawn for the whole batch, so a subset gets the same."""
+    x, y = bright_images(batch=6)
+    attack = build_attack("roa", height=3, width=3, search="exhaustive", steps=1, seed=3)
+    active = torch.tensor([False, True, False, True, True, False])
+    part_x, _ = attack.until_fooled(Constant(), x, y, active=active, early_stop=False)
+    all_x, _ = build_attack("roa", height=3, width=3, search="exhaustive", steps=1, seed=3).until_fooled(
+        Constant(), x, y, early_stop=False
+    )
+    assert torch.equal(part_x[~active], x[~active])
+    assert changed_corner(part_x[active], x[active]) == changed_corner(all_x[active], x[active])
+    assert len(set(changed_corner(all_x, x))) > 1, "the positions are random, not one fixed fallback"
