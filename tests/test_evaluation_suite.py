@@ -2,24 +2,12 @@
 
 import pytest
 import torch
-from torch import Tensor, nn
 
 from loradar_cli.data import ImageData
 from loradar_cli.errors import NotFoundError
 from loradar_cli.evaluation import SUITES, evaluate_suite, run_suite, suite_attacks
+from tests._models import Counting
 from tests.attacks.conftest import Digits, fit_digits
-
-
-class Counting(nn.Module):
-    """Counts the points each forward pass sees."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model, self.seen = model, 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.seen += len(x)
-        return self.model(x)
 
 
 @pytest.fixture(scope="module")

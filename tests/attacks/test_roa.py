@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from loradar_cli.attacks import ROAConfig, build_attack
 from loradar_cli.attacks.roa import GREY, grid_shape, rectangle_size
 from loradar_cli.errors import InvalidValueError
+from tests._models import Counting
 
 from .conftest import changed_box
 
@@ -90,18 +91,6 @@ def test_rectangle_size_scales_with_image_and_rejects_oversize() -> None:
     assert grid_shape(224, 224, 70, 70, 10) == (16, 16)
     with pytest.raises(InvalidValueError, match="does not fit"):
         rectangle_size(ROAConfig(height=40), 32, 32)
-
-
-class Counting(nn.Module):
-    """Counts the images each forward pass sees."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model, self.seen = model, 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.seen += len(x)
-        return self.model(x)
 
 
 def test_early_stop_gives_the_same_flags_with_less_work(digits) -> None:
