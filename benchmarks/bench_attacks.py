@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks import Counting
+
 SIZE = 32
 
 
@@ -244,18 +246,6 @@ def _peft_mixed(model: nn.Module, adapted: list[nn.Module], x: Tensor, fns: dict
     return ""
 
 
-class _Counting(nn.Module):
-    """Counts the images every forward pass sees (a backward pass follows at most as many)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model, self.seen = model, 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.seen += len(x)
-        return self.model(x)
-
-
 def _shared_data() -> Path | None:
     """LORADAR_DATA, else ../shared/data beside the checkout, if it exists."""
     root = Path(os.environ.get("LORADAR_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -307,7 +297,7 @@ def _early_stop_row(quick: bool, repeats: int, eps: float = 0.0) -> dict[str, An
     epochs = 2 if quick else 4
     model = _fit(timm.create_model("test_resnet", num_classes=10), train.x, train.y, epochs=epochs, eps=eps)
     x, y = test.x, test.y
-    counted = _Counting(model)
+    counted = Counting(model)
     attack = {"pgd": build_attack("pgd", eps=8 / 255, alpha=2 / 255, steps=10, seed=0)}
     theirs = torchattacks.PGD(counted, eps=8 / 255, alpha=2 / 255, steps=10)
     acc: dict[str, float] = {}

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from benchmarks import Counting
 from loradar_cli.data import ImageData
 from loradar_cli.errors import NotFoundError
 from loradar_cli.evaluation import SUITES, evaluate_suite, run_suite, suite_attacks
-from tests._models import Counting
 from tests.attacks.conftest import Digits, fit_digits
 
 

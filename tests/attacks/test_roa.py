@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from benchmarks import Counting
 from loradar_cli.attacks import ROAConfig, build_attack
 from loradar_cli.attacks.roa import GREY, grid_shape, rectangle_size
 from loradar_cli.errors import InvalidValueError
-from tests._models import Counting
 
 from .conftest import changed_box
 
