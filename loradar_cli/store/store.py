@@ -1,12 +1,13 @@
 """Store: adapters in `<root>/<name>/` (PEFT layout + loradar.json), bases in `<root>/bases/<name>/`, attack
 identifiers in `<root>/identifiers/<name>/`; every entry holds a manifest.json with the sha256 of each file.
+Pools (`<root>/pools/<name>.json`, a list of adapters) are a kind too, one file each, with no manifest.
 
 Writes build a hidden `.tmp-<name>-*` folder and swap it into place in one atomic rename (renameat2
 RENAME_EXCHANGE when replacing), under a per-entry flock, so readers see the old entry or the new one, never a
 mix, and two writers of one name never both succeed. Readers skip hidden names; the next writer removes the
 leftovers of killed writers (and puts back an entry a kill left aside). No path under the root that is a
-symbolic link is followed. What files each kind of entry has and how their contents are checked on read is
-`store/kinds.py`.
+symbolic link is followed. What files each kind of entry has, how their contents are checked on read, and how
+each kind is listed, read, renamed and discarded is `store/kinds.py`: `Store` asks the kind, never tests for one.
 """
 
 import json
