@@ -91,3 +91,17 @@ def test_suite_attack_options_keep_a_dashed_label_and_reach_the_built_attack():
     assert spec.overrides == {"apgd-t": {"targets": 3}, "square": {"queries": 1000}, "apgd-ce": {"eot": 2}}
     built = suite_attacks("standard", eps=spec.eps, overrides=spec.overrides)
     assert (built["apgd-t"].config.targets, built["square"].config.queries, built["apgd-ce"].config.eot) == (3, 1000, 2)
+
+
+def test_the_table_goes_to_stderr_without_json_and_json_alone_to_stdout(tiny) -> None:
+    """eval takes the output decision of every command: table on stderr (none under -q), or one JSON document."""
+    store, _, adapter, _ = tiny
+    args = ["--adapter", adapter.name, "--no-base", "--attack", "fgsm", "--eps", "0.05", "--limit", "8"]
+    human = invoke(store, *args)
+    assert human.exit_code == 0 and human.stdout == "" and "accuracy (%) on digits test, n=8" in human.stderr
+    assert adapter.name in human.stderr
+    quiet = invoke(store, *args, "-q")
+    assert quiet.exit_code == 0 and quiet.stdout == "" and "accuracy (%)" not in quiet.stderr
+    machine = invoke(store, *args, "--json")
+    report = json.loads(machine.stdout)
+    assert [r["model"] for r in report["rows"]] == [adapter.name] and "accuracy (%)" not in machine.stderr

@@ -104,9 +104,9 @@ def test_votes_stay_robust_under_adaptive_attack_and_attacks_are_identified(mnis
         limit=150,
         adv_sets=[sets["test", "pgd"], sets["test", "fgsm"]],
     )
-    assert fitted["classes"] == ["clean", "fgsm", "pgd"]
-    assert report["accuracy"] > 0.6  # chance is 1/3; measured 0.78
-    assert min(row["accuracy"] for row in report["sets"].values()) > 0.5  # measured: 0.69 or more per set
+    assert fitted.classes == ["clean", "fgsm", "pgd"]
+    assert report.accuracy is not None and report.accuracy > 0.6  # chance is 1/3; measured 0.78
+    assert min(row.accuracy or 0.0 for row in report.sets.values()) > 0.5  # measured: 0.69 or more per set
 
 
 FIVE_WAY = {"pgd": PGD_EVAL, "fgsm": {"eps": 0.1}, "roa": {"steps": 10}, "fia": {"eps": 0.1, "steps": 5}}
@@ -144,6 +144,6 @@ def test_five_way_identification_on_held_out_test_sets(mnist, tmp_path):
     report = identify_sets(
         store, [], identifier="mnist-id5", data=data, limit=100, adv_sets=[sets["test", a] for a in FIVE_WAY]
     )
-    assert fitted["classes"] == ["clean", "fgsm", "fia", "pgd", "roa"]
-    assert report["accuracy"] >= 0.85
-    assert sum(map(sum, report["confusion"]["matrix"])) == 500
+    assert fitted.classes == ["clean", "fgsm", "fia", "pgd", "roa"]
+    assert report.accuracy is not None and report.accuracy >= 0.85
+    assert report.confusion is not None and sum(map(sum, report.confusion.matrix)) == 500

@@ -83,6 +83,7 @@ def ensemble_vote_cli(
             batch_size=batch_size,
             out=out,
         )
+    result = report.model_dump(mode="json")
     show_result(
-        json_out, {**report, "run": engine.describe()}, quiet=quiet, human=lambda: console.print(vote_table(report))
+        json_out, {**result, "run": engine.describe()}, quiet=quiet, human=lambda: console.print(vote_table(result))
     )

@@ -23,7 +23,6 @@ from loradar_cli.cli._common import (
     StoreOpt,
     attack_options,
     console,
-    emit_json,
     number,
     open_store,
     progress_bar,
@@ -39,6 +38,7 @@ from loradar_cli.cli._engine_options import (
     engine_from,
     launch_nproc,
 )
+from loradar_cli.cli._output import show_result
 from loradar_cli.cli._tables import eval_table, pct
 from loradar_cli.errors import InvalidValueError
 
@@ -162,28 +162,26 @@ def eval_cli(
         return
     run = engine.record(time.perf_counter() - start, rows[0].n * len(rows))
     written = plot_sweep(plot, rows, f"{data} {split}, n={rows[0].n}") if plot and sweep else None
-    if not quiet:
-        console.print(eval_table(rows, title=f"accuracy (%) on {data} {split}, n={rows[0].n}"))
+    report = {
+        "base": base_name,
+        "data": data,
+        "split": split,
+        "limit": limit,
+        "seed": seed,
+        "suite": suite,
+        "norm": norm if suite else None,
+        "attacks": options,
+        "members": voters if ensemble else None,
+        "plot": str(written) if written else None,
+        "rows": [r.model_dump() for r in rows],
+        "run": run,
+    }
+    title = f"accuracy (%) on {data} {split}, n={rows[0].n}"
+    show_result(json_out, report, quiet=quiet, human=lambda: console.print(eval_table(rows, title=title)))
+    if not quiet:  # sanity flags warn on stderr with --json too
         print_flags(rows)
     if written is not None:
         console.print(f"wrote {written}", highlight=False)
-    if json_out:
-        emit_json(
-            {
-                "base": base_name,
-                "data": data,
-                "split": split,
-                "limit": limit,
-                "seed": seed,
-                "suite": suite,
-                "norm": norm if suite else None,
-                "attacks": options,
-                "members": voters if ensemble else None,
-                "plot": str(written) if written else None,
-                "rows": [r.model_dump() for r in rows],
-                "run": run,
-            }
-        )
     if strict and any(r.flags for r in rows):
         raise typer.Exit(STRICT_EXIT)
 

@@ -110,18 +110,19 @@ def identify_cli(
             out=out,
             reject=reject,
         )
-    confusion = report["confusion"]
+    result = report.model_dump(mode="json")
+    confusion = result["confusion"]
     if plot is not None and confusion:
-        written = plot_confusion(plot, confusion, f"attack identification ({report['mode']})")
+        written = plot_confusion(plot, confusion, f"attack identification ({report.mode})")
         console.print(f"confusion matrix plot: {written}", highlight=False)
 
     def human() -> None:
-        console.print(sets_table(report))
+        console.print(sets_table(result))
         if confusion:
-            console.print(confusion_table(confusion, f"confusion matrix, accuracy {pct(report['accuracy'])} %"))
-            console.print(per_class_table(report["per_class"]))
+            console.print(confusion_table(confusion, f"confusion matrix, accuracy {pct(report.accuracy)} %"))
+            console.print(per_class_table(result["per_class"]))
 
-    show_result(json_out, {**report, "run": engine.describe()}, quiet=quiet, human=human)
+    show_result(json_out, {**result, "run": engine.describe()}, quiet=quiet, human=human)
 
 
 def _list_features(value: bool) -> None:
@@ -211,20 +212,22 @@ def fit_identifier_cli(
             overwrite=overwrite,
         )
 
+    result = report.model_dump(mode="json")
+
     def human() -> None:
-        held = report["held_out"]
+        held = result["held_out"]
         console.print(
-            f"features: {', '.join(report['features'])}\n"
-            f"training accuracy (inputs it was fitted on, n={report['training']['n_fit']}): "
-            f"{pct(report['train_accuracy'])} %\n"
-            f"held-out accuracy (n={held['n']}, not fitted on): {pct(report['held_out_accuracy'])} %, "
+            f"features: {', '.join(report.features)}\n"
+            f"training accuracy (inputs it was fitted on, n={report.training['n_fit']}): "
+            f"{pct(report.train_accuracy)} %\n"
+            f"held-out accuracy (n={held['n']}, not fitted on): {pct(report.held_out_accuracy)} %, "
             f"{pct(held['accuracy'])} % with rejection ({pct(held['unknown_rate'])} % unknown)",
             highlight=False,
         )
         console.print(confusion_table(held["confusion"], "held-out confusion matrix (with rejection)"))
         console.print(per_class_table(held["per_class"], "held-out per-class scores"))
 
-    show_result(json_out, {**report, "run": engine.describe()}, quiet=quiet, human=human, result=name)
+    show_result(json_out, {**result, "run": engine.describe()}, quiet=quiet, human=human, result=name)
 
 
 def plot_confusion(path: Path, confusion: Mapping[str, Any], title: str) -> Path:

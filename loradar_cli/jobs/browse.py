@@ -5,7 +5,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError, NotFoundError
-from loradar_cli.store.store import ENTRY_KINDS, POOL, Store
+from loradar_cli.store.kinds import ENTRY_KINDS, POOL
+from loradar_cli.store.store import Store
 
 
 class Row(BaseModel):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 from torch import Tensor, nn
 
 from loradar_cli.errors import IncompatibleError, InvalidValueError
@@ -24,6 +25,32 @@ from loradar_cli.ops.vote import VOTE_METHODS, normalise_weights, reliability_we
 from loradar_cli.store.store import Store
 
 ENSEMBLE_METHODS = (*VOTE_METHODS, "route")
+
+
+class VoteRow(BaseModel):
+    """One input set's accuracies: per method, per adapter alone, and (route only) how often each adapter was picked."""
+
+    n: int
+    attack: str
+    accuracy: dict[str, float]
+    adapters: dict[str, float]
+    routed_to: dict[str, int] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if not (k == "routed_to" and v is None)}
+
+
+class VoteReport(BaseModel):
+    """What `ensemble-vote` measured: the voters, how each method decides, and one row per input set."""
+
+    base: str
+    members: list[str]
+    compare: list[str]
+    methods: list[str]
+    weighting: dict[str, Any] | None  # weighted: {"weights", "source"}
+    route: dict[str, str] | None  # route: how it picks the adapter
+    sets: dict[str, VoteRow]
 
 
 class MeanLogits(nn.Module):
@@ -180,6 +207,7 @@ class Ensemble:
         return {"mean logits": self.surrogate(), "weighted soft vote" if weighted else "soft vote": soft}
 
     def report(self) -> dict[str, Any]:
+        """The report fields that describe the decisions: methods, the weighted vote's weights, route's rule."""
         methods = list(self.decisions)
         return {
             "methods": methods,
@@ -241,7 +269,7 @@ def vote_sets(
     seed: int = 0,
     batch_size: int = 256,
     out: Path | None = None,
-) -> dict[str, Any]:
+) -> VoteReport:
     """Ensemble votes (majority, weighted, soft) and identify-then-route per input set; accuracy and predictions.
 
     `compare` adapters (e.g. merged ones) are evaluated alone on the same sets, for one table.
@@ -251,13 +279,7 @@ def vote_sets(
     )
     names = list(ensemble.voters)
     sets = input_sets(ensemble.members.base.meta, data=data, split=split, adv_sets=adv_sets, limit=limit, seed=seed)
-    report: dict[str, Any] = {
-        "base": ensemble.members.base.meta.name,
-        "members": names,
-        "compare": list(compare),
-        **ensemble.report(),
-        "sets": {},
-    }
+    rows: dict[str, VoteRow] = {}
     samples: dict[str, Any] = {}
     models = ensemble.models
     for s in sets:
@@ -266,7 +288,7 @@ def vote_sets(
         preds = {m: pred for m, (pred, _) in decided.items()}
         routed = decided["route"][1] if "route" in decided else None
         singles = {n: probs[n].argmax(dim=-1) for n in dict.fromkeys([*names, *compare])}
-        report["sets"][s.label] = _vote_row(s, preds, singles, routed, names)
+        rows[s.label] = _vote_row(s, preds, singles, routed, names)
         samples[s.label] = {
             "y": s.y.tolist(),
             "attack": s.attack,
@@ -276,7 +298,9 @@ def vote_sets(
         }
     if out is not None:
         write_json(out, {"members": names, "sets": samples})
-    return report
+    return VoteReport(
+        base=ensemble.members.base.meta.name, members=names, compare=list(compare), **ensemble.report(), sets=rows
+    )
 
 
 def _router(store: Store, identifier: str | None, names: Sequence[str], members: Members) -> "Identifier | None":
@@ -305,7 +329,7 @@ def _vote_weights(members: Members, names: Sequence[str], weights: Sequence[floa
     return {"weights": rel.weights, "source": source}
 
 
-def _route_info(router: "Identifier | None") -> dict[str, Any]:
+def _route_info(router: "Identifier | None") -> dict[str, str]:
     """How `route` picks its adapter, for the report."""
     if router is None:
         return {"mode": "rule", "rule": "the most confident adapter classifies"}
@@ -322,17 +346,15 @@ def _vote_row(
     singles: Mapping[str, Tensor],
     routed: Tensor | None,
     names: Sequence[str],
-) -> dict[str, Any]:
+) -> VoteRow:
     """One set's accuracies: per method, per adapter alone, and how often route picked each adapter."""
-    row: dict[str, Any] = {
-        "n": len(s.y),
-        "attack": s.attack,
-        "accuracy": {m: prediction_accuracy(p, s.y) for m, p in preds.items()},
-        "adapters": {n: prediction_accuracy(p, s.y) for n, p in singles.items()},
-    }
-    if routed is not None:
-        row["routed_to"] = {n: int((routed == i).sum()) for i, n in enumerate(names)}
-    return row
+    return VoteRow(
+        n=len(s.y),
+        attack=s.attack,
+        accuracy={m: prediction_accuracy(p, s.y) for m, p in preds.items()},
+        adapters={n: prediction_accuracy(p, s.y) for n, p in singles.items()},
+        routed_to=None if routed is None else {n: int((routed == i).sum()) for i, n in enumerate(names)},
+    )
 
 
 def route_choice(

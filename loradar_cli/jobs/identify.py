@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 from torch import Tensor
 
 from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError, validation_message
@@ -68,6 +68,87 @@ class IdentifierMeta(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     tensors_sha256: str = ""
     created_at: datetime = Field(default_factory=now)
+
+
+class ClassScores(BaseModel):
+    """One true class: precision (None when never predicted), recall and how many inputs had it."""
+
+    precision: float | None
+    recall: float
+    support: int
+
+
+class Confusion(BaseModel):
+    """Counts per (true label, answer): rows the true labels present, columns the answers with "unknown" last."""
+
+    rows: list[str]
+    columns: list[str]
+    matrix: list[list[int]]
+
+
+class IdentifyRow(BaseModel):
+    """One input set: its true attack, identification accuracy (None when empty) and predicted-label counts."""
+
+    n: int
+    attack: str
+    accuracy: float | None
+    predicted: dict[str, int]
+
+
+class HeldOutReport(BaseModel):
+    """The fitted identifier on the inputs held out of fitting, with rejection."""
+
+    n: int
+    accuracy: float | None
+    unknown_rate: float | None
+    per_class: dict[str, ClassScores]
+    confusion: Confusion | None
+
+
+_SETUP_FIELDS = ("identifier", "classes", "features", "reject", "margin", "clean", "labels", "calibration")
+
+
+class IdentifyReport(BaseModel):
+    """What `identify-attack` measured: the members, the mode and its setup, the summary and one row per set.
+
+    The setup fields belong to one mode each (calibrated: identifier, classes, features, reject; the rules: margin,
+    clean, labels, and relative-rule's calibration); the others are left out of the JSON.
+    """
+
+    base: str
+    members: list[str]
+    mode: str
+    identifier: str | None = None
+    classes: list[str] | None = None
+    features: list[str] | None = None
+    reject: bool | None = None
+    margin: float | None = None
+    clean: str | None = None
+    labels: dict[str, str] | None = None
+    calibration: str | None = None
+    accuracy: float | None
+    unknown_rate: float | None
+    per_class: dict[str, ClassScores]
+    confusion: Confusion | None
+    sets: dict[str, IdentifyRow]
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if not (k in _SETUP_FIELDS and v is None)}
+
+
+class FitReport(BaseModel):
+    """What `fit-identifier` stored and how well it did: training and held-out accuracy, and the fit's provenance."""
+
+    name: str
+    base: str
+    members: list[str]
+    classes: list[str]
+    features: list[str]
+    train_accuracy: float
+    held_out_accuracy: float
+    held_out: HeldOutReport
+    training: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -182,7 +263,7 @@ def identify_sets(
     batch_size: int = 256,
     out: Path | None = None,
     reject: bool = True,
-) -> dict[str, Any]:
+) -> IdentifyReport:
     """Per input, the attack family it came from; accuracy, per-class precision/recall and the confusion matrix.
 
     `mode` defaults to calibrated with an identifier, else relative-rule; `margin` to the mode's DEFAULT_MARGINS.
@@ -217,14 +298,14 @@ def identify_sets(
     }
     truth = [s.attack for s in sets for _ in range(len(s.y))]
     classes = ident.meta.classes if ident is not None and mode == "calibrated" else None
-    report = {
-        "base": members.base.meta.name,
-        "members": members.names,
-        "mode": mode,
+    report = IdentifyReport(
+        base=members.base.meta.name,
+        members=members.names,
+        mode=mode,
         **setup,
         **identification_summary(truth, [p for s in sets for p in predicted[s.label]], classes),
-        "sets": {s.label: _identify_row(s, predicted[s.label]) for s in sets},
-    }
+        sets={s.label: _identify_row(s, predicted[s.label]) for s in sets},
+    )
     if out is not None:
         write_json(
             out, {"mode": mode, "sets": {s.label: {"attack": s.attack, "predicted": predicted[s.label]} for s in sets}}
@@ -314,17 +395,17 @@ def _calibrated_identifier(store: Store, identifier: str | None, names: Sequence
     return ident
 
 
-def _identify_row(s: "InputSet", predicted: Sequence[str]) -> dict[str, Any]:
+def _identify_row(s: "InputSet", predicted: Sequence[str]) -> IdentifyRow:
     """One set's identification accuracy and predicted-label counts."""
     counts: dict[str, int] = {}
     for label in predicted:
         counts[label] = counts.get(label, 0) + 1
-    return {
-        "n": len(predicted),
-        "attack": s.attack,
-        "accuracy": accuracy([s.attack] * len(predicted), predicted) if predicted else None,
-        "predicted": dict(sorted(counts.items())),
-    }
+    return IdentifyRow(
+        n=len(predicted),
+        attack=s.attack,
+        accuracy=accuracy([s.attack] * len(predicted), predicted) if predicted else None,
+        predicted=dict(sorted(counts.items())),
+    )
 
 
 def identification_summary(
@@ -376,7 +457,7 @@ def fit_identifier_from_sets(
     seed: int = 0,
     batch_size: int = 256,
     overwrite: bool = False,
-) -> tuple[IdentifierMeta, dict[str, Any]]:
+) -> tuple[IdentifierMeta, FitReport]:
     """Fit the calibrated identifier on labelled sets (adversarial sets by attack, --data as clean) and store it.
 
     A stratified `held_out` fraction of the inputs is kept out of fitting: feature groups ("auto": greedy
@@ -429,18 +510,18 @@ def fit_identifier_from_sets(
     store.save_identifier(name, meta.model_dump(mode="json"), tensors, overwrite=overwrite)
     held_labels = [labels[i] for i in fitted.held]
     held_pred = model.predict(fitted.table[fitted.held])
-    held_report = {"n": len(fitted.held), **identification_summary(held_labels, held_pred, model.classes)}
-    return meta, {
-        "name": name,
-        "base": meta.base,
-        "members": order,
-        "classes": model.classes,
-        "features": groups,
-        "train_accuracy": training["train_accuracy"],
-        "held_out_accuracy": training["held_out_accuracy"],
-        "held_out": held_report,
-        "training": training,
-    }
+    held_report = HeldOutReport(n=len(fitted.held), **identification_summary(held_labels, held_pred, model.classes))
+    return meta, FitReport(
+        name=name,
+        base=meta.base,
+        members=order,
+        classes=model.classes,
+        features=groups,
+        train_accuracy=training["train_accuracy"],
+        held_out_accuracy=training["held_out_accuracy"],
+        held_out=held_report,
+        training=training,
+    )
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,36 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from loradar_cli import __version__
+from loradar_cli.errors import InvalidValueError
 from loradar_cli.lora.spec import LoraSpec
 
 SCHEMA_VERSION = 1
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 RESERVED_NAMES = frozenset({"bases", "identifiers", "pools", "loradar-store.json"})
+
+
+def check_name(name: str, what: str = "adapter") -> str:
+    """`name` if it may name a store entry of kind `what` (pattern, length, not reserved), else InvalidValueError."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        TypeAdapter(Name).validate_python(name)
+    except ValidationError:
+        raise InvalidValueError(
+            f"invalid {what} name {name!r}: use letters, digits, '.', '_' and '-' (max 64)"
+        ) from None
+    if name in RESERVED_NAMES:  # `show NAME` looks up adapters and bases alike, so no kind may use these
+        raise InvalidValueError(f"{name!r} is reserved in the store; pick another {what} name")
+    return name
+
+
+def valid_name(name: str) -> bool:
+    """Whether `name` passes `check_name` (listings skip what could not have been written)."""
+    try:
+        check_name(name)
+    except InvalidValueError:
+        return False
+    return True
 
 
 def now() -> datetime:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loradar_cli.errors import CorruptError, ExistsError, NotFoundError
 from loradar_cli.files import atomic_path
-from loradar_cli.store.meta import Name, now
+from loradar_cli.store.meta import Name, check_name, now
 
 if TYPE_CHECKING:
     from loradar_cli.store.store import Store
@@ -38,8 +38,6 @@ class PoolManifest(BaseModel):
 
 def pool_path(root: Path, name: str) -> Path:
     """Where the manifest of pool `name` lives."""
-    from loradar_cli.store.store import check_name
-
     return Path(root) / POOLS_DIR / f"{check_name(name, 'pool')}.json"
 
 

@@ -1,12 +1,13 @@
 """Store: adapters in `<root>/<name>/` (PEFT layout + loradar.json), bases in `<root>/bases/<name>/`, attack
 identifiers in `<root>/identifiers/<name>/`; every entry holds a manifest.json with the sha256 of each file.
+Pools (`<root>/pools/<name>.json`, a list of adapters) are a kind too, one file each, with no manifest.
 
 Writes build a hidden `.tmp-<name>-*` folder and swap it into place in one atomic rename (renameat2
 RENAME_EXCHANGE when replacing), under a per-entry flock, so readers see the old entry or the new one, never a
 mix, and two writers of one name never both succeed. Readers skip hidden names; the next writer removes the
 leftovers of killed writers (and puts back an entry a kill left aside). No path under the root that is a
-symbolic link is followed. What files each kind of entry has and how their contents are checked on read is
-`store/kinds.py`.
+symbolic link is followed. What files each kind of entry has, how their contents are checked on read, and how
+each kind is listed, read, renamed and discarded is `store/kinds.py`: `Store` asks the kind, never tests for one.
 """
 
 import json
@@ -38,6 +39,7 @@ from loradar_cli.store.kinds import (
     ADAPTER_WEIGHTS,
     BASE_META,
     BASE_WEIGHTS,
+    ENTRY_KINDS,
     IDENTIFIER_META,
     IDENTIFIER_WEIGHTS,
     KINDS,
@@ -46,7 +48,6 @@ from loradar_cli.store.kinds import (
     check_adapter_tensors,
     check_entry_files,
     check_finite,
-    parse_meta,
     tensor_bytes,
 )
 from loradar_cli.store.manifest import (
@@ -59,8 +60,7 @@ from loradar_cli.store.manifest import (
     manifest_bytes,
     parse_manifest,
 )
-from loradar_cli.store.meta import RESERVED_NAMES, AdapterMeta, BaseMeta, IdentifierMeta, Name, peft_config
-from loradar_cli.store.pools import load_pool, pool_names, pool_path, save_pool
+from loradar_cli.store.meta import AdapterMeta, BaseMeta, IdentifierMeta, check_name, peft_config, valid_name
 
 DEFAULT_STORE = Path("adapters")
 LEFTOVER_PREFIXES = (".tmp-", ".old-", ".rm-")
@@ -75,27 +75,8 @@ class Ref:
     relation: str
 
 
-POOL = "pool"
-# Kinds `rm`, `mv`, `verify`, `list` and `show` handle: the folder kinds, and pools (a manifest of adapters).
-ENTRY_KINDS: tuple[str, ...] = (*KINDS, POOL)
-
-
 def default_root() -> Path:
     return Path(os.environ.get("LORADAR_STORE", DEFAULT_STORE))
-
-
-def check_name(name: str, what: str = "adapter") -> str:
-    from pydantic import TypeAdapter
-
-    try:
-        TypeAdapter(Name).validate_python(name)
-    except ValidationError:
-        raise InvalidValueError(
-            f"invalid {what} name {name!r}: use letters, digits, '.', '_' and '-' (max 64)"
-        ) from None
-    if name in RESERVED_NAMES:  # `show NAME` looks up adapters and bases alike, so no kind may use these
-        raise InvalidValueError(f"{name!r} is reserved in the store; pick another {what} name")
-    return name
 
 
 def leftover_name(entry: str) -> str | None:
@@ -127,6 +108,10 @@ class Store:
     def entry_dir(self, kind: str, name: str) -> Path:
         return self.kind_dir(kind) / check_name(name, kind)
 
+    def entry_path(self, kind: str, name: str) -> Path:
+        """Where an entry of any kind lives: a folder kind's folder, a pool's manifest file."""
+        return ENTRY_KINDS[kind].path(self.root, check_name(name, kind))
+
     def adapter_dir(self, name: str) -> Path:
         return self.entry_dir("adapter", name)
 
@@ -139,28 +124,7 @@ class Store:
     def names(self, kind: str) -> list[str]:
         """Entries of a kind, skipping hidden folders (temporary and aside copies), links and invalid names."""
         self.check_root()
-        if kind == POOL:
-            return [n for n in pool_names(self.root) if _valid(n, POOL) and not pool_path(self.root, n).is_symlink()]
-        folder = self.kind_dir(kind)
-        if folder != self.root and folder.is_symlink():
-            return []
-        try:
-            children = list(folder.iterdir()) if folder.is_dir() else []
-        except OSError:
-            return []
-        meta_file = KINDS[kind].meta_file
-        out = []
-        for p in children:
-            if p.name.startswith(".") or p.is_symlink() or not (p / meta_file).is_file():
-                continue
-            if kind == "adapter" and p.name in RESERVED_NAMES:
-                continue
-            try:
-                check_name(p.name, kind)
-            except InvalidValueError:
-                continue
-            out.append(p.name)
-        return sorted(out)
+        return ENTRY_KINDS[kind].names(self.root)
 
     def check_root(self) -> None:
         """A store root that exists must be a folder (a missing one is an empty store)."""
@@ -177,11 +141,7 @@ class Store:
         return self.names("identifier")
 
     def has(self, kind: str, name: str) -> bool:
-        if kind == POOL:
-            path = pool_path(self.root, name)
-            return not path.is_symlink() and path.is_file()
-        folder = self.entry_dir(kind, name)
-        return not folder.is_symlink() and (folder / KINDS[kind].meta_file).is_file()
+        return ENTRY_KINDS[kind].present(self.entry_path(kind, name))
 
     def has_adapter(self, name: str) -> bool:
         return self.has("adapter", name)
@@ -221,16 +181,17 @@ class Store:
         once rather than after training. It changes nothing on disk: the write itself claims the name.
         """
         target = self.entry_dir(what, name)
-        self._refuse_taken(target, what, overwrite)
+        self._refuse_taken(what, name, overwrite)
         self._check_no_links(what)
         claim = lock.lock_path(self.root, what, name)
         if lock.busy(claim):
             raise lock.busy_error(claim, f"{what} {name!r}")
         return target
 
-    def _refuse_taken(self, target: Path, what: str, overwrite: bool) -> None:
+    def _refuse_taken(self, what: str, name: str, overwrite: bool) -> None:
+        target = self.entry_path(what, name)
         if (target.exists() or target.is_symlink()) and not overwrite:
-            raise ExistsError(f"{what} {target.name!r} already exists in {self.root}", hint="pass --overwrite")
+            raise ExistsError(f"{what} {name!r} already exists in {self.root}", hint="pass --overwrite")
 
     def _check_no_links(self, kind: str) -> None:
         folder = self.kind_dir(kind)
@@ -327,11 +288,7 @@ class Store:
 
     def meta(self, kind: str, name: str) -> Any:
         """The validated metadata of an entry of any kind (its file checked against the manifest); a pool's manifest."""
-        if kind == POOL:
-            return load_pool(self.root, name)
-        spec = KINDS[kind]
-        data = self.read_files(kind, name, [spec.meta_file])[spec.meta_file]
-        return parse_meta(data, self.entry_dir(kind, name) / spec.meta_file, spec.meta_model)
+        return ENTRY_KINDS[kind].read_meta(self, name)
 
     def _load(self, kind: str, name: str, *, legacy: bool = False) -> tuple[Any, dict[str, Any]]:
         """Metadata and tensors of an entry, fully checked: hashes, schema, tensors, config agreement."""
@@ -401,26 +358,13 @@ class Store:
 
     # ------------------------------------------------------------------ dependencies
     def references(self) -> list[Ref]:
-        """Every link between entries: adapters on their base and parents, identifiers on members and base."""
+        """Every link between entries, as each kind reads them from its entries' metadata (unreadable ones skipped)."""
         refs: list[Ref] = []
-        for name in self.names("adapter"):
-            meta = self._quiet_meta("adapter", name)
-            if meta is None:
-                continue
-            refs.append(Ref(("adapter", name), ("base", meta.base), "base"))
-            refs.extend(Ref(("adapter", name), ("adapter", p), "parent") for p in meta.parents if p != name)
-        for name in self.names("identifier"):
-            meta = self._quiet_meta("identifier", name)
-            if meta is None:
-                continue
-            if meta.base:
-                refs.append(Ref(("identifier", name), ("base", meta.base), "base"))
-            members = [m for m in meta.members if not m.startswith(":")]
-            refs.extend(Ref(("identifier", name), ("adapter", m), "member") for m in members)
-        for name in self.names(POOL):
-            pool = self._quiet_meta(POOL, name)
-            if pool is not None:
-                refs.extend(Ref((POOL, name), ("adapter", m), "member") for m in dict.fromkeys(pool.members))
+        for kind, spec in ENTRY_KINDS.items():
+            for name in self.names(kind):
+                meta = self._quiet_meta(kind, name)
+                if meta is not None:
+                    refs.extend(Ref((kind, name), target, relation) for relation, target in spec.links(name, meta))
         return refs
 
     def dependents(self, kind: str, name: str) -> list[Ref]:
@@ -440,58 +384,34 @@ class Store:
         """
         if not self.has(kind, name):
             raise NotFoundError(f"no {kind} {name!r} in {self.root}", hint=_suggest(name, self.names(kind)))
-        if kind == POOL:  # nothing refers to a pool: its members are ordinary adapters and stay
-            with self._claimed(kind, name, f"pool {name!r}"):
-                pool_path(self.root, name).unlink()
-            return []
-        folder = self.entry_dir(kind, name)
-        self._ensure_format()
+        spec = ENTRY_KINDS[kind]
+        if spec.manifested:
+            self._ensure_format()
         with self._claimed(kind, name, f"{kind} {name!r}"):
             broken = _refuse_dependents(self.dependents(kind, name), force, f"remove {kind} {name!r}")
-            trash = make_temp_dir(folder.parent, f".rm-{name}-")
-            os.replace(folder, trash / "entry")
-            shutil.rmtree(trash, ignore_errors=True)
+            spec.discard(self.entry_path(kind, name))
         return broken
 
     def rename(self, kind: str, old: str, new: str, *, force: bool = False) -> list[Ref]:
         """Rename an entry (its metadata and manifest rewritten under the new name); refuse to break dependents."""
         if old == new:
             raise InvalidValueError(f"{kind} {old!r} already has that name")
-        if kind == POOL:
-            self._rename_pool(old, new)
-            return []
-        target = self.entry_dir(kind, new)
-        meta, _ = self._load(kind, old)
-        self._ensure_format()
+        spec = ENTRY_KINDS[kind]
+        check_name(new, kind)
+        meta = spec.read_checked(self, old)
+        if spec.manifested:
+            self._ensure_format()
         with self._claimed(kind, old, f"{kind} {old!r}"), self._claimed(kind, new, f"{kind} {new!r}"):
-            self._refuse_taken(target, kind, False)
+            self._refuse_taken(kind, new, False)
             broken = _refuse_dependents(self.dependents(kind, old), force, f"rename {kind} {old!r}")
-            spec = KINDS[kind]
-            files = self.read_files(kind, old, spec.files)
-            raw = json.loads(files[spec.meta_file])
-            raw["name"] = new
-            files[spec.meta_file] = json_bytes(raw)
-            if kind == "adapter":
-                files[ADAPTER_CONFIG] = json_bytes(peft_config(meta.model_copy(update={"name": new})))
-            self._install(kind, new, files, overwrite=False)
-            trash = make_temp_dir(self.kind_dir(kind), f".rm-{old}-")
-            os.replace(self.entry_dir(kind, old), trash / "entry")
-            shutil.rmtree(trash, ignore_errors=True)
+            spec.write_renamed(self, old, new, meta)  # the new entry is whole before the old one goes:
+            spec.discard(self.entry_path(kind, old))  # a crash between leaves both, never neither
         return broken
-
-    def _rename_pool(self, old: str, new: str) -> None:
-        """Write the manifest under the new name, then remove the old one (a crash leaves both, never neither)."""
-        manifest = load_pool(self.root, old)
-        check_name(new, POOL)
-        with self._claimed(POOL, old, f"pool {old!r}"), self._claimed(POOL, new, f"pool {new!r}"):
-            save_pool(self.root, manifest.model_copy(update={"name": new}))
-            pool_path(self.root, old).unlink()
 
     # ------------------------------------------------------------------ atomic write
     def write_entry(self, kind: str, name: str, files: Mapping[str, bytes], *, overwrite: bool = False) -> Path:
         """Write an entry from file contents (a manifest is added): all of it appears at once, or none of it."""
-        target = self.entry_dir(kind, name)
-        self._refuse_taken(target, kind, overwrite)
+        self._refuse_taken(kind, name, overwrite)
         self._ensure_format()
         self._check_no_links(kind)
         with self._claimed(kind, name, f"{kind} {name!r}"):
@@ -505,7 +425,7 @@ class Store:
             parent.mkdir(parents=True, exist_ok=True)
             os.chmod(parent, dir_mode())
         self.clean_leftovers(kind)
-        self._refuse_taken(target, kind, overwrite)
+        self._refuse_taken(kind, name, overwrite)
         if target.is_symlink():
             raise CorruptError(f"{target} is a symbolic link; the store never follows links out of its root")
         tmp = make_temp_dir(parent, f".tmp-{name}-")
@@ -550,7 +470,7 @@ class Store:
                 owner_kind, name = "store", "format"
             elif owner_kind is None:  # inside an entry: a manifest or marker file being replaced
                 owner_kind, name = self._kind_of_folder(path.parent.parent), path.parent.name
-            if owner_kind is None or name is None or (owner_kind != "store" and not _valid(name, owner_kind)):
+            if owner_kind is None or name is None or (owner_kind != "store" and not valid_name(name)):
                 continue
             claim_path = lock.lock_path(self.root, owner_kind, name)
             mine = lock.held(claim_path)
@@ -586,14 +506,6 @@ class Store:
         finally:
             if not mine:
                 lock.release(path)
-
-
-def _valid(name: str, kind: str) -> bool:
-    try:
-        check_name(name, kind)
-    except InvalidValueError:
-        return False
-    return True
 
 
 def _refuse_dependents(refs: list[Ref], force: bool, action: str) -> list[Ref]:

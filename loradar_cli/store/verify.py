@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from loradar_cli.errors import CorruptError, IncompatibleError, InvalidValueError, NotFoundError
 from loradar_cli.files import read_file
+from loradar_cli.store.kinds import ADAPTER_CONFIG, ENTRY_KINDS, KINDS
 from loradar_cli.store.manifest import MANIFEST
-from loradar_cli.store.store import ADAPTER_CONFIG, ENTRY_KINDS, KINDS, POOL, Store
+from loradar_cli.store.store import Store
 
 
 @dataclass(frozen=True)
@@ -74,17 +75,12 @@ def _present(store: Store, kind: str, name: str) -> bool:
 
 def _check_entry(store: Store, kind: str, name: str) -> list[Problem]:
     where = f"{kind} {name}"
-    if kind == POOL:  # a manifest only: it parses, and its members are checked as links
-        try:
-            store.meta(kind, name)
-        except (CorruptError, NotFoundError) as err:
-            return [Problem(where, err.one_line())]
-        return []
+    spec = ENTRY_KINDS[kind]
     try:
-        meta, _ = store._load(kind, name)
+        meta = spec.read_checked(store, name)  # a pool is its manifest: it parses, its members are checked as links
     except (CorruptError, IncompatibleError, NotFoundError) as err:
         return [Problem(where, err.one_line())]
-    problems = _stray_files(store, kind, name)
+    problems = _stray_files(store, kind, name) if spec.manifested else []
     if kind == "adapter":
         problems.extend(_check_base_link(store, where, meta.base, meta.base_fingerprint))
         problems.extend(_check_peft_loadable(store, where, name))

@@ -56,20 +56,22 @@ def test_vote_and_route_accuracies_match_a_hand_computation(pool, tmp_path):
     probs = naive_probs(pool, NAMES, data.x).double().numpy()
     hand = _hand_votes(probs, weights)
     y = data.y.numpy()
-    row = report["sets"]["clean"]
+    row = report.sets["clean"]
+    assert row.routed_to is not None and sum(row.routed_to.values()) == row.n == 40
     for method, pred in hand.items():
-        assert row["accuracy"][method] == pytest.approx(float((pred == y).mean())), method
+        assert row.accuracy[method] == pytest.approx(float((pred == y).mean())), method
     for i, name in enumerate(NAMES):
-        assert row["adapters"][name] == pytest.approx(float((probs[i].argmax(-1) == y).mean()))
+        assert row.adapters[name] == pytest.approx(float((probs[i].argmax(-1) == y).mean()))
     saved = json.loads(out.read_text())["sets"]["clean"]
     assert saved["y"] == y.tolist() and saved["methods"]["majority"] == hand["majority"].tolist()
     assert saved["routed_to"] == [NAMES[i] for i in probs.max(-1).argmax(0)]
-    assert report["weighting"]["source"] == "--weights"
+    assert report.weighting is not None and report.weighting["source"] == "--weights"
 
 
 def test_weighted_vote_defaults_to_stored_reliability(pool):
     report = vote_sets(pool, ["a", "b"], methods=["weighted"], data="digits", limit=4)
-    assert report["weighting"] == {"weights": [0.5, 0.5], "source": "metrics.val_robust_acc"}
+    assert report.weighting == {"weights": [0.5, 0.5], "source": "metrics.val_robust_acc"}
+    assert list(report.model_dump()["sets"]["clean"]) == ["n", "attack", "accuracy", "adapters"]  # no route
     with pytest.raises(InvalidValueError, match="--data SPEC and/or --adv-set"):
         vote_sets(pool, ["a", "b"])
 

@@ -36,19 +36,21 @@ def test_identify_rule_on_constructed_cases(pool, loud, tmp_path):
     data = load_data("digits", "test", limit=10, channels=1, size=16)
     roa_set = save_adv_set(tmp_path / "roa.safetensors", AdvSet(data.x, data.y, "roa"))
     report = identify_sets(pool, ["b", loud], mode="rule", data="digits", limit=10, adv_sets=[roa_set])
-    assert report["sets"]["clean"]["predicted"] == {"roa": 10}
-    assert report["sets"]["roa.safetensors"]["accuracy"] == 1.0
-    assert report["accuracy"] == 0.5
-    assert report["confusion"] == {
+    assert report.sets["clean"].predicted == {"roa": 10}
+    assert report.sets["roa.safetensors"].accuracy == 1.0
+    assert report.accuracy == 0.5
+    assert report.confusion is not None and report.confusion.model_dump() == {
         "rows": ["clean", "roa"],
         "columns": ["clean", "roa", "unknown"],
         "matrix": [[0, 10, 0], [0, 10, 0]],
     }
-    assert report["per_class"]["roa"] == {"precision": 0.5, "recall": 1.0, "support": 10}
+    assert report.per_class["roa"].model_dump() == {"precision": 0.5, "recall": 1.0, "support": 10}
+    keys = ["base", "members", "mode", "margin", "clean", "labels", "accuracy", "unknown_rate", "per_class"]
+    assert list(report.model_dump(mode="json")) == [*keys, "confusion", "sets"]  # no calibrated-only fields
     as_clean = identify_sets(pool, ["b", loud], mode="rule", clean=loud, data="digits", limit=10)
-    assert as_clean["sets"]["clean"]["predicted"] == {"clean": 10} and as_clean["accuracy"] == 1.0
+    assert as_clean.sets["clean"].predicted == {"clean": 10} and as_clean.accuracy == 1.0
     undecided = identify_sets(pool, ["b", loud], mode="rule", margin=1.0, data="digits", limit=10)
-    assert undecided["sets"]["clean"]["predicted"] == {"unknown": 10}
+    assert undecided.sets["clean"].predicted == {"unknown": 10}
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +76,15 @@ def test_identify_rule_end_to_end_matches_the_rule_on_naive_probs(pool, adv_file
         probs = torch.cat([naive_probs(pool, ["a", "b"], adv.x), load_model(pool, "tiny")(adv.x).softmax(-1)[None]])
         expected = identify_rule(probs, ["pgd", "fgsm", "clean"], margin=0.05, clean_index=2)
         counts = {k: expected.count(k) for k in sorted(set(expected))}
-        assert report["sets"][path.name]["predicted"] == counts
+        assert report.sets[path.name].predicted == counts
 
 
 def test_relative_rule_matches_the_ops_rule_on_clean_statistics_of_the_other_split(pool, adv_files):
     from loradar_cli.advset import load_adv_set
 
     report = identify_sets(pool, ["a", "b"], adv_sets=adv_files[:1], data="digits", split="test", limit=12)
-    assert report["mode"] == "relative-rule" and "split val" in report["calibration"]
+    assert report.mode == "relative-rule" and "split val" in (report.calibration or "")
+    assert list(report.model_dump(mode="json"))[3:7] == ["margin", "clean", "labels", "calibration"]
     clean = load_data("digits", "val", limit=12, channels=1, size=16)
     base = load_model(pool, "tiny")
     stack = lambda x: torch.cat([naive_probs(pool, ["a", "b"], x), base(x).softmax(-1)[None]])  # noqa: E731
@@ -89,27 +92,28 @@ def test_relative_rule_matches_the_ops_rule_on_clean_statistics_of_the_other_spl
     adv = load_adv_set(adv_files[0])
     expected = identify_relative(stack(adv.x[:12]), ["pgd", "fgsm", "clean"], mean, std, margin=0.0, clean_index=2)
     counts = {k: expected.count(k) for k in sorted(set(expected))}
-    assert report["sets"][adv_files[0].name]["predicted"] == counts
+    assert report.sets[adv_files[0].name].predicted == counts
 
 
 def test_calibrated_identifier_fit_store_load_predict_reproduces_held_out_and_routes(pool, adv_files, tmp_path):
     meta, fitted = fit_identifier_from_sets(
         pool, ["a", "b"], name="idf", adv_sets=adv_files, data="digits", split="val", limit=24, epochs=150
     )
-    assert fitted["classes"] == ["clean", "fgsm", "pgd"] and meta.members == ["a", "b", ":base"]
-    assert meta.feature_groups == fitted["features"] and meta.training["selection"]["history"]
-    assert fitted["held_out"]["n"] == meta.training["n_held_out"] == 18  # a quarter of 24 per class
+    assert fitted.classes == ["clean", "fgsm", "pgd"] and meta.members == ["a", "b", ":base"]
+    assert meta.feature_groups == fitted.features and meta.training["selection"]["history"]
+    assert fitted.held_out.n == meta.training["n_held_out"] == 18  # a quarter of 24 per class
     assert (pool.root / "identifiers" / "idf" / "identifier.json").is_file()
     out = tmp_path / "pred.json"
     report = identify_sets(
         pool, [], identifier="idf", adv_sets=adv_files, data="digits", split="val", limit=24, out=out
     )
-    assert report["mode"] == "calibrated"
+    assert report.mode == "calibrated"
+    assert list(report.model_dump(mode="json"))[3:8] == ["identifier", "classes", "features", "reject", "accuracy"]
     saved = json.loads(out.read_text())["sets"]
     pred = [p for label in ("clean", *(f.name for f in adv_files)) for p in saved[label]["predicted"]]
     truth = [a for a in ("clean", "fgsm", "pgd") for _ in range(24)]
     _, held = stratified_split(truth, 0.25, seed=0)
-    assert accuracy([truth[i] for i in held], [pred[i] for i in held]) == pytest.approx(fitted["held_out"]["accuracy"])
+    assert accuracy([truth[i] for i in held], [pred[i] for i in held]) == pytest.approx(fitted.held_out.accuracy)
     ident = load_identifier(pool, "idf")
     from loradar_cli.advset import load_adv_set
 

@@ -1,4 +1,5 @@
-"""store.kinds: each kind's files are parsed and checked by its own rule; a change to any part is refused."""
+"""store.kinds: each kind's files are parsed and checked by its own rule; a change to any part is refused; every
+kind (folder kinds and pools) lists, reads, renames and removes its entries through the same `Store` calls."""
 
 import json
 
@@ -6,8 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from loradar_cli.errors import CorruptError
-from loradar_cli.store.kinds import KINDS, check_entry_files
+from loradar_cli.errors import CorruptError, ExistsError, NotFoundError
+from loradar_cli.store.kinds import ENTRY_KINDS, KINDS, check_entry_files
+from loradar_cli.store.pools import PoolManifest, save_pool
+from tests.conftest import make_adapter, make_base
 
 
 def _files(store, kind: str, name: str) -> dict[str, bytes]:
@@ -65,3 +68,74 @@ def test_an_identifier_with_non_finite_weights_is_refused(store):
     files["identifier.safetensors"] = save({"weight": torch.tensor([[1.0, float("nan"), 0.0]] * 2)})
     with pytest.raises(CorruptError, match="NaN or infinite"):
         check_entry_files("identifier", "who", files, store.root)
+
+
+def _make_base(store, name):
+    make_base(store, name)
+
+
+def _make_adapter(store, name):
+    make_adapter(store, "b", name)
+
+
+def _make_identifier(store, name):
+    meta = {"base": "b", "base_fingerprint": store.base_meta("b").fingerprint, "members": ["a", ":x"], "classes": ["c"]}
+    store.save_identifier(name, meta, {"weight": torch.ones(2, 3)})
+
+
+def _make_pool(store, name):
+    save_pool(store.root, PoolManifest(name=name, key="eps", values=["1", "2"], members=["a", "a"]))
+
+
+# kind -> (how to write an entry of it, the links its entry has: (relation, (kind, name)))
+MAKERS = {
+    "base": (_make_base, []),
+    "adapter": (_make_adapter, [("base", ("base", "b"))]),
+    "identifier": (_make_identifier, [("base", ("base", "b")), ("member", ("adapter", "a"))]),
+    "pool": (_make_pool, [("member", ("adapter", "a"))]),
+}
+
+
+def test_every_entry_kind_has_a_contract_case():
+    assert set(MAKERS) == set(ENTRY_KINDS)
+
+
+def _stored_name(store, kind: str, name: str) -> str:
+    """The name recorded in the entry's metadata file, read from disk without the store."""
+    path = store.entry_path(kind, name)
+    meta_file = path / KINDS[kind].meta_file if kind in KINDS else path
+    return json.loads(meta_file.read_text())["name"]
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_each_kind_lists_reads_renames_and_removes_its_entries(store, kind):
+    make, links = MAKERS[kind]
+    make_base(store, "b")
+    make_adapter(store, "b", "a")
+    before = {k: store.names(k) for k in ENTRY_KINDS}
+    make(store, "e")
+    make(store, "t")
+    assert store.names(kind) == sorted({*before[kind], "e", "t"}) and store.has(kind, "e")
+    assert store.meta(kind, "e").name == "e" == _stored_name(store, kind, "e")
+    assert sorted((r.relation, r.target) for r in store.references() if r.source == (kind, "e")) == sorted(links)
+    assert store.kinds_of("e") == [kind] and store.resolve_kind("e") == kind
+
+    with pytest.raises(ExistsError, match=f"{kind} 't' already exists"):
+        store.rename(kind, "e", "t")
+    assert store.meta(kind, "e").name == "e" and store.meta(kind, "t").name == "t"
+
+    assert store.rename(kind, "e", "f") == []
+    assert not store.has(kind, "e") and not store.entry_path(kind, "e").exists()
+    assert store.meta(kind, "f").name == "f" == _stored_name(store, kind, "f")
+    assert sorted((r.relation, r.target) for r in store.references() if r.source == (kind, "f")) == sorted(links)
+    assert store.names(kind) == sorted({*before[kind], "f", "t"})
+
+    assert store.remove(kind, "f") == []
+    assert not store.has(kind, "f") and not store.entry_path(kind, "f").exists()
+    assert store.names(kind) == sorted({*before[kind], "t"})
+    assert {k: store.names(k) for k in ENTRY_KINDS if k != kind} == {k: v for k, v in before.items() if k != kind}
+    assert store.leftovers() == []
+    with pytest.raises(NotFoundError):
+        store.remove(kind, "f")
+    with pytest.raises(NotFoundError):
+        store.meta(kind, "f")
