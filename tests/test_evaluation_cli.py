@@ -93,8 +93,9 @@ def test_suite_attack_options_keep_a_dashed_label_and_reach_the_built_attack():
     assert (built["apgd-t"].config.targets, built["square"].config.queries, built["apgd-ce"].config.eot) == (3, 1000, 2)
 
 
-def test_the_table_goes_to_stderr_without_json_and_json_alone_to_stdout(tiny) -> None:
-    """eval takes the output decision of every command: table on stderr (none under -q), or one JSON document."""
+def test_the_table_goes_to_stderr_and_json_alone_to_stdout(tiny) -> None:
+    """eval takes the output decision of every command: the table on stderr (none under -q), with or without
+    --json; stdout holds nothing, or exactly one JSON document."""
     store, _, adapter, _ = tiny
     args = ["--adapter", adapter.name, "--no-base", "--attack", "fgsm", "--eps", "0.05", "--limit", "8"]
     human = invoke(store, *args)
@@ -104,4 +105,7 @@ def test_the_table_goes_to_stderr_without_json_and_json_alone_to_stdout(tiny) ->
     assert quiet.exit_code == 0 and quiet.stdout == "" and "accuracy (%)" not in quiet.stderr
     machine = invoke(store, *args, "--json")
     report = json.loads(machine.stdout)
-    assert [r["model"] for r in report["rows"]] == [adapter.name] and "accuracy (%)" not in machine.stderr
+    assert [r["model"] for r in report["rows"]] == [adapter.name] and "accuracy (%) on digits" in machine.stderr
+    quiet_machine = invoke(store, *args, "--json", "-q")
+    assert json.loads(quiet_machine.stdout)["rows"] == report["rows"]
+    assert "accuracy (%)" not in quiet_machine.stderr

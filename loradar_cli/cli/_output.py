@@ -1,8 +1,9 @@
 """The one output decision every command takes: the name / JSON / table split between stdout and stderr.
 
-With --json a command prints exactly one JSON document on stdout and nothing else there; without it, tables and
-notes go to stderr (none under -q) and the bare result (a name, a path, one line per entry) to stdout, so commands
-pipe into each other (`loradar merge ... | loradar trim - ...`).
+Tables and notes always go to stderr (none under -q), with or without --json, so a user who sends the JSON to a
+file still sees them. With --json a command prints exactly one JSON document on stdout and nothing else there;
+without it the bare result (a name, a path, one line per entry) goes to stdout, so commands pipe into each other
+(`loradar merge ... | loradar trim - ...`).
 """
 
 import json
@@ -25,12 +26,12 @@ def show_result(
     human: Callable[[], None] | None = None,
     result: str | Sequence[str] | None = None,
 ) -> None:
-    """--json: `data` as one JSON document on stdout, nothing else. Otherwise `human()` writes the tables and notes
-    on stderr (skipped under -q), then `result` goes to stdout, one line per string."""
+    """`human()` writes the tables and notes on stderr (skipped under -q); then --json puts `data` as one JSON
+    document on stdout, nothing else, and without it `result` goes to stdout, one line per string."""
+    if human is not None and not quiet:
+        human()
     if json_out:
         emit_json(data)
         return
-    if human is not None and not quiet:
-        human()
     for line in [result] if isinstance(result, str) else result or ():
         print(line)

@@ -1,5 +1,5 @@
-"""cli._output: --json prints one JSON document and nothing else; otherwise tables on stderr (none under -q), then
-the bare result on stdout."""
+"""cli._output: tables on stderr (none under -q) in every mode; --json prints one JSON document on stdout and
+nothing else there, otherwise the bare result goes to stdout."""
 
 import json
 import sys
@@ -14,10 +14,11 @@ def _human() -> None:
 
 
 @pytest.mark.parametrize("quiet", [False, True])
-def test_json_mode_prints_one_document_and_no_table_or_name(capsys, quiet):
+def test_json_mode_prints_one_document_and_the_table_on_stderr(capsys, quiet):
     show_result(True, {"name": "m", "weights": [0.5, 0.5]}, quiet=quiet, human=_human, result="m")
     out, err = capsys.readouterr()
-    assert json.loads(out) == {"name": "m", "weights": [0.5, 0.5]} and err == ""
+    assert json.loads(out) == {"name": "m", "weights": [0.5, 0.5]}, "no bare name beside the document"
+    assert err == ("" if quiet else "a table\n")
 
 
 def test_human_mode_writes_tables_to_stderr_and_the_result_to_stdout(capsys):
