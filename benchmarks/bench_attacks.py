@@ -388,7 +388,7 @@ def rows(quick: bool) -> list[dict[str, Any]]:
     archs = ["test_resnet"] if quick else ["test_resnet", "resnet18", "test_vit"]
     for arch in archs:
         repeats = 3 if quick or arch == "resnet18" else 5  # resnet18's calls are long enough to be steady
-        base = _model(arch, epochs=2 if quick else 4)
+        base = _model(arch, epochs=1 if quick else 2)
         xb, yb = _task(64, seed=2)
         out += _pgd_rows(arch, base, xb, yb, repeats)
         out.append(_training_row(arch, base, xb[:32], yb[:32], repeats))
