@@ -4,7 +4,9 @@ It sits below `recipes`, `evaluation` and the store, so the training loop can sc
 store. `Progress` is the one progress-callback type every job accepts.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -12,22 +14,38 @@ from torch import Tensor, nn
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
+@contextmanager
+def model_mode(model: nn.Module, mode: Literal["eval", "train"]) -> Iterator[nn.Module]:
+    """Put every module in `mode` and restore each module's own `training` flag afterwards.
+
+    A model already wholly in `mode` is left alone: `nn.Module.train` recurses in Python, which costs more than
+    a small model's forward pass (about 1.5 ms for a timm ViT), and predictions run once per batch.
+    """
+    want = mode == "train"
+    changed = [module for module in model.modules() if module.training != want]
+    if changed:
+        model.train(want)
+    try:
+        yield model
+    finally:
+        for module in changed:
+            module.training = not want
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
     """Logits [N, C] on `x`'s device, in eval mode, batched on the model's device; the model's mode is restored."""
-    was_training = model.training
-    model.eval()
     device = next((p.device for p in model.parameters()), x.device)
-    try:
+    with model_mode(model, "eval"):
         if not len(x):
             return x.new_zeros(0)
         return torch.cat([model(x[i : i + batch_size].to(device)).to(x.device) for i in range(0, len(x), batch_size)])
-    finally:
-        model.train(was_training)
 
 
 def correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> Tensor:
     """Per-point flags: whether the model's top-1 prediction equals the label."""
+    if not len(x):
+        return torch.zeros(0, dtype=torch.bool, device=x.device)
     return predict_logits(model, x, batch_size).argmax(1) == y
 
 

@@ -7,7 +7,6 @@ input only (`torch.autograd.grad`), so parameter `.grad` is never touched.
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,18 +15,6 @@ from torch import Tensor, nn
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _TINY = 1e-12  # guards divisions by per-sample norms that can be exactly zero
-
-
-@contextmanager
-def model_mode(model: nn.Module, mode: Literal["eval", "train"]) -> Iterator[nn.Module]:
-    """Put every module in `mode` and restore each module's own `training` flag afterwards."""
-    saved = [(module, module.training) for module in model.modules()]
-    model.train(mode == "train")
-    try:
-        yield model
-    finally:
-        for module, training in saved:
-            module.training = training
 
 
 def ce_sum(logits: Tensor, y: Tensor) -> Tensor:

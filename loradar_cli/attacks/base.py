@@ -7,8 +7,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from loradar_cli.attacks._functional import ce_each, eot_losses_grad_logits, model_mode
+from loradar_cli.attacks._functional import ce_each, eot_losses_grad_logits
 from loradar_cli.errors import InvalidValueError
+from loradar_cli.metrics import model_mode
 from loradar_cli.registry import Registry
 
 ThreatModel = Literal["linf", "l2", "patch"]

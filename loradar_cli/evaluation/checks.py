@@ -15,8 +15,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from loradar_cli.attacks import Attack
-from loradar_cli.attacks._functional import model_mode
-from loradar_cli.metrics import correct, mean_flag
+from loradar_cli.metrics import correct, mean_flag, model_mode
 
 BLACK_BOX = ("square", "square-l2")  # attacks that use scores only: they must not beat the gradient attacks
 RANDOM_SPREAD = 1e-4  # relative logit spread above which a model counts as randomised (AutoAttack's threshold)

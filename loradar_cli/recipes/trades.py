@@ -15,7 +15,8 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from loradar_cli.attacks._functional import grad_wrt, model_mode, project_linf
+from loradar_cli.attacks._functional import grad_wrt, project_linf
+from loradar_cli.metrics import model_mode
 from loradar_cli.recipes.base import AttackFn, Recipe, RecipeConfig, StepOutput, register_recipe
 from loradar_cli.recipes.losses import kl_div, trades_loss
 

@@ -1,6 +1,5 @@
-"""Shared helpers: mode restore on errors, input-only gradients, per-sample projections and restarts."""
+"""Shared helpers: input-only gradients, per-sample projections and restarts."""
 
-import pytest
 import torch
 from torch import Tensor, nn
 
@@ -10,23 +9,12 @@ from loradar_cli.attacks._functional import (
     eot_input_grad,
     eot_losses_grad_logits,
     input_grad,
-    model_mode,
     point_streams,
     project_l2,
     project_linf,
     random_init_l2,
     random_init_linf,
 )
-
-
-def test_model_mode_restores_each_module_even_on_error() -> None:
-    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Dropout(), nn.Linear(2, 2)))
-    model.train()
-    model[1].eval()
-    with pytest.raises(RuntimeError), model_mode(model, "eval"):
-        assert not any(m.training for m in model.modules())
-        raise RuntimeError
-    assert [m.training for m in model.modules()] == [True, True, False, False, False]
 
 
 def test_input_grad_is_per_sample_and_leaves_parameters_alone() -> None:
