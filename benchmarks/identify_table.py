@@ -1,12 +1,13 @@
 """`python -m benchmarks.identify_table --preset mnist|cifar10`: attack identification under shift and adaptation.
 
 Crafts labelled sets with `loradar attack` (val sets against the base to fit on; held-out test sets against the
-base at each eps, against each family's adapter, against the ensemble's soft vote and identify-then-route
-decisions, and by the adaptive attacker who attacks route and hides the family from the identifier), fits the
-identifier with `loradar fit-identifier` on the val sets, scores every group of test sets (with the clean
-test split) with `loradar identify-attack`, and prints a markdown table. Every command is printed on stderr and
-kept in the JSON summary; sets and reports that exist are reused, so a run can be resumed. Needs a store with
-the preset's base and adapters (README quickstart commands) and the data under LORADAR_DATA.
+base, against the ensemble's soft vote and identify-then-route decisions and by the adaptive attacker who
+attacks route and hides the family from the identifier, each at every eps of the preset, and against each
+family's adapter at the main eps), fits the identifier with `loradar fit-identifier` on the val sets, scores
+every group of test sets (with the clean test split) with `loradar identify-attack`, and prints a markdown
+table. Every command is printed on stderr and kept in the JSON summary; sets and reports that exist are reused,
+so a run can be resumed. Needs a store with the preset's base and adapters (README quickstart commands) and the
+data under LORADAR_DATA.
 """
 
 import argparse
@@ -58,7 +59,7 @@ PRESETS = {
     "cifar10": Preset(
         data=f"cifar10:{DATA_ROOT}",
         base="c10-base",
-        adapters={f: f"c10-{f}" for f in ("pgd", "fgsm")},
+        adapters={f: f"c10-{f}" for f in ("pgd", "fgsm", "roa", "fia")},
         families=("pgd", "fgsm", "roa", "fia"),
         options={
             "pgd": "--eps {eps} --alpha {alpha} --steps 10",
@@ -128,47 +129,60 @@ def target_accuracy(path: Path) -> float | None:
 
 
 def groups(
-    runner: Runner, preset: Preset, weights: list[float], identifier: str = ""
+    runner: Runner, preset: Preset, weights: list[float], identifier: str = "", shift_weights: list[float] | None = None
 ) -> dict[str, list[tuple[str, Path]]]:
     """Test-set groups by row: (family, set) pairs crafted against each target.
 
-    With an `identifier` other than the preset's, the adaptive sets are crafted against route with it and
-    evading it (the attacker knows the defence); the other sets do not depend on it and are reused.
+    Sets against the base, the ensemble (soft vote, route) and by the adaptive attacker are crafted at every eps
+    of the preset (ROA, which has no eps, at the main one only); the adaptive attacker uses `weights` at the main
+    eps and `shift_weights` (default: the largest of `weights`) at the others. With an `identifier` other than
+    the preset's, the adaptive sets are crafted against route with it and evading it (the attacker knows the
+    defence); the other sets do not depend on it and are reused.
     """
     main = preset.eps[0]
     members = ",".join(preset.adapters.values())
     identifier = identifier or preset.identifier
     suffix = "" if identifier == preset.identifier else f"-{identifier}"
+    shift_weights = shift_weights if shift_weights is not None else [max(weights)]
     route = ["--members", members, "--decision", "route", "--identifier", preset.identifier]
+    soft = ["--members", members, "--decision", "soft"]
     rows: dict[str, list[tuple[str, Path]]] = {}
     for eps in preset.eps:
-        fams = preset.families if eps == main else [f for f in preset.families if f != "roa"]
         rows[f"base, eps {eps}"] = [
-            (f, craft(runner, preset, f, f"test-{f}-e{_tag(eps)}", "test", eps, [])) for f in fams
+            (f, craft(runner, preset, f, f"test-{f}-e{_tag(eps)}", "test", eps, [])) for f in _families(preset, eps)
         ]
     rows["each family's adapter"] = [
         (f, craft(runner, preset, f, f"test-{f}-adapter", "test", main, ["--adapter", a]))
         for f, a in preset.adapters.items()
     ]
-    rows["ensemble soft vote"] = [
-        (f, craft(runner, preset, f, f"test-{f}-soft", "test", main, ["--members", members, "--decision", "soft"]))
-        for f in preset.families
-    ]
-    rows["ensemble route"] = [
-        (f, craft(runner, preset, f, f"test-{f}-route", "test", main, route)) for f in preset.families
-    ]
+    for eps in preset.eps:
+        at, tag = ("", "") if eps == main else (f", eps {eps}", f"-e{_tag(eps)}")
+        fams = _families(preset, eps)
+        rows[f"ensemble soft vote{at}"] = [
+            (f, craft(runner, preset, f, f"test-{f}-soft{tag}", "test", eps, soft)) for f in fams
+        ]
+        rows[f"ensemble route{at}"] = [
+            (f, craft(runner, preset, f, f"test-{f}-route{tag}", "test", eps, route)) for f in fams
+        ]
     if preset.unfitted:
         rows["not fitted on (want unknown)"] = [
             (f, craft(runner, preset, f, f"test-{f}", "test", main, [])) for f in preset.unfitted
         ]
     route_with = [*route[:-1], identifier]
-    for w in weights:
-        evade = [*route_with, "--evade-identifier", identifier, "--evade-weight", f"{w:g}"]
-        rows[f"adaptive: route + evading {identifier}, weight {w:g}"] = [
-            (f, craft(runner, preset, f, f"test-{f}-adaptive{suffix}-w{w:g}", "test", main, evade))
-            for f in preset.families
-        ]
+    for eps in preset.eps:
+        at, tag = ("", "") if eps == main else (f", eps {eps}", f"-e{_tag(eps)}")
+        for w in weights if eps == main else shift_weights:
+            evade = [*route_with, "--evade-identifier", identifier, "--evade-weight", f"{w:g}"]
+            rows[f"adaptive: route + evading {identifier}, weight {w:g}{at}"] = [
+                (f, craft(runner, preset, f, f"test-{f}-adaptive{suffix}-w{w:g}{tag}", "test", eps, evade))
+                for f in _families(preset, eps)
+            ]
     return rows
+
+
+def _families(preset: Preset, eps: str) -> list[str]:
+    """The families crafted at `eps`: all at the main eps, all but ROA (whose budget is its patch) at the others."""
+    return [f for f in preset.families if eps == preset.eps[0] or "{eps}" in preset.options[f]]
 
 
 def _tag(eps: str) -> str:
@@ -197,8 +211,7 @@ def defence_sets(runner: Runner, preset: Preset, weights: list[float]) -> list[P
     sets = [
         craft(runner, preset, f, f"val-{f}-e{_tag(eps)}", "val", eps, [])
         for eps in preset.eps[1:]
-        for f in preset.families
-        if f != "roa"
+        for f in _families(preset, eps)
     ]
     route = ["--members", members, "--decision", "route", "--identifier", preset.identifier]
     for w in weights:
@@ -275,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", type=Path, default=Path(os.environ.get("LORADAR_STORE", "~/.loradar")).expanduser())
     parser.add_argument("--out", type=Path, required=True, help="Folder for sets, reports and the summary.")
     parser.add_argument("--evade-weights", default="1,10", help="Adaptive attacker's weights, comma-separated.")
+    parser.add_argument("--shift-weights", default="", help="Adaptive weights at the preset's other eps, "
+                        "comma-separated (default: the largest --evade-weights).")  # fmt: skip
     parser.add_argument("--defence", action="store_true", help="Also fit and score an identifier fitted on more eps "
                         "and on adaptive examples (ID-mix), against an attacker who adapts to it.")  # fmt: skip
     parser.add_argument("--defence-weights", default="10", help="Adaptive weights for --defence, comma-separated.")
@@ -288,7 +303,10 @@ def main(argv: list[str] | None = None) -> None:
     weights = [float(w) for w in opts.evade_weights.split(",")]
     results = []
     if not opts.defence_only:
-        results = score(runner, preset, groups(runner, preset, weights), preset.identifier, rules=True)
+        shift = [float(w) for w in opts.shift_weights.split(",")] if opts.shift_weights else None
+        results = score(
+            runner, preset, groups(runner, preset, weights, shift_weights=shift), preset.identifier, rules=True
+        )
     if opts.defence:
         mix = f"{preset.identifier}-mix"
         defence = [float(w) for w in opts.defence_weights.split(",")]
