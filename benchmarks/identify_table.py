@@ -13,6 +13,7 @@ data under LORADAR_DATA.
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -129,7 +130,12 @@ def target_accuracy(path: Path) -> float | None:
 
 
 def groups(
-    runner: Runner, preset: Preset, weights: list[float], identifier: str = "", shift_weights: list[float] | None = None
+    runner: Runner,
+    preset: Preset,
+    weights: list[float],
+    identifier: str = "",
+    shift_weights: list[float] | None = None,
+    only: str = "",
 ) -> dict[str, list[tuple[str, Path]]]:
     """Test-set groups by row: (family, set) pairs crafted against each target.
 
@@ -137,7 +143,8 @@ def groups(
     of the preset (ROA, which has no eps, at the main one only); the adaptive attacker uses `weights` at the main
     eps and `shift_weights` (default: the largest of `weights`) at the others. With an `identifier` other than
     the preset's, the adaptive sets are crafted against route with it and evading it (the attacker knows the
-    defence); the other sets do not depend on it and are reused.
+    defence); the other sets do not depend on it and are reused. With `only` (a regular expression), only the
+    rows whose label it finds are crafted.
     """
     main = preset.eps[0]
     members = ",".join(preset.adapters.values())
@@ -147,36 +154,43 @@ def groups(
     route = ["--members", members, "--decision", "route", "--identifier", preset.identifier]
     soft = ["--members", members, "--decision", "soft"]
     rows: dict[str, list[tuple[str, Path]]] = {}
+
+    def row(label: str, families: list[str], name: str, eps: str, target: dict[str, list[str]] | list[str]) -> None:
+        """Craft the sets of one row (`name` with {f} for the family; `target` per family or for all)."""
+        if re.search(only, label):
+            rows[label] = [
+                (
+                    f,
+                    craft(
+                        runner,
+                        preset,
+                        f,
+                        name.format(f=f),
+                        "test",
+                        eps,
+                        target[f] if isinstance(target, dict) else target,
+                    ),
+                )
+                for f in families
+            ]
+
     for eps in preset.eps:
-        rows[f"base, eps {eps}"] = [
-            (f, craft(runner, preset, f, f"test-{f}-e{_tag(eps)}", "test", eps, [])) for f in _families(preset, eps)
-        ]
-    rows["each family's adapter"] = [
-        (f, craft(runner, preset, f, f"test-{f}-adapter", "test", main, ["--adapter", a]))
-        for f, a in preset.adapters.items()
-    ]
+        row(f"base, eps {eps}", _families(preset, eps), f"test-{{f}}-e{_tag(eps)}", eps, [])
+    adapter = {f: ["--adapter", a] for f, a in preset.adapters.items()}
+    row("each family's adapter", list(preset.adapters), "test-{f}-adapter", main, adapter)
     for eps in preset.eps:
         at, tag = ("", "") if eps == main else (f", eps {eps}", f"-e{_tag(eps)}")
-        fams = _families(preset, eps)
-        rows[f"ensemble soft vote{at}"] = [
-            (f, craft(runner, preset, f, f"test-{f}-soft{tag}", "test", eps, soft)) for f in fams
-        ]
-        rows[f"ensemble route{at}"] = [
-            (f, craft(runner, preset, f, f"test-{f}-route{tag}", "test", eps, route)) for f in fams
-        ]
+        row(f"ensemble soft vote{at}", _families(preset, eps), f"test-{{f}}-soft{tag}", eps, soft)
+        row(f"ensemble route{at}", _families(preset, eps), f"test-{{f}}-route{tag}", eps, route)
     if preset.unfitted:
-        rows["not fitted on (want unknown)"] = [
-            (f, craft(runner, preset, f, f"test-{f}", "test", main, [])) for f in preset.unfitted
-        ]
+        row("not fitted on (want unknown)", list(preset.unfitted), "test-{f}", main, [])
     route_with = [*route[:-1], identifier]
     for eps in preset.eps:
         at, tag = ("", "") if eps == main else (f", eps {eps}", f"-e{_tag(eps)}")
         for w in weights if eps == main else shift_weights:
             evade = [*route_with, "--evade-identifier", identifier, "--evade-weight", f"{w:g}"]
-            rows[f"adaptive: route + evading {identifier}, weight {w:g}{at}"] = [
-                (f, craft(runner, preset, f, f"test-{f}-adaptive{suffix}-w{w:g}{tag}", "test", eps, evade))
-                for f in _families(preset, eps)
-            ]
+            label = f"adaptive: route + evading {identifier}, weight {w:g}{at}"
+            row(label, _families(preset, eps), f"test-{{f}}-adaptive{suffix}-w{w:g}{tag}", eps, evade)
     return rows
 
 
@@ -189,23 +203,28 @@ def _tag(eps: str) -> str:
     return eps.replace("/", "_")
 
 
-def fit(runner: Runner, preset: Preset, name: str = "", extra: list[Path] | None = None) -> dict[str, Any]:
+def fit(
+    runner: Runner, preset: Preset, name: str = "", extra: list[Path] | None = None, *, balance: bool = False
+) -> dict[str, Any]:
     """Val sets against the base at the main eps (and `extra` sets), and an identifier fitted on them with the
-    clean val split (the preset's, unless `name` is given)."""
+    clean val split (the preset's, unless `name` is given; with `balance`, every class weighing the same)."""
     name = name or preset.identifier
     sets = [craft(runner, preset, f, f"val-{f}", "val", preset.eps[0], []) for f in preset.families]
     sets += extra or []
     args = ["fit-identifier", *preset.adapters.values(), "--name", name]
     args += [a for s in sets for a in ("--adv-set", str(s))]
     args += ["--features", preset.features, "--data", preset.data, "--split", "val", "--limit", str(preset.limit)]
+    args += ["--balance"] if balance else []
     report = runner.run([*args, "--overwrite", "--json"], runner.out / f"fit-{name}.json", capture=True)
     assert report is not None
     return report
 
 
-def defence_sets(runner: Runner, preset: Preset, weights: list[float]) -> list[Path]:
+def defence_sets(
+    runner: Runner, preset: Preset, weights: list[float], adaptive: tuple[str, ...] | None = None
+) -> list[Path]:
     """Val sets for the defended identifier: against the base at the other eps, and by the adaptive attacker
-    (route + evading the preset's identifier) at each weight."""
+    (route + evading the preset's identifier) at each weight, for the `adaptive` families (default: all)."""
     main = preset.eps[0]
     members = ",".join(preset.adapters.values())
     sets = [
@@ -216,7 +235,8 @@ def defence_sets(runner: Runner, preset: Preset, weights: list[float]) -> list[P
     route = ["--members", members, "--decision", "route", "--identifier", preset.identifier]
     for w in weights:
         evade = [*route, "--evade-identifier", preset.identifier, "--evade-weight", f"{w:g}"]
-        sets += [craft(runner, preset, f, f"val-{f}-adaptive-w{w:g}", "val", main, evade) for f in preset.families]
+        fams = preset.families if adaptive is None else adaptive
+        sets += [craft(runner, preset, f, f"val-{f}-adaptive-w{w:g}", "val", main, evade) for f in fams]
     return sets
 
 
@@ -294,6 +314,10 @@ def main(argv: list[str] | None = None) -> None:
                         "and on adaptive examples (ID-mix), against an attacker who adapts to it.")  # fmt: skip
     parser.add_argument("--defence-weights", default="10", help="Adaptive weights for --defence, comma-separated.")
     parser.add_argument("--defence-only", action="store_true", help="With --defence: skip the first identifier's rows.")
+    parser.add_argument("--defence-balanced", action="store_true", help="With --defence: fit ID-bal instead, with "
+                        "fit-identifier --balance and without the adaptive ROA sets (which look clean).")  # fmt: skip
+    parser.add_argument("--defence-rows", default="", help="With --defence: only the rows whose label this regular "
+                        "expression finds (default: all).")  # fmt: skip
     opts = parser.parse_args(argv)
     preset = PRESETS[opts.preset]
     for sub in ("sets", "reports"):
@@ -307,11 +331,15 @@ def main(argv: list[str] | None = None) -> None:
         results = score(
             runner, preset, groups(runner, preset, weights, shift_weights=shift), preset.identifier, rules=True
         )
+    defended = ""
     if opts.defence:
-        mix = f"{preset.identifier}-mix"
+        defended = f"{preset.identifier}-{'bal' if opts.defence_balanced else 'mix'}"
         defence = [float(w) for w in opts.defence_weights.split(",")]
-        fitted[mix] = fit(runner, preset, mix, defence_sets(runner, preset, defence))
-        results += score(runner, preset, groups(runner, preset, defence, mix), mix, rules=False)
+        adaptive = tuple(f for f in preset.families if f != "roa") if opts.defence_balanced else None
+        extra = defence_sets(runner, preset, defence, adaptive)
+        fitted[defended] = fit(runner, preset, defended, extra, balance=opts.defence_balanced)
+        rows = groups(runner, preset, defence, defended, shift_weights=[], only=opts.defence_rows)
+        results += score(runner, preset, rows, defended, rules=False)
     summary = {
         "preset": opts.preset,
         "fit": {n: {k: f[k] for k in ("features", "train_accuracy", "held_out_accuracy")} for n, f in fitted.items()},
@@ -320,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                  "accuracy": r["report"]["accuracy"], "unknown_rate": r["report"].get("unknown_rate")}
                  for r in results],
     }  # fmt: skip
-    (opts.out / f"summary{'-defence' if opts.defence_only else ''}.json").write_text(
+    (opts.out / f"summary{f'-{defended}' if opts.defence_only else ''}.json").write_text(
         json.dumps(summary, indent=1) + "\n"
     )
     print(table(preset, results))

@@ -4,7 +4,7 @@ import json
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -22,9 +22,12 @@ def _opt(args: list[str], flag: str) -> str | None:
 class Recorder(t.Runner):
     """A runner that runs nothing: it records each command and answers captures with a report built from it."""
 
+    instances: ClassVar[list["Recorder"]] = []
+
     def __init__(self, store: Path, out: Path) -> None:
         super().__init__(store, out)
         self.calls: list[tuple[list[str], Path]] = []
+        Recorder.instances.append(self)
 
     def run(self, args: list[str], result: Path, *, capture: bool = False) -> dict[str, Any] | None:
         self.calls.append((args, result))
@@ -235,3 +238,31 @@ def test_main_writes_a_summary_with_every_row(tmp_path, monkeypatch, capsys):
     assert summary["fit"] == {"id-m": {"features": ["residual"], "train_accuracy": 1.0, "held_out_accuracy": 0.95}}
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 2 + len(summary["rows"])
+
+
+def test_only_crafts_the_rows_it_finds(tmp_path):
+    runner = Recorder(tmp_path / "store", tmp_path)
+    rows = t.groups(runner, MNIST, [10.0], only="^base|adaptive")
+    assert set(rows) == {f"base, eps {e}" for e in MNIST.eps} | {
+        f"adaptive: route + evading id-m, weight 10{'' if e == MNIST.eps[0] else f', eps {e}'}" for e in MNIST.eps
+    }
+    assert len(runner.calls) == sum(len(sets) for sets in rows.values())  # nothing else was crafted
+
+
+def test_balanced_defence_fits_with_balance_and_without_adaptive_roa(tmp_path, monkeypatch):
+    monkeypatch.setattr(t, "target_accuracy", lambda path: None)
+    monkeypatch.setattr(t, "Runner", Recorder)
+    monkeypatch.setattr(Recorder, "instances", [])
+    argv = ["--out", str(tmp_path), "--defence", "--defence-balanced", "--defence-only", "--defence-rows", "^base"]
+    t.main(argv)
+    calls = Recorder.instances[0].calls
+    fits = {_opt(args, "--name"): args for args, _ in calls if args[0] == "fit-identifier"}
+    assert set(fits) == {"id-m", "id-m-bal"}
+    assert "--balance" in fits["id-m-bal"] and "--balance" not in fits["id-m"]
+    fitted_on = [Path(s).name for s in fits["id-m-bal"][fits["id-m-bal"].index("--adv-set") :][1::2]]
+    adaptive = sorted(n for n in fitted_on if "adaptive" in n)
+    assert adaptive == sorted(f"val-{f}-adaptive-w10.safetensors" for f in ("pgd", "fgsm", "fia"))  # no ROA
+    assert {f"val-{f}-e{e}.safetensors" for e in MNIST.eps[1:] for f in ("pgd", "fgsm", "fia")} <= set(fitted_on)
+    summary = json.loads((tmp_path / "summary-id-m-bal.json").read_text())
+    assert {r["row"] for r in summary["rows"]} == {f"base, eps {e}" for e in MNIST.eps}
+    assert {r["mode"] for r in summary["rows"]} == {"id-m-bal", "id-m-bal, no reject"}
