@@ -316,8 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--defence-only", action="store_true", help="With --defence: skip the first identifier's rows.")
     parser.add_argument("--defence-balanced", action="store_true", help="With --defence: fit ID-bal instead, with "
                         "fit-identifier --balance and without the adaptive ROA sets (which look clean).")  # fmt: skip
-    parser.add_argument("--defence-rows", default="", help="With --defence: only the rows whose label this regular "
-                        "expression finds (default: all).")  # fmt: skip
+    parser.add_argument("--rows", default="", help="Only the rows whose label this regular expression finds "
+                        "(default: all): a long run in stages, each reusing the last.")  # fmt: skip
     opts = parser.parse_args(argv)
     preset = PRESETS[opts.preset]
     for sub in ("sets", "reports"):
@@ -328,9 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     if not opts.defence_only:
         shift = [float(w) for w in opts.shift_weights.split(",")] if opts.shift_weights else None
-        results = score(
-            runner, preset, groups(runner, preset, weights, shift_weights=shift), preset.identifier, rules=True
-        )
+        rows = groups(runner, preset, weights, shift_weights=shift, only=opts.rows)
+        results = score(runner, preset, rows, preset.identifier, rules=True)
     defended = ""
     if opts.defence:
         defended = f"{preset.identifier}-{'bal' if opts.defence_balanced else 'mix'}"
@@ -338,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         adaptive = tuple(f for f in preset.families if f != "roa") if opts.defence_balanced else None
         extra = defence_sets(runner, preset, defence, adaptive)
         fitted[defended] = fit(runner, preset, defended, extra, balance=opts.defence_balanced)
-        rows = groups(runner, preset, defence, defended, shift_weights=[], only=opts.defence_rows)
+        rows = groups(runner, preset, defence, defended, shift_weights=[], only=opts.rows)
         results += score(runner, preset, rows, defended, rules=False)
     summary = {
         "preset": opts.preset,

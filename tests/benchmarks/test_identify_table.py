@@ -253,7 +253,7 @@ def test_balanced_defence_fits_with_balance_and_without_adaptive_roa(tmp_path, m
     monkeypatch.setattr(t, "target_accuracy", lambda path: None)
     monkeypatch.setattr(t, "Runner", Recorder)
     monkeypatch.setattr(Recorder, "instances", [])
-    argv = ["--out", str(tmp_path), "--defence", "--defence-balanced", "--defence-only", "--defence-rows", "^base"]
+    argv = ["--out", str(tmp_path), "--defence", "--defence-balanced", "--defence-only", "--rows", "^base"]
     t.main(argv)
     calls = Recorder.instances[0].calls
     fits = {_opt(args, "--name"): args for args, _ in calls if args[0] == "fit-identifier"}
@@ -266,3 +266,17 @@ def test_balanced_defence_fits_with_balance_and_without_adaptive_roa(tmp_path, m
     summary = json.loads((tmp_path / "summary-id-m-bal.json").read_text())
     assert {r["row"] for r in summary["rows"]} == {f"base, eps {e}" for e in MNIST.eps}
     assert {r["mode"] for r in summary["rows"]} == {"id-m-bal", "id-m-bal, no reject"}
+
+
+def test_rows_limits_the_first_identifiers_rows_and_keeps_the_rules(tmp_path, monkeypatch):
+    monkeypatch.setattr(t, "target_accuracy", lambda path: None)
+    monkeypatch.setattr(t, "Runner", Recorder)
+    monkeypatch.setattr(Recorder, "instances", [])
+    t.main(["--preset", "cifar10", "--out", str(tmp_path), "--rows", "^base"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(r["row"], r["mode"]) for r in summary["rows"]] == [
+        ("base, eps 8/255", mode) for mode in ("id-c", "id-c, no reject", "relative-rule", "rule")
+    ]
+    crafted = [args for args, _ in Recorder.instances[0].calls if args[0] == "attack"]
+    assert len(crafted) == 2 * len(CIFAR.families)  # the val sets to fit on and the base's test sets, no others
+    assert all("--members" not in args and "--adapter" not in args for args in crafted)
