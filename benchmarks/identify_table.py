@@ -158,21 +158,8 @@ def groups(
     def row(label: str, families: list[str], name: str, eps: str, target: dict[str, list[str]] | list[str]) -> None:
         """Craft the sets of one row (`name` with {f} for the family; `target` per family or for all)."""
         if re.search(only, label):
-            rows[label] = [
-                (
-                    f,
-                    craft(
-                        runner,
-                        preset,
-                        f,
-                        name.format(f=f),
-                        "test",
-                        eps,
-                        target[f] if isinstance(target, dict) else target,
-                    ),
-                )
-                for f in families
-            ]
+            per = target if isinstance(target, dict) else dict.fromkeys(families, target)
+            rows[label] = [(f, craft(runner, preset, f, name.format(f=f), "test", eps, per[f])) for f in families]
 
     for eps in preset.eps:
         row(f"base, eps {eps}", _families(preset, eps), f"test-{{f}}-e{_tag(eps)}", eps, [])
