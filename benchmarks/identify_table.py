@@ -1,17 +1,19 @@
 """`python -m benchmarks.identify_table --preset mnist|cifar10`: attack identification under shift and adaptation.
 
 Crafts labelled sets with `loradar attack` (val sets against the base to fit on; held-out test sets against the
-base at each eps, against each family's adapter, against the ensemble's soft vote and identify-then-route
-decisions, and by the adaptive attacker who attacks route and hides the family from the identifier), fits the
-identifier with `loradar fit-identifier` on the val sets, scores every group of test sets (with the clean
-test split) with `loradar identify-attack`, and prints a markdown table. Every command is printed on stderr and
-kept in the JSON summary; sets and reports that exist are reused, so a run can be resumed. Needs a store with
-the preset's base and adapters (README quickstart commands) and the data under LORADAR_DATA.
+base, against the ensemble's soft vote and identify-then-route decisions and by the adaptive attacker who
+attacks route and hides the family from the identifier, each at every eps of the preset, and against each
+family's adapter at the main eps), fits the identifier with `loradar fit-identifier` on the val sets, scores
+every group of test sets (with the clean test split) with `loradar identify-attack`, and prints a markdown
+table. Every command is printed on stderr and kept in the JSON summary; sets and reports that exist are reused,
+so a run can be resumed. Needs a store with the preset's base and adapters (README quickstart commands) and the
+data under LORADAR_DATA.
 """
 
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -58,7 +60,7 @@ PRESETS = {
     "cifar10": Preset(
         data=f"cifar10:{DATA_ROOT}",
         base="c10-base",
-        adapters={f: f"c10-{f}" for f in ("pgd", "fgsm")},
+        adapters={f: f"c10-{f}" for f in ("pgd", "fgsm", "roa", "fia")},
         families=("pgd", "fgsm", "roa", "fia"),
         options={
             "pgd": "--eps {eps} --alpha {alpha} --steps 10",
@@ -128,82 +130,100 @@ def target_accuracy(path: Path) -> float | None:
 
 
 def groups(
-    runner: Runner, preset: Preset, weights: list[float], identifier: str = ""
+    runner: Runner,
+    preset: Preset,
+    weights: list[float],
+    identifier: str = "",
+    shift_weights: list[float] | None = None,
+    only: str = "",
 ) -> dict[str, list[tuple[str, Path]]]:
     """Test-set groups by row: (family, set) pairs crafted against each target.
 
-    With an `identifier` other than the preset's, the adaptive sets are crafted against route with it and
-    evading it (the attacker knows the defence); the other sets do not depend on it and are reused.
+    Sets against the base, the ensemble (soft vote, route) and by the adaptive attacker are crafted at every eps
+    of the preset (ROA, which has no eps, at the main one only); the adaptive attacker uses `weights` at the main
+    eps and `shift_weights` (default: the largest of `weights`) at the others. With an `identifier` other than
+    the preset's, the adaptive sets are crafted against route with it and evading it (the attacker knows the
+    defence); the other sets do not depend on it and are reused. With `only` (a regular expression), only the
+    rows whose label it finds are crafted.
     """
     main = preset.eps[0]
     members = ",".join(preset.adapters.values())
     identifier = identifier or preset.identifier
     suffix = "" if identifier == preset.identifier else f"-{identifier}"
+    shift_weights = shift_weights if shift_weights is not None else [max(weights)]
     route = ["--members", members, "--decision", "route", "--identifier", preset.identifier]
+    soft = ["--members", members, "--decision", "soft"]
     rows: dict[str, list[tuple[str, Path]]] = {}
+
+    def row(label: str, families: list[str], name: str, eps: str, target: dict[str, list[str]] | list[str]) -> None:
+        """Craft the sets of one row (`name` with {f} for the family; `target` per family or for all)."""
+        if re.search(only, label):
+            per = target if isinstance(target, dict) else dict.fromkeys(families, target)
+            rows[label] = [(f, craft(runner, preset, f, name.format(f=f), "test", eps, per[f])) for f in families]
+
     for eps in preset.eps:
-        fams = preset.families if eps == main else [f for f in preset.families if f != "roa"]
-        rows[f"base, eps {eps}"] = [
-            (f, craft(runner, preset, f, f"test-{f}-e{_tag(eps)}", "test", eps, [])) for f in fams
-        ]
-    rows["each family's adapter"] = [
-        (f, craft(runner, preset, f, f"test-{f}-adapter", "test", main, ["--adapter", a]))
-        for f, a in preset.adapters.items()
-    ]
-    rows["ensemble soft vote"] = [
-        (f, craft(runner, preset, f, f"test-{f}-soft", "test", main, ["--members", members, "--decision", "soft"]))
-        for f in preset.families
-    ]
-    rows["ensemble route"] = [
-        (f, craft(runner, preset, f, f"test-{f}-route", "test", main, route)) for f in preset.families
-    ]
+        row(f"base, eps {eps}", _families(preset, eps), f"test-{{f}}-e{_tag(eps)}", eps, [])
+    adapter = {f: ["--adapter", a] for f, a in preset.adapters.items()}
+    row("each family's adapter", list(preset.adapters), "test-{f}-adapter", main, adapter)
+    for eps in preset.eps:
+        at, tag = ("", "") if eps == main else (f", eps {eps}", f"-e{_tag(eps)}")
+        row(f"ensemble soft vote{at}", _families(preset, eps), f"test-{{f}}-soft{tag}", eps, soft)
+        row(f"ensemble route{at}", _families(preset, eps), f"test-{{f}}-route{tag}", eps, route)
     if preset.unfitted:
-        rows["not fitted on (want unknown)"] = [
-            (f, craft(runner, preset, f, f"test-{f}", "test", main, [])) for f in preset.unfitted
-        ]
+        row("not fitted on (want unknown)", list(preset.unfitted), "test-{f}", main, [])
     route_with = [*route[:-1], identifier]
-    for w in weights:
-        evade = [*route_with, "--evade-identifier", identifier, "--evade-weight", f"{w:g}"]
-        rows[f"adaptive: route + evading {identifier}, weight {w:g}"] = [
-            (f, craft(runner, preset, f, f"test-{f}-adaptive{suffix}-w{w:g}", "test", main, evade))
-            for f in preset.families
-        ]
+    for eps in preset.eps:
+        at, tag = ("", "") if eps == main else (f", eps {eps}", f"-e{_tag(eps)}")
+        for w in weights if eps == main else shift_weights:
+            evade = [*route_with, "--evade-identifier", identifier, "--evade-weight", f"{w:g}"]
+            label = f"adaptive: route + evading {identifier}, weight {w:g}{at}"
+            row(label, _families(preset, eps), f"test-{{f}}-adaptive{suffix}-w{w:g}{tag}", eps, evade)
     return rows
+
+
+def _families(preset: Preset, eps: str) -> list[str]:
+    """The families crafted at `eps`: all at the main eps, all but ROA (whose budget is its patch) at the others."""
+    return [f for f in preset.families if eps == preset.eps[0] or "{eps}" in preset.options[f]]
 
 
 def _tag(eps: str) -> str:
     return eps.replace("/", "_")
 
 
-def fit(runner: Runner, preset: Preset, name: str = "", extra: list[Path] | None = None) -> dict[str, Any]:
+def fit(
+    runner: Runner, preset: Preset, name: str = "", extra: list[Path] | None = None, *, balance: bool = False
+) -> dict[str, Any]:
     """Val sets against the base at the main eps (and `extra` sets), and an identifier fitted on them with the
-    clean val split (the preset's, unless `name` is given)."""
+    clean val split (the preset's, unless `name` is given; with `balance`, every class weighing the same)."""
     name = name or preset.identifier
     sets = [craft(runner, preset, f, f"val-{f}", "val", preset.eps[0], []) for f in preset.families]
     sets += extra or []
     args = ["fit-identifier", *preset.adapters.values(), "--name", name]
     args += [a for s in sets for a in ("--adv-set", str(s))]
     args += ["--features", preset.features, "--data", preset.data, "--split", "val", "--limit", str(preset.limit)]
+    args += ["--balance"] if balance else []
     report = runner.run([*args, "--overwrite", "--json"], runner.out / f"fit-{name}.json", capture=True)
     assert report is not None
     return report
 
 
-def defence_sets(runner: Runner, preset: Preset, weights: list[float]) -> list[Path]:
+def defence_sets(
+    runner: Runner, preset: Preset, weights: list[float], adaptive: tuple[str, ...] | None = None
+) -> list[Path]:
     """Val sets for the defended identifier: against the base at the other eps, and by the adaptive attacker
-    (route + evading the preset's identifier) at each weight."""
+    (route + evading the preset's identifier) at each weight, for the `adaptive` families (default: all)."""
     main = preset.eps[0]
     members = ",".join(preset.adapters.values())
     sets = [
         craft(runner, preset, f, f"val-{f}-e{_tag(eps)}", "val", eps, [])
         for eps in preset.eps[1:]
-        for f in preset.families
-        if f != "roa"
+        for f in _families(preset, eps)
     ]
     route = ["--members", members, "--decision", "route", "--identifier", preset.identifier]
     for w in weights:
         evade = [*route, "--evade-identifier", preset.identifier, "--evade-weight", f"{w:g}"]
-        sets += [craft(runner, preset, f, f"val-{f}-adaptive-w{w:g}", "val", main, evade) for f in preset.families]
+        fams = preset.families if adaptive is None else adaptive
+        sets += [craft(runner, preset, f, f"val-{f}-adaptive-w{w:g}", "val", main, evade) for f in fams]
     return sets
 
 
@@ -275,10 +295,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", type=Path, default=Path(os.environ.get("LORADAR_STORE", "~/.loradar")).expanduser())
     parser.add_argument("--out", type=Path, required=True, help="Folder for sets, reports and the summary.")
     parser.add_argument("--evade-weights", default="1,10", help="Adaptive attacker's weights, comma-separated.")
+    parser.add_argument("--shift-weights", default="", help="Adaptive weights at the preset's other eps, "
+                        "comma-separated (default: the largest --evade-weights).")  # fmt: skip
     parser.add_argument("--defence", action="store_true", help="Also fit and score an identifier fitted on more eps "
                         "and on adaptive examples (ID-mix), against an attacker who adapts to it.")  # fmt: skip
     parser.add_argument("--defence-weights", default="10", help="Adaptive weights for --defence, comma-separated.")
     parser.add_argument("--defence-only", action="store_true", help="With --defence: skip the first identifier's rows.")
+    parser.add_argument("--defence-balanced", action="store_true", help="With --defence: fit ID-bal instead, with "
+                        "fit-identifier --balance and without the adaptive ROA sets (which look clean).")  # fmt: skip
+    parser.add_argument("--rows", default="", help="Only the rows whose label this regular expression finds "
+                        "(default: all): a long run in stages, each reusing the last.")  # fmt: skip
     opts = parser.parse_args(argv)
     preset = PRESETS[opts.preset]
     for sub in ("sets", "reports"):
@@ -288,12 +314,18 @@ def main(argv: list[str] | None = None) -> None:
     weights = [float(w) for w in opts.evade_weights.split(",")]
     results = []
     if not opts.defence_only:
-        results = score(runner, preset, groups(runner, preset, weights), preset.identifier, rules=True)
+        shift = [float(w) for w in opts.shift_weights.split(",")] if opts.shift_weights else None
+        rows = groups(runner, preset, weights, shift_weights=shift, only=opts.rows)
+        results = score(runner, preset, rows, preset.identifier, rules=True)
+    defended = ""
     if opts.defence:
-        mix = f"{preset.identifier}-mix"
+        defended = f"{preset.identifier}-{'bal' if opts.defence_balanced else 'mix'}"
         defence = [float(w) for w in opts.defence_weights.split(",")]
-        fitted[mix] = fit(runner, preset, mix, defence_sets(runner, preset, defence))
-        results += score(runner, preset, groups(runner, preset, defence, mix), mix, rules=False)
+        adaptive = tuple(f for f in preset.families if f != "roa") if opts.defence_balanced else None
+        extra = defence_sets(runner, preset, defence, adaptive)
+        fitted[defended] = fit(runner, preset, defended, extra, balance=opts.defence_balanced)
+        rows = groups(runner, preset, defence, defended, shift_weights=[], only=opts.rows)
+        results += score(runner, preset, rows, defended, rules=False)
     summary = {
         "preset": opts.preset,
         "fit": {n: {k: f[k] for k in ("features", "train_accuracy", "held_out_accuracy")} for n, f in fitted.items()},
@@ -302,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
                  "accuracy": r["report"]["accuracy"], "unknown_rate": r["report"].get("unknown_rate")}
                  for r in results],
     }  # fmt: skip
-    (opts.out / f"summary{'-defence' if opts.defence_only else ''}.json").write_text(
+    (opts.out / f"summary{f'-{defended}' if opts.defence_only else ''}.json").write_text(
         json.dumps(summary, indent=1) + "\n"
     )
     print(table(preset, results))

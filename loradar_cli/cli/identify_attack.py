@@ -170,6 +170,14 @@ def fit_identifier_cli(
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Full-batch optimiser steps.")] = 300,
     lr: Annotated[float, typer.Option("--lr", callback=positive)] = 0.05,
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 1e-3,
+    balance: Annotated[
+        bool,
+        typer.Option(
+            "--balance",
+            help="Weigh every class the same in the loss and in the feature selection's score, whatever its count "
+            "(e.g. clean data next to several sets per attack).",
+        ),
+    ] = False,
     base: BaseOpt = None,
     limit: LimitOpt = None,
     batch_size: BatchOpt = 256,
@@ -207,6 +215,7 @@ def fit_identifier_cli(
             epochs=epochs,
             lr=lr,
             weight_decay=weight_decay,
+            balance=balance,
             seed=seed,
             batch_size=batch_size,
             overwrite=overwrite,

@@ -454,6 +454,7 @@ def fit_identifier_from_sets(
     epochs: int = 300,
     lr: float = 0.05,
     weight_decay: float = 1e-3,
+    balance: bool = False,
     seed: int = 0,
     batch_size: int = 256,
     overwrite: bool = False,
@@ -462,7 +463,8 @@ def fit_identifier_from_sets(
 
     A stratified `held_out` fraction of the inputs is kept out of fitting: feature groups ("auto": greedy
     selection by 3-fold accuracy on the rest) and weights are fitted on the rest, the rejection thresholds are
-    set on the held-out part at `reject_quantile`, and the report gives training and held-out accuracy.
+    set on the held-out part at `reject_quantile`, and the report gives training and held-out accuracy. With
+    `balance` every class weighs the same in the loss and in the selection's score.
     """
     store.check_free("identifier", name, overwrite)
     if clean not in ("base", "none"):
@@ -476,7 +478,7 @@ def fit_identifier_from_sets(
     inputs = _feature_inputs(order, dict(zip(order, probs, strict=True)), torch.cat([s.x for s in sets]))
     blocks = {g: compute_features([g], inputs) for g in candidates}
     labels = [s.attack for s in sets for _ in range(len(s.y))]
-    fit_options = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay}
+    fit_options = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "balance": balance}
     fitted = _fit_held_out(
         blocks, labels, list(features) == [AUTO_FEATURES], held_out, reject_quantile, seed, fit_options
     )

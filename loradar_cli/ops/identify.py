@@ -23,6 +23,7 @@ __all__ = [
     "UNKNOWN",
     "IdentifierModel",
     "accuracy",
+    "balanced_accuracy",
     "calibrate_rejection",
     "clean_confidence_stats",
     "confusion_matrix",
@@ -272,11 +273,14 @@ def fit_identifier(
     lr: float = 0.05,
     weight_decay: float = 1e-3,
     seed: int = 0,
+    balance: bool = False,
 ) -> IdentifierModel:
     """Fit a multinomial logistic regression: standardised features, full-batch Adam, CE + wd·‖W‖²/2.
 
     Deterministic: fixed full batch, init from `seed`. Classes are the sorted distinct labels (at least 2);
-    features with zero spread are standardised with std 1. The bias is not decayed.
+    features with zero spread are standardised with std 1. The bias is not decayed. With `balance` each class
+    weighs the same in the loss whatever its count (each input weighted by N / (classes · its class's count)),
+    so a class with few inputs (clean data next to many attack sets) is not sacrificed to the others.
     """
     if features.dim() != 2 or features.shape[0] != len(labels):
         raise InvalidValueError(f"need features [N, F] with N = {len(labels)} labels, got {tuple(features.shape)}")
@@ -295,15 +299,23 @@ def fit_identifier(
     z1 = torch.cat([z, torch.ones(len(z), 1)], dim=1)  # bias as a last, constant feature
     gen = torch.Generator().manual_seed(seed)
     params = torch.cat([torch.randn(len(classes), x.shape[1], generator=gen) * 0.01, torch.zeros(len(classes), 1)], 1)
-    _adam(params, z1, onehot, epochs, lr, weight_decay)
+    weights = None
+    if balance:
+        counts = onehot.sum(dim=0)
+        weights = (len(labels) / (len(classes) * counts))[onehot.argmax(dim=1)]
+    _adam(params, z1, onehot, epochs, lr, weight_decay, weights)
     return IdentifierModel(params[:, :-1].clone(), params[:, -1].clone(), mean, std, classes)
 
 
-def _adam(params: Tensor, z1: Tensor, onehot: Tensor, steps: int, lr: float, weight_decay: float) -> None:
+def _adam(
+    params: Tensor, z1: Tensor, onehot: Tensor, steps: int, lr: float, weight_decay: float, weights: Tensor | None
+) -> None:
     """Full-batch Adam (β = 0.9, 0.999) in place on [W | b] with the analytic softmax-regression gradient.
 
-    Written out instead of torch.optim.Adam, whose per-step overhead dominates on problems this small.
+    `weights` (mean 1) weigh each input's loss. Written out instead of torch.optim.Adam, whose per-step overhead
+    dominates on problems this small.
     """
+    zw = z1 if weights is None else z1 * weights[:, None]
     decay = torch.ones_like(params) * weight_decay
     decay[:, -1] = 0.0  # no decay on the bias column
     m, v = torch.zeros_like(params), torch.zeros_like(params)
@@ -311,7 +323,7 @@ def _adam(params: Tensor, z1: Tensor, onehot: Tensor, steps: int, lr: float, wei
         logits = z1 @ params.T
         p = (logits - logits.amax(dim=1, keepdim=True)).exp_()  # softmax by hand: Tensor.softmax is
         p.div_(p.sum(dim=1, keepdim=True))  # multi-threaded and crawls on a busy CPU
-        grad = (p - onehot).T @ z1 / len(z1) + decay * params
+        grad = (p - onehot).T @ zw / len(z1) + decay * params
         m.mul_(0.9).add_(grad, alpha=0.1)
         v.mul_(0.999).addcmul_(grad, grad, value=0.001)
         step = lr / (1 - 0.9**t)
@@ -346,6 +358,16 @@ def accuracy(true: Sequence[str], pred: Sequence[str]) -> float:
     return sum(t == p for t, p in zip(true, pred, strict=True)) / len(true)
 
 
+def balanced_accuracy(true: Sequence[str], pred: Sequence[str]) -> float:
+    """Mean over the true classes of the fraction named correctly: a small class counts as much as a large one."""
+    _check_pairs(true, pred)
+    recalls = [
+        sum(p == name for t, p in zip(true, pred, strict=True) if t == name) / sum(t == name for t in true)
+        for name in sorted(set(true))
+    ]
+    return sum(recalls) / len(recalls)
+
+
 def per_class_scores(true: Sequence[str], pred: Sequence[str]) -> dict[str, dict[str, float | int | None]]:
     """Per true class: precision, recall and support; precision is None for a class never predicted."""
     _check_pairs(true, pred)
@@ -375,7 +397,9 @@ def stratified_split(labels: Sequence[str], fraction: float, seed: int = 0) -> t
 
 
 def _cv_accuracy(features: Tensor, labels: Sequence[str], folds: int, seed: int, fit_options: Mapping) -> float:
-    """Mean accuracy over `folds` stratified folds (each fold held out once)."""
+    """Mean accuracy over `folds` stratified folds (each fold held out once); balanced accuracy (the mean of the
+    per-class recalls) when the fit is balanced."""
+    score = balanced_accuracy if fit_options.get("balance") else accuracy
     gen = torch.Generator().manual_seed(seed)
     fold_of = torch.empty(len(labels), dtype=torch.long)
     for name in sorted(set(labels)):
@@ -388,7 +412,7 @@ def _cv_accuracy(features: Tensor, labels: Sequence[str], folds: int, seed: int,
         if len(set(train_labels)) < 2 or len(test) == 0:
             continue
         model = fit_identifier(features[train], train_labels, seed=seed, **fit_options)
-        scores.append(accuracy([labels[i] for i in test.tolist()], model.predict(features[test])))
+        scores.append(score([labels[i] for i in test.tolist()], model.predict(features[test])))
     if not scores:
         raise InvalidValueError("too few labelled inputs to cross-validate the feature selection")
     return sum(scores) / len(scores)

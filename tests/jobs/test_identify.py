@@ -138,6 +138,17 @@ def test_calibrated_identifier_fit_store_load_predict_reproduces_held_out_and_ro
         load_identifier(pool, "idf")
 
 
+def test_balance_is_recorded_and_changes_nothing_when_classes_are_equal(pool, adv_files):
+    common = {"adv_sets": adv_files, "data": "digits", "split": "val", "limit": 24, "epochs": 50}
+    balanced, _ = fit_identifier_from_sets(pool, ["a", "b"], name="idbal", balance=True, **common)
+    plain, _ = fit_identifier_from_sets(pool, ["a", "b"], name="idplain", **common)
+    assert balanced.training["balance"] is True and plain.training["balance"] is False
+    stored = json.loads((pool.root / "identifiers" / "idbal" / "identifier.json").read_text())
+    assert stored["training"]["balance"] is True
+    # 24 inputs per class: equal weights, the same selection (balanced accuracy = accuracy) and the same fit
+    assert balanced.feature_groups == plain.feature_groups and balanced.tensors_sha256 == plain.tensors_sha256
+
+
 def test_identifier_without_feature_groups_loads_as_the_confidence_group(pool, x):
     """An identifier stored before input features (no feature_groups) predicts from member confidences as it did."""
     from loradar_cli.models import weights_fingerprint

@@ -11,6 +11,7 @@ from loradar_cli.ops.identify import (
     UNKNOWN,
     IdentifierModel,
     accuracy,
+    balanced_accuracy,
     calibrate_rejection,
     clean_confidence_stats,
     confusion_matrix,
@@ -93,6 +94,41 @@ def test_fit_identifier_learns_separable_set_and_round_trips():
     torch.testing.assert_close(restored.predict_proba(x_test), model.predict_proba(x_test), rtol=0, atol=0)
     again = fit_identifier(x, y, epochs=150, lr=0.05, weight_decay=1e-3, seed=0)
     assert torch.equal(again.weight, model.weight)
+
+
+def _overlapping(n_clean: int, n_attack: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """1-D overlapping classes: clean ~ N(+1, 1), pgd ~ N(-1, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([1 + torch.randn(n_clean, 1, generator=g), -1 + torch.randn(n_attack, 1, generator=g)])
+    return x, ["clean"] * n_clean + ["pgd"] * n_attack
+
+
+def test_balanced_fit_equals_an_unweighted_fit_on_the_small_class_repeated():
+    x, y = _overlapping(20, 400, seed=0)
+    options = {"epochs": 3000, "lr": 0.05, "weight_decay": 0.0}
+    balanced = fit_identifier(x, y, balance=True, **options)
+    # repeating each clean input 20 times weighs the classes equally without weights (logistic regression with a
+    # bias and no decay is invariant to the standardisation, which the repetition changes)
+    repeated = fit_identifier(torch.cat([x[:20].repeat(20, 1), x[20:]]), ["clean"] * 400 + y[20:], **options)
+    grid = torch.linspace(-3, 3, 61)[:, None]
+    torch.testing.assert_close(balanced.predict_proba(grid), repeated.predict_proba(grid), rtol=0, atol=2e-3)
+    plain = fit_identifier(x, y, **options)
+    x_test, y_test = _overlapping(500, 500, seed=1)
+    recall = {m: per_class_scores(y_test, model.predict(x_test))["clean"]["recall"]
+              for m, model in (("plain", plain), ("balanced", balanced))}  # fmt: skip
+    assert recall["plain"] < 0.5 < recall["balanced"]  # unweighted, the 20 clean inputs are mostly called pgd
+    assert balanced_accuracy(y_test, balanced.predict(x_test)) > balanced_accuracy(y_test, plain.predict(x_test))
+
+
+def test_balance_changes_nothing_when_the_classes_are_equal():
+    x, y = _clusters(30, seed=0)
+    assert torch.equal(fit_identifier(x, y, epochs=50, balance=True).weight, fit_identifier(x, y, epochs=50).weight)
+
+
+def test_balanced_accuracy_hand_list():
+    true, pred = ["a", "a", "a", "b"], ["a", "a", "a", "a"]
+    assert balanced_accuracy(true, pred) == pytest.approx(0.5) and accuracy(true, pred) == pytest.approx(0.75)
+    assert balanced_accuracy(["a", "b", "b"], ["a", "b", UNKNOWN]) == pytest.approx((1 + 0.5) / 2)
 
 
 def test_identifier_shape_checks():
