@@ -238,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-base-row", action="store_true", help="skip the base's own rows")
     p.add_argument("--pool-lr", help="learning rate of the pool (default: the preset's)")
     p.add_argument("--pool-eval-eps", help="eps of the AMT ablation's evaluation ('' skips it)")
+    p.add_argument("--pool-recipe", default="amt", help="recipe of the ablation's pool members")
     return p
 
 
@@ -272,15 +273,15 @@ def queues(args: argparse.Namespace, preset: Preset) -> list[list[tuple]]:
         todo.append(queue)
     if preset.pool_eval_eps:
         todo = todo or [[]]
-        todo[0].append((pool_run, store, out, preset, preset.pool_eval_eps, args.limit))
-        todo[0].append((variants_run, store, out, preset, preset.pool_eval_eps, args.limit))
+        todo[0].append((pool_run, store, out, preset, preset.pool_eval_eps, args.limit, args.pool_recipe))
+        todo[0].append((variants_run, store, out, preset, preset.pool_eval_eps, args.limit, args.pool_recipe))
     return todo
 
 
 def main() -> None:
     """Parse the arguments and run the sweep (queues in parallel with --jobs)."""
     args = parser().parse_args()
-    unknown = [r for r in _split(args.recipes) if r not in RECIPES]
+    unknown = [r for r in [*_split(args.recipes), args.pool_recipe] if r not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown recipe {', '.join(unknown)}; known: {', '.join(RECIPES)}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -79,9 +79,10 @@ def test_overrides_reach_the_commands() -> None:
 
 
 def test_pool_command_parses() -> None:
-    preset = runs.PRESETS["cifar10"]
-    params = parse(runs.pool_command(preset, "amt", "pool-amt"))
-    assert params["pool"] == "eps=" + ",".join(preset.pool_eps) and params["recipe"] == "amt"
+    preset, queues = sweep("--preset", "cifar10", "--pool-recipe", "pgd-at", "--eps", "")
+    assert [(job[0], job[-1]) for job in queues[0]] == [(runs.pool_run, "pgd-at"), (runs.variants_run, "pgd-at")]
+    params = parse(runs.pool_command(preset, "pgd-at", "pool-pgd-at"))
+    assert params["pool"] == "eps=" + ",".join(preset.pool_eps) and params["recipe"] == "pgd-at"
 
 
 def _doc(recipe: str, eps, lr: str | None, clean: float, worst: float) -> dict:
