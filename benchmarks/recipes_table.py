@@ -88,9 +88,10 @@ def main() -> None:
         print(markdown(["model", "clean", "PGD-20", "worst case"], pool_rows(doc)))
         merges = {"tts": doc["merge"]} if "merge" in doc else doc.get("made", {})
         for name, merge in merges.items():
-            weights = merge["report"].get("combination", {}).get("weights")
+            report = merge["report"]
+            weights = report.get("weights", report.get("combination", {}).get("weights"))
             if weights is not None:
-                print(f"\n{name} weights: {weights}")
+                print(f"\n{name} weights: {', '.join(f'{w:.2f}' for w in weights)}")
 
 
 if __name__ == "__main__":
