@@ -71,3 +71,41 @@ def test_stored_merge_is_the_best_weighted_sum_of_the_defence_adapters(store):
             weights[d] * stored_deltas(m.meta.lora, m.tensors)[layer] for d, m in zip(DEFENCES, members, strict=True)
         )
         torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("scale", "expected"), [(None, 1 / 256), (0.5, 0.5)])
+def test_the_hypernetwork_learns_at_the_fan_in_scaled_rate(prepared, scale, expected):
+    """Every trainable parameter is optimised once: the hypernetwork's at lr x scale, the classifier head's at lr."""
+    _, model, recipe, _ = prepared
+    recipe.config = recipe.config.model_copy(update={"hyper_lr_scale": scale})
+    hyper = {id(p) for p in model.get_submodule("hypernetwork").parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert any(id(p) not in hyper for p in params), "the classifier head trains too"
+    optimizer, _ = recipe.build_optimizer(params, 1e-3, 10, 0.1)
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(map(id, grouped)) == sorted(map(id, params))
+    for group in optimizer.param_groups:
+        rate = 1e-3 * expected if id(group["params"][0]) in hyper else 1e-3
+        assert group["lr"] == pytest.approx(rate) and all((id(p) in hyper) == (rate != 1e-3) for p in group["params"])
+
+
+def test_generated_factors_move_like_a_direct_lora_under_the_scaled_rate(prepared):
+    """One Adam step at lr moves each generated A by about lr (not lr x hidden): the point of the scaling."""
+    _, model, recipe, _ = prepared
+    net = model.get_submodule("hypernetwork")
+    params = [p for p in net.parameters() if p.requires_grad]
+    moves = {}
+    for scale in (1.0, None):
+        recipe.config = recipe.config.model_copy(update={"hyper_lr_scale": scale})
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+        before = [a.clone() for a, _ in recipe.per_defence(model)[0]]
+        optimizer, _ = recipe.build_optimizer(params, 1e-3, 10, 0.1)
+        loss = sum(a.sum() for a, _ in net(0))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        after = [a for a, _ in recipe.per_defence(model)[0]]
+        moves[scale] = max((x - y).abs().max().item() for x, y in zip(after, before, strict=True))
+        net.load_state_dict(state)
+    assert moves[None] < 0.1 * moves[1.0]
+    assert 1e-4 < moves[None] < 3e-3, moves  # about lr = 1e-3, as a LoRA factor trained directly
