@@ -15,7 +15,7 @@ details (all unverified):
   uniform merge.
 - [ours] the hypernetwork learns at lr / hidden by default (`hyper_lr_scale`; the classifier head, if trained, at
   lr). With Adam each weight moves by about lr per step and every layer sums `hidden` inputs, so at the run's lr a
-  generated factor moves about 250 times as far per step as a directly trained LoRA's (measured at the defaults),
+  generated factor moves over 100 times as far per step as a directly trained LoRA's (measured at the defaults),
   which diverged on MNIST and collapsed to one class on CIFAR-10 (the fan-in rule of Yang et al., "Tensor
   Programs V: Tuning Large Neural Networks via Zero-Shot Hyperparameter Transfer", NeurIPS 2021,
   arXiv:2203.03466).
