@@ -6,6 +6,7 @@ hold only parameters that require a gradient (the LoRA factors and the head on a
 every helper here is a no-op over a world of one.
 """
 
+import atexit
 import inspect
 import os
 from collections.abc import Callable, Sequence
@@ -51,7 +52,18 @@ def init_from_env(device: torch.device) -> World:
         if device.type == "cuda":
             torch.cuda.set_device(world.local_rank)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(leave_process_group)
     return world
+
+
+def leave_process_group() -> None:
+    """Destroy this process's group before the interpreter exits.
+
+    Left to interpreter finalisation, a rank that finishes first (every rank but 0 returns before rank 0 prints)
+    could tear the group down while its peer still holds it, and abort (SIGABRT) instead of exiting 0.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def wrap_ddp(model: nn.Module, world: World, device: torch.device) -> nn.Module:

@@ -145,3 +145,23 @@ def test_two_rank_eval_reads_adapter_names_from_stdin(store):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert [r["model"] for r in report["rows"]] == ["ad"] and report["run"]["world_size"] == 2
+
+
+def test_leave_process_group_destroys_the_group_once(monkeypatch):
+    """The exit hook tears the group down (a rank exiting with a live group could abort) and may run again."""
+    import socket
+
+    import torch.distributed as dist
+
+    from loradar_cli.distributed import leave_process_group
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    assert dist.is_initialized()
+    leave_process_group()
+    assert not dist.is_initialized()
+    leave_process_group()
