@@ -10,7 +10,6 @@ on how many points a model gets wrong and how fast an attack fools the rest, whi
 reproduce, so its rows use models trained on the real CIFAR-10 and MNIST subsets (LORADAR_DATA).
 """
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks import Counting
+from benchmarks import Counting, data_root
 
 SIZE = 32
 
@@ -247,8 +246,8 @@ def _peft_mixed(model: nn.Module, adapted: list[nn.Module], x: Tensor, fns: dict
 
 
 def _shared_data() -> Path | None:
-    """LORADAR_DATA, else ../shared/data beside the checkout, if it exists."""
-    root = Path(os.environ.get("LORADAR_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    """The real data folder (LORADAR_DATA, else ../shared/data beside the checkout), if it exists."""
+    root = data_root()
     return root if root.is_dir() else None
 
 

@@ -9,7 +9,6 @@ images/s are the `run` records of the JSON reports. Data: the CIFAR-10 files und
 """
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -20,22 +19,17 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks import cli_env, data_root
+
 HELP_BUDGET_S = 0.5
 QUICKSTART_BUDGET_S = 180.0
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORADAR_DEVICE": "cpu"}
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 def _cli(*args: str, nproc: int = 1) -> dict[str, Any]:
     """Run `python -m loradar_cli ARGS --json` (under --nproc) and return its JSON document."""
     extra = ["--nproc", str(nproc)] if nproc > 1 else []
     done = subprocess.run(
-        [sys.executable, "-m", "loradar_cli", *args, *extra, "--json"], capture_output=True, text=True, env=_env()
+        [sys.executable, "-m", "loradar_cli", *args, *extra, "--json"], capture_output=True, text=True, env=cli_env()
     )
     if done.returncode:
         raise RuntimeError(f"loradar {' '.join(args[:1])} failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -44,7 +38,7 @@ def _cli(*args: str, nproc: int = 1) -> dict[str, Any]:
 
 def _data_spec(tmp: Path) -> str:
     """cifar10 from the shared data folder, else a random npz of the same shape."""
-    root = Path(os.environ.get("LORADAR_DATA") or REPO.parent / "shared" / "data")
+    root = data_root()
     if (root / "cifar-10-batches-py").is_dir():
         return f"cifar10:{root}"
     rng = np.random.default_rng(0)
@@ -173,7 +167,7 @@ def _seconds(command: list[str], repeat: int = 3) -> tuple[float, float]:
     for _ in range(repeat):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        subprocess.run(command, capture_output=True, env=_env(), check=True)
+        subprocess.run(command, capture_output=True, env=cli_env(), check=True)
         wall = min(wall, time.perf_counter() - start)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = min(cpu, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DATA_ROOT = os.environ.get("LORADAR_DATA", "/work/shared/data")
+from benchmarks import data_root
+
+DATA_ROOT = data_root()
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ interrupted sweep continues; `benchmarks.recipes_table` prints tables. STORE mus
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,8 +20,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("LORADAR_DATA") or REPO.parent / "shared" / "data")  # the real data sets
+from benchmarks import cli_env, data_root
+
+DATA = data_root()
 RECIPES = ("loradar", "pgd-at", "trades", "mart", "amt", "advlora", "autolora", "hyperat")
 
 
@@ -89,17 +89,13 @@ def train_args(preset: Preset) -> list[str]:
     return ["--targets", preset.targets, "-r", str(preset.rank), *lr, "--epochs", str(preset.epochs), *limit]
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORADAR_DEVICE": "cpu"}
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def cli(store: Path, *args: str) -> dict[str, Any]:
     """Run `python -m loradar_cli ARGS --store STORE --json -q`; its JSON document with the command and wall time."""
     cmd = ["loradar", *args, "--store", str(store), "--json", *([] if args[0] == "show" else ["-q"])]
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "loradar_cli", *cmd[1:]], capture_output=True, text=True, env=_env())
+    done = subprocess.run(
+        [sys.executable, "-m", "loradar_cli", *cmd[1:]], capture_output=True, text=True, env=cli_env()
+    )
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
     return {"command": " ".join(cmd), "wall_s": time.perf_counter() - start, "report": json.loads(done.stdout)}

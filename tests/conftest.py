@@ -1,20 +1,18 @@
 """Shared fixtures: real-data location, tiny timm models, and a temporary store."""
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+from benchmarks import data_root as data_path
 
-REPO = Path(__file__).resolve().parent.parent
+torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def data_root() -> Path | None:
-    """LORADAR_DATA, else ../shared/data beside the checkout, if it exists."""
-    env = os.environ.get("LORADAR_DATA")
-    root = Path(env) if env else REPO.parent / "shared" / "data"
+    """The real data folder (LORADAR_DATA, else ../shared/data beside the checkout), if it exists."""
+    root = data_path()
     return root if root.is_dir() else None
 
 

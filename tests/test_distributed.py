@@ -1,7 +1,6 @@
 """Several processes: sharding and gathering helpers, and torchrun runs (gloo on CPU) that equal one process."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmarks import cli_env
 from loradar_cli.advset import load_adv_set
 from loradar_cli.distributed import World, all_mean, from_main, gather_points, local_batches, on_main
 from loradar_cli.store.store import ADAPTER_WEIGHTS
 from tests.conftest import make_adapter, make_base
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_batches_are_dealt_out_without_gaps_or_overlaps():
@@ -38,8 +36,7 @@ def test_a_world_of_one_needs_no_process_group():
 
 
 def _cli(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORADAR_DEVICE": "cpu"}
-    env.pop("WORLD_SIZE", None)
+    env = cli_env()
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
     done = subprocess.run(
         [sys.executable, *launcher, "-m", "loradar_cli", *args], capture_output=True, text=True, env=env
@@ -132,8 +129,7 @@ def test_nproc_hands_the_launchers_stdin_to_every_process(monkeypatch, tmp_path)
 def test_two_rank_eval_reads_adapter_names_from_stdin(store):
     make_base(store)
     make_adapter(store, "tiny")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORADAR_DEVICE": "cpu"}
-    env.pop("WORLD_SIZE", None)
+    env = cli_env()
     args = ["eval", "--adapter", "-", "--no-base", "--data", "digits", "--limit", "40", "--store", str(store.root)]
     done = subprocess.run(
         [sys.executable, "-m", "loradar_cli", *args, "--nproc", "2", "--json", "--quiet"],
