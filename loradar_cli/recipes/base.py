@@ -70,9 +70,10 @@ class Recipe:
         """Called by the loop once LoRA is injected and initialised, before the optimiser is built."""
 
     def build_optimizer(
-        self, params: list[nn.Parameter], lr: float, step_size: int, gamma: float
+        self, params: list[nn.Parameter] | list[dict[str, Any]], lr: float, step_size: int, gamma: float
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-        """Adam with a StepLR schedule (the run's --lr, --step-size, gamma); recipes may bring their own."""
+        """Adam with a StepLR schedule (the run's --lr, --step-size, gamma) over `params` (parameters, or groups
+        with their own lr); recipes may bring their own."""
         optimizer = torch.optim.Adam(params, lr=lr)
         return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
 

@@ -145,13 +145,12 @@ class HyperAT(Recipe):
     def build_optimizer(
         self, params: list[nn.Parameter], lr: float, step_size: int, gamma: float
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-        """Adam and StepLR as every recipe, with the hypernetwork at lr x `hyper_lr_scale` (default 1 / hidden)."""
+        """The recipes' Adam and StepLR, with the hypernetwork at lr x `hyper_lr_scale` (default 1 / hidden)."""
         scale = self.config.hyper_lr_scale or 1.0 / self.config.hidden
         hyper = [p for p in params if id(p) in self._hyper_params]
         rest = [p for p in params if id(p) not in self._hyper_params]
         groups = [{"params": rest, "lr": lr}, {"params": hyper, "lr": lr * scale}]
-        optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
-        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+        return super().build_optimizer([g for g in groups if g["params"]], lr, step_size, gamma)
 
     def _net(self, model: nn.Module) -> HyperNetwork:
         return model.get_submodule("hypernetwork")  # type: ignore[return-value]
