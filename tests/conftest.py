@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import REPO as REPO  # re-exported: tests start the CLI from this checkout
 from benchmarks import data_root as data_path
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
