@@ -56,7 +56,8 @@ def test_pgd_adapter_beats_base_under_pgd_on_mnist(mnist):
 def test_votes_stay_robust_under_adaptive_attack_and_attacks_are_identified(mnist, tmp_path):
     """Votes attacked through the members' mean logits keep most of the adapters' robustness; the calibrated
     identifier, fitted on val sets, tells clean, PGD and FGSM inputs apart on held-out test sets."""
-    from loradar_cli.jobs.identify import fit_identifier_from_sets, identify_sets
+    from loradar_cli.jobs.fit_identifier import fit_identifier_from_sets
+    from loradar_cli.jobs.identify import identify_sets
 
     store, data = mnist
     members = ["mnist-pgd", "mnist-fgsm"]
@@ -115,7 +116,8 @@ FIVE_WAY = {"pgd": PGD_EVAL, "fgsm": {"eps": 0.1}, "roa": {"steps": 10}, "fia": 
 def test_five_way_identification_on_held_out_test_sets(mnist, tmp_path):
     """The calibrated identifier, fitted on val sets of clean, PGD, FGSM, ROA and FIA inputs crafted against the
     base, names the family of held-out test inputs at least 85 % of the time (chance: 20 %)."""
-    from loradar_cli.jobs.identify import fit_identifier_from_sets, identify_sets
+    from loradar_cli.jobs.fit_identifier import fit_identifier_from_sets
+    from loradar_cli.jobs.identify import identify_sets
 
     store, data = mnist
     sets = {}

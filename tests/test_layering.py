@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "advset": 2,
     "loading": 2,
     "members": 2,
+    "identifier": 2,
     "recipes": 3,
     "evaluation": 3,
     "jobs": 4,

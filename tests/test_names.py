@@ -10,9 +10,9 @@ def _registries() -> dict[str, object]:
     from loradar_cli.data import DATASETS
     from loradar_cli.evaluation.suite import SUITES
     from loradar_cli.jobs.ensemble_vote import ENSEMBLE_METHODS
-    from loradar_cli.jobs.identify import IDENTIFY_MODES
     from loradar_cli.lora.init import LORA_INITS
     from loradar_cli.lora.inject import PRESETS
+    from loradar_cli.ops.identify_modes import IDENTIFY_MODES
     from loradar_cli.ops.merge import MERGE_METHODS
     from loradar_cli.ops.vote import VOTE_METHODS
     from loradar_cli.recipes import RECIPES

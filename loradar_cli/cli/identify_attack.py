@@ -196,7 +196,7 @@ def fit_identifier_cli(
 ) -> None:
     """Fit the calibrated identifier on sets labelled by attack (and clean data), score it on a held-out part, store it."""
     from loradar_cli.device import using
-    from loradar_cli.jobs.identify import fit_identifier_from_sets
+    from loradar_cli.jobs.fit_identifier import fit_identifier_from_sets
 
     with using(engine_from(device)) as engine:
         _, report = fit_identifier_from_sets(

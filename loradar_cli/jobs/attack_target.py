@@ -57,7 +57,7 @@ def ensemble_target(store: Store, base: str | None, spec: EnsembleSpec) -> Attac
 
 def evading(store: Store, base: str, target: AttackTarget, spec: EvasionSpec) -> AttackTarget:
     """`target` with each gradient model replaced by the adaptive objective against a stored identifier."""
-    from loradar_cli.jobs.identify import load_identifier
+    from loradar_cli.identifier import load_identifier
     from loradar_cli.members import load_members, member_models
     from loradar_cli.ops.identify_adaptive import EvadeIdentifier
 

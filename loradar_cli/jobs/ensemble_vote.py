@@ -10,7 +10,7 @@ from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 from torch import Tensor, nn
 
 from loradar_cli.errors import IncompatibleError, InvalidValueError
-from loradar_cli.jobs.identify import Identifier, load_identifier
+from loradar_cli.identifier import Identifier, load_identifier
 from loradar_cli.members import (
     InputSet,
     Members,

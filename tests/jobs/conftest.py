@@ -1,4 +1,4 @@
-"""Shared fixtures of the merge, trim, vote and identify job tests: random adapters, independent ΔW helpers."""
+"""Shared fixtures of the merge, trim, vote, identify and fit-identifier job tests: random adapters, independent ΔW helpers."""
 
 import pytest
 import torch
@@ -28,6 +28,20 @@ def pool(tmp_path_factory) -> Store:
 @pytest.fixture(scope="module")
 def x() -> torch.Tensor:
     return torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def adv_files(pool, tmp_path_factory):
+    """FGSM and PGD sets crafted against the base (small, fast)."""
+    from loradar_cli.jobs.attack import craft_adv_set
+
+    folder = tmp_path_factory.mktemp("sets")
+    paths = []
+    for attack, options in (("fgsm", {"eps": 0.3}), ("pgd", {"eps": 0.3, "steps": 3})):
+        path = folder / f"{attack}.safetensors"
+        craft_adv_set(pool, path, base="tiny", attack=attack, data="digits", attack_options=options, limit=24)
+        paths.append(path)
+    return paths
 
 
 def delta_of(store: Store, name: str) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from loradar_cli.advset import load_adv_set
 from loradar_cli.attacks import build_attack
 from loradar_cli.data import load_data
 from loradar_cli.errors import InvalidValueError
+from loradar_cli.identifier import load_identifier
 from loradar_cli.jobs.attack import craft_adv_set
 from loradar_cli.jobs.attack_target import (
     ADAPTIVE_ROUTE,
@@ -19,7 +20,7 @@ from loradar_cli.jobs.attack_target import (
     craft_against,
 )
 from loradar_cli.jobs.ensemble_vote import Decision, EnsembleClassifier, RoutedLogits
-from loradar_cli.jobs.identify import fit_identifier_from_sets, load_identifier
+from loradar_cli.jobs.fit_identifier import fit_identifier_from_sets
 from loradar_cli.loading import load_model
 from loradar_cli.ops.identify_adaptive import EvadeIdentifier
 

@@ -109,6 +109,7 @@ def check_store(store: Store, out: Path) -> None:
 ZYGOTE = """
 import json, os, runpy, sys, traceback
 import torch, timm, sklearn.datasets, loradar_cli.cli.app, loradar_cli.loading, loradar_cli.jobs.identify
+import loradar_cli.jobs.fit_identifier
 for line in sys.stdin:
     req = json.loads(line)
     if "wait" in req:
