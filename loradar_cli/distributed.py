@@ -9,9 +9,10 @@ every helper here is a no-op over a world of one.
 import atexit
 import inspect
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 from torch import nn
@@ -64,6 +65,21 @@ def leave_process_group() -> None:
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def end_job() -> NoReturn:
+    """End a process whose part of a multi-process job succeeded: wait for every rank, then leave without finalisation.
+
+    Gloo's C++ threads can still hold objects when the interpreter is torn down; destroying them then calls
+    std::terminate ("terminate called without an active exception") now and then, which turned a run that had
+    printed its results into a SIGABRT and a failed torchrun (pytorch/pytorch#179291 discusses the teardown). Once
+    every rank has reached the barrier no collective is pending, so `os._exit` after flushing the standard streams
+    loses nothing: store writes are atomic and already closed.
+    """
+    torch.distributed.barrier()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def wrap_ddp(model: nn.Module, world: World, device: torch.device) -> nn.Module:

@@ -161,3 +161,44 @@ def test_leave_process_group_destroys_the_group_once(monkeypatch):
     leave_process_group()
     assert not dist.is_initialized()
     leave_process_group()
+
+
+def test_end_job_waits_flushes_and_skips_interpreter_finalisation(tmp_path):
+    """A finished rank leaves through a barrier and os._exit: buffered output still arrives, exit handlers (and the
+    interpreter teardown where gloo could abort) do not run."""
+    marker = tmp_path / "finalised"
+    script = f"""
+import atexit, pathlib, socket, os
+import torch.distributed as dist
+from loradar_cli.distributed import end_job
+with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
+dist.init_process_group("gloo", rank=0, world_size=1)
+atexit.register(pathlib.Path({str(marker)!r}).touch)
+print("results", end="")
+end_job()
+print("never")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env())
+    assert (done.returncode, done.stdout) == (0, "results"), done.stderr[-2000:]
+    assert not marker.exists()
+
+
+def test_the_cli_ends_through_end_job_only_inside_a_process_group(monkeypatch):
+    from loradar_cli.cli import app
+
+    ended = []
+    monkeypatch.setattr(app, "run", lambda: 0)
+    monkeypatch.setattr("loradar_cli.distributed.end_job", lambda: ended.append(True))
+    with pytest.raises(SystemExit) as outside:
+        app.main()
+    assert outside.value.code == 0 and ended == []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    with pytest.raises(SystemExit):
+        app.main()
+    assert ended == [True]
+    monkeypatch.setattr(app, "run", lambda: 1)
+    with pytest.raises(SystemExit) as failed:
+        app.main()
+    assert failed.value.code == 1 and ended == [True]  # a failed rank exits normally (torchrun stops the others)

@@ -108,4 +108,14 @@ def main() -> None:
         forget_interrupt()
         console.print("[bold red]interrupted:[/] no partial file was left behind", highlight=False)
         code = 130
+    if code == 0 and _in_process_group():
+        from loradar_cli.distributed import end_job
+
+        end_job()
     sys.exit(code)
+
+
+def _in_process_group() -> bool:
+    """Whether this process joined a torchrun process group (checked without importing torch for other commands)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
