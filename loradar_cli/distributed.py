@@ -118,26 +118,41 @@ def on_main(world: World, write: Callable[[], T]) -> T | None:
     return result
 
 
-def from_main(world: World, compute: Callable[[], T]) -> T:
-    """`compute()` run on rank 0 alone and its (picklable) result given to every rank; a failure fails every rank.
+def spread(world: World, jobs: Sequence[Callable[[], T]], costs: Sequence[float]) -> list[T]:
+    """Every job's (picklable) result on every rank, each job run on one rank only; a failure fails every rank.
 
-    For small side computations every rank needs, e.g. the evaluation's sanity checks on a few points: on a shared
-    CPU a copy on every process would only slow rank 0 down.
+    Jobs go costliest first to the least loaded rank (longest-processing-time scheduling, Graham 1969), so a
+    handful of unequal side computations, such as the evaluation's sanity-check attacks, take about 1/size of
+    their one-process time. The jobs must not communicate.
     """
     if world.size == 1:
-        return compute()
-    box: list[Any] = [None, None]
-    if world.is_main:
-        try:
-            box[0] = compute()
-        except Exception as err:  # re-raised below, after the other ranks learn of it
-            box[1] = str(getattr(err, "message", err))
-            torch.distributed.broadcast_object_list(box, src=0)
-            raise
-    torch.distributed.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        raise LoradarError(f"rank 0 failed: {box[1]}")
-    return box[0]
+        return [job() for job in jobs]
+    owners = _lpt_owners(costs, world.size)
+    mine: dict[int, T] = {}
+    failure: Exception | None = None
+    for i, job in enumerate(jobs):
+        if owners[i] == world.rank and failure is None:
+            try:
+                mine[i] = job()
+            except Exception as err:  # re-raised below, after the other ranks learn of it
+                failure = err
+    parts = gather(world, (mine, None if failure is None else str(getattr(failure, "message", failure))))
+    if failure is not None:
+        raise failure
+    failed = [(rank, message) for rank, (_, message) in enumerate(parts) if message is not None]
+    if failed:
+        raise LoradarError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    results = {i: result for done, _ in parts for i, result in done.items()}
+    return [results[i] for i in range(len(jobs))]
+
+
+def _lpt_owners(costs: Sequence[float], size: int) -> list[int]:
+    """The rank of each job: in order of decreasing cost, to the rank with the least assigned so far (lowest wins)."""
+    load, owners = [0.0] * size, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda j: -costs[j]):
+        owners[i] = min(range(size), key=lambda r: load[r])
+        load[owners[i]] += costs[i]
+    return owners
 
 
 def local_batches(n: int, batch_size: int, world: World) -> list[tuple[int, range]]:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from benchmarks import cli_env
 from loradar_cli.advset import load_adv_set
-from loradar_cli.distributed import World, all_mean, from_main, gather_points, local_batches, on_main
+from loradar_cli.distributed import World, _lpt_owners, all_mean, gather_points, local_batches, on_main, spread
 from loradar_cli.store.store import ADAPTER_WEIGHTS
 from tests.conftest import make_adapter, make_base
 
@@ -24,6 +24,13 @@ def test_batches_are_dealt_out_without_gaps_or_overlaps():
     assert list(one[-1][1]) == list(range(64, 70))
 
 
+def test_jobs_go_costliest_first_to_the_least_loaded_rank():
+    assert _lpt_owners([1.0, 3.0, 1.0], 2) == [1, 0, 1]
+    assert _lpt_owners([5.0, 4.0, 3.0, 3.0, 1.0], 2) == [0, 1, 1, 0, 1]  # loads 8 and 8 (round robin: 9 and 7)
+    assert _lpt_owners([2.0, 2.0, 2.0], 3) == [0, 1, 2] and _lpt_owners([], 2) == []
+    assert _lpt_owners([7.0, 1.0, 1.0, 1.0, 1.0], 2) == [0, 1, 1, 1, 1]  # round robin would give 9 and 2
+
+
 def test_a_world_of_one_needs_no_process_group():
     assert not torch.distributed.is_initialized()
     parts = [(4, torch.tensor([4, 5])), (0, torch.tensor([0, 1, 2, 3]))]
@@ -31,7 +38,7 @@ def test_a_world_of_one_needs_no_process_group():
     with pytest.raises(Exception, match="gathered 6 results for 7 points"):
         gather_points(World(), parts, 7)
     assert on_main(World(), lambda: 42) == 42
-    assert from_main(World(), lambda: 43) == 43
+    assert spread(World(), [lambda: 43, lambda: 44], costs=[1.0, 2.0]) == [43, 44]
     assert all_mean(World(), 0.25, 8) == 0.25
 
 

@@ -1,5 +1,6 @@
 """The one evaluation path: a stream of batches through every attack, sharded over processes, gathered per point."""
 
+import functools
 from pathlib import Path
 from typing import ClassVar
 
@@ -11,7 +12,7 @@ from torch import nn
 from loradar_cli.attacks import Attack, AttackConfig
 from loradar_cli.data import ImageData
 from loradar_cli.device import Engine
-from loradar_cli.distributed import World, from_main
+from loradar_cli.distributed import World, spread
 from loradar_cli.evaluation import evaluate_suite, run_suite, stream_suite, suite_attacks
 from loradar_cli.loader import TensorSource, open_split
 from tests.attacks.conftest import fit_digits
@@ -129,10 +130,15 @@ def _rank(rank: int, rendezvous: str, out: str) -> None:
             digits.model, source, attacks, targets=targets, batch_size=24, engine=Engine(world=World(rank, 2))
         )
         row = evaluate_suite("mlp", digits.model, source, attacks, batch_size=24, engine=Engine(world=World(rank, 2)))
-        main = from_main(World(rank, 2), lambda: f"computed on rank {rank}")
-        torch.save({**_flat(result), "row": _row(row), "main": main}, f"{out}.{rank}")
+        jobs = [functools.partial(_where, f"job {i}", rank) for i in range(3)]
+        shared = spread(World(rank, 2), jobs, costs=[1.0, 3.0, 1.0])
+        torch.save({**_flat(result), "row": _row(row), "shared": shared}, f"{out}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _where(job: str, rank: int) -> str:
+    return f"{job} on rank {rank}"
 
 
 class _Scaled(nn.Module):
@@ -177,4 +183,5 @@ def test_two_ranks_give_the_per_point_flags_and_records_of_one(tmp_path: Path):
     row = evaluate_suite("mlp", digits.model, ImageData(digits.x, digits.y, 10, "digits"), attacks, batch_size=24)
     assert two["row"] == other["row"] == _row(row)  # the checks ran on rank 0, their flags handed to rank 1
     assert torch.equal(two["robust"], other["robust"])
-    assert two["main"] == other["main"] == "computed on rank 0"
+    # the costliest job first, to rank 0; then the others to the least loaded rank: rank 1 takes both
+    assert two["shared"] == other["shared"] == ["job 0 on rank 1", "job 1 on rank 0", "job 2 on rank 1"]

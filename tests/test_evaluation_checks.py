@@ -8,7 +8,18 @@ from loradar_cli.advset import AdvSet
 from loradar_cli.attacks import build_attack
 from loradar_cli.data import ImageData
 from loradar_cli.evaluation import AttackRecord, evaluate_suite, suite_attacks
-from loradar_cli.evaluation.checks import EOT_SAMPLES, check_monotone, check_results, eot_if_randomised
+from loradar_cli.evaluation.checks import (
+    CHECK_QUERIES,
+    CHECK_STEPS,
+    EOT_SAMPLES,
+    attack_cost,
+    capped,
+    check_monotone,
+    check_results,
+    eot_if_randomised,
+    pre_checks,
+    run_here,
+)
 from tests.attacks.conftest import Digits, InputNoise, fit_digits
 
 
@@ -205,3 +216,32 @@ def test_square_alone_is_not_compared_with_gradient_attacks(digits: Digits) -> N
     attacks = {"square": build_attack("square", eps=0.1, queries=100, seed=0)}
     row = evaluate_suite("mlp", digits.model, data, attacks)
     assert row.worst_case < row.clean and "black-box-beats-white-box" not in ids(row)
+
+
+def test_pre_checks_hand_every_attack_run_to_the_runner_at_once_seeded_and_order_free(digits: Digits) -> None:
+    """The runner gets all runs in one call (processes can share them); each run is seeded by its place, so running
+    them in another order gives the same flags."""
+    x, y = digits.x[:48], digits.y[:48]
+    attacks = suite_attacks("standard", eps=0.1, seed=0, steps=30, overrides={"square": {"queries": 500}})
+    batches = []
+
+    def backwards(probes):
+        batches.append(list(probes))
+        return run_here(list(probes)[::-1])[::-1]
+
+    flags = pre_checks(digits.model, {"white-box": digits.model}, attacks, x, y, run=backwards)
+    (probes,) = batches
+    assert len(probes) == 1 + len(attacks) + 3  # gradients, eps = 0 per attack, eps/2 + eps + twice the steps
+    assert [p.seed for p in probes] == list(range(len(probes)))
+    assert probes[-1].cost == 2 * probes[-2].cost > 0  # twice the (capped) steps costs twice as much
+    assert flags == pre_checks(digits.model, {"white-box": digits.model}, attacks, x, y) == []
+
+
+def test_check_attacks_are_capped_and_costed_in_passes_per_point() -> None:
+    square = build_attack("square", eps=0.1, queries=5000)
+    pgd = build_attack("pgd", eps=0.1, steps=10)
+    assert (capped(square, eps=0.0).config.queries, capped(square, eps=0.0).config.eps) == (CHECK_QUERIES, 0.0)
+    assert capped(pgd).config.steps == 10 and capped(build_attack("pgd", steps=50)).config.steps == CHECK_STEPS
+    assert attack_cost(pgd) == 30 and attack_cost(capped(square)) == CHECK_QUERIES
+    apgd_t = build_attack("apgd-t", eps=0.1, steps=10)
+    assert attack_cost(apgd_t) == 30 * apgd_t.config.targets * apgd_t.config.restarts

@@ -7,7 +7,9 @@ and at least one point.
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,6 +22,8 @@ from loradar_cli.metrics import correct, mean_flag, model_mode
 BLACK_BOX = ("square", "square-l2")  # attacks that use scores only: they must not beat the gradient attacks
 RANDOM_SPREAD = 1e-4  # relative logit spread above which a model counts as randomised (AutoAttack's threshold)
 EOT_SAMPLES = 20  # gradient passes averaged per step against a randomised model (AutoAttack's "rand" version)
+CHECK_STEPS = 20  # iteration cap of the attacks that the eps = 0, eps and steps checks run
+CHECK_QUERIES = 100  # query cap of score-only attacks in the eps = 0 check (no query can move a point at eps = 0)
 
 
 class SanityFlag(BaseModel):
@@ -123,42 +127,136 @@ def usable_attacks(
     return kept, ([flag("too-few-classes", "; ".join(notes))] if notes else [])
 
 
-def check_eps_zero(
+@dataclass(frozen=True)
+class Probe:
+    """One attack run of a sanity check on the check points, independent of the others (processes may share them).
+
+    `cost` is a rough count of passes per point, for balancing; the run is seeded, so an unseeded attack draws the
+    same wherever it runs.
+    """
+
+    cost: float
+    run: Callable[[], Any]
+    seed: int = 0
+
+    def __call__(self) -> Any:
+        torch.manual_seed(self.seed)
+        return self.run()
+
+
+Runner = Callable[[Sequence[Probe]], list[Any]]
+
+
+def run_here(probes: Sequence[Probe]) -> list[Any]:
+    """Run the probes one after the other in this process."""
+    return [probe() for probe in probes]
+
+
+def attack_cost(attack: Attack[Any]) -> float:
+    """Passes per point an attack may make: 3 per gradient step (forward and backward) or 1 per query."""
+    config = attack.config
+    steps, queries = getattr(config, "steps", None), getattr(config, "queries", None)
+    per_run = 3 * steps if steps else (queries or 1)
+    return float(per_run * (getattr(config, "restarts", 1) or 1) * (getattr(config, "targets", 1) or 1))
+
+
+def capped(attack: Attack[Any], **update: Any) -> Attack[Any]:
+    """The attack with `update` applied and at most CHECK_STEPS steps and CHECK_QUERIES queries."""
+    config = attack.config
+    caps = {"steps": CHECK_STEPS, "queries": CHECK_QUERIES}
+    update = {**{k: min(getattr(config, k), cap) for k, cap in caps.items() if hasattr(config, k)}, **update}
+    return type(attack)(config.model_copy(update=update))
+
+
+def eps_zero_probes(
     judge: nn.Module, target: nn.Module, attacks: Mapping[str, Attack[Any]], x: Tensor, y: Tensor
-) -> list[SanityFlag]:
-    """Every attack at eps = 0 must leave accuracy at its clean value."""
+) -> dict[str, Probe]:
+    """Per attack (patches excluded), whether it changes a prediction at eps = 0 (it must not)."""
     clean = correct(judge, x, y)
-    bad = []
+    judge_arg = None if judge is target else judge
+
+    def changes(zero: Attack[Any]) -> bool:
+        _, fooled = zero.until_fooled(target, x, y, judge=judge_arg)
+        return not torch.equal(clean & ~fooled, clean)
+
+    probes = {}
     for label, attack in attacks.items():
-        if attack.threat_model == "patch":
-            continue
-        zero = type(attack)(attack.config.model_copy(update={"eps": 0.0}))
-        _, fooled = zero.until_fooled(target, x, y, judge=None if judge is target else judge)
-        if not torch.equal(clean & ~fooled, clean):
-            bad.append(label)
+        if attack.threat_model != "patch":
+            zero = capped(attack, eps=0.0)
+            probes[label] = Probe(attack_cost(zero), partial(changes, zero))
+    return probes
+
+
+def eps_zero_flags(changed: Mapping[str, bool]) -> list[SanityFlag]:
+    """Every attack at eps = 0 must leave accuracy at its clean value."""
+    bad = [label for label, moved in changed.items() if moved]
     return [flag("eps-zero-not-clean", ", ".join(bad))] if bad else []
+
+
+def monotone_probes(judge: nn.Module, target: nn.Module, attack: Attack[Any], x: Tensor, y: Tensor) -> dict[str, Probe]:
+    """Robust accuracy under the attack at eps/2 ("half"), as given ("full"), and with twice its steps ("more")."""
+    judge_arg = None if judge is target else judge
+
+    def accuracy(variant: Attack[Any]) -> float:
+        _, fooled = variant.until_fooled(target, x, y, judge=judge_arg)
+        return mean_flag(correct(judge, x, y) & ~fooled)
+
+    config = attack.config
+    variants = {"half": attack.config.model_copy(update={"eps": config.eps / 2}), "full": config}
+    steps_field = next((k for k in ("steps", "queries") if hasattr(config, k)), None)
+    if steps_field:
+        variants["more"] = config.model_copy(update={steps_field: 2 * getattr(config, steps_field)})
+    built = {name: type(attack)(c) for name, c in variants.items()}
+    return {name: Probe(attack_cost(v), partial(accuracy, v)) for name, v in built.items()}
+
+
+def monotone_flags(label: str, accuracy: Mapping[str, float], n: int) -> list[SanityFlag]:
+    """Accuracy must not rise beyond noise from eps/2 to eps, nor from the attack's steps to twice as many."""
+    flags, half, full = [], accuracy["half"], accuracy["full"]
+    if full > half + noise(half, n):
+        flags.append(flag("accuracy-rises-with-eps", f"{label}: {half:.3f} at eps/2, {full:.3f} at eps"))
+    more = accuracy.get("more")
+    if more is not None and more > full + noise(full, n):
+        flags.append(flag("accuracy-rises-with-steps", f"{label}: {full:.3f}, {more:.3f} with twice the steps"))
+    return flags
 
 
 def check_monotone(
     judge: nn.Module, target: nn.Module, attack: Attack[Any], label: str, x: Tensor, y: Tensor
 ) -> list[SanityFlag]:
-    """One attack at eps/2 vs eps and at its steps vs twice its steps: accuracy must not rise beyond noise."""
-    judge_arg = None if judge is target else judge
+    """One attack at eps/2 vs eps and at its steps vs twice its steps, run here in that order."""
+    probes = monotone_probes(judge, target, attack, x, y)
+    return monotone_flags(label, dict(zip(probes, run_here(list(probes.values())), strict=True)), len(x))
 
-    def acc(**update: Any) -> float:
-        variant = type(attack)(attack.config.model_copy(update=update))
-        _, fooled = variant.until_fooled(target, x, y, judge=judge_arg)
-        return mean_flag(correct(judge, x, y) & ~fooled)
 
-    flags, n, eps = [], len(x), attack.config.eps
-    half, full = acc(eps=eps / 2), acc()
-    if full > half + noise(half, n):
-        flags.append(flag("accuracy-rises-with-eps", f"{label}: {half:.3f} at eps/2, {full:.3f} at eps"))
-    steps_field = next((k for k in ("steps", "queries") if hasattr(attack.config, k)), None)
-    if steps_field:
-        more = acc(**{steps_field: 2 * getattr(attack.config, steps_field)})
-        if more > full + noise(full, n):
-            flags.append(flag("accuracy-rises-with-steps", f"{label}: {full:.3f}, {more:.3f} with twice the steps"))
+def pre_checks(
+    judge: nn.Module,
+    targets: Mapping[str, nn.Module],
+    attacks: Mapping[str, Attack[Any]],
+    x: Tensor,
+    y: Tensor,
+    run: Runner = run_here,
+) -> list[SanityFlag]:
+    """Gradients, eps = 0 and monotonicity in eps and steps on a few points, their attack runs handed to `run`.
+
+    The monotonicity checks use the first gradient attack, capped at CHECK_STEPS steps.
+    """
+    target = next(iter(targets.values()))
+    groups: dict[str, dict[str, Probe]] = {
+        "gradients": {"": Probe(1.0, partial(check_gradients, targets, x, y))},
+        "eps-zero": eps_zero_probes(judge, target, attacks, x, y),
+    }
+    gradient = [(lbl, a) for lbl, a in attacks.items() if a.name not in BLACK_BOX and a.threat_model != "patch"]
+    if gradient:
+        groups["monotone"] = monotone_probes(judge, target, capped(gradient[0][1]), x, y)
+    keys = [(group, key) for group, probes in groups.items() for key in probes]
+    probes = [replace(groups[g][k], seed=i) for i, (g, k) in enumerate(keys)]
+    results: dict[str, dict[str, Any]] = {group: {} for group in groups}
+    for (group, key), result in zip(keys, run(probes), strict=True):
+        results[group][key] = result
+    flags = results["gradients"][""] + eps_zero_flags(results["eps-zero"])
+    if gradient:
+        flags += monotone_flags(gradient[0][0], results["monotone"], len(x))
     return flags
 
 

@@ -11,7 +11,7 @@ from loradar_cli.advset import AdvSet
 from loradar_cli.attacks import Attack
 from loradar_cli.data import ImageData
 from loradar_cli.device import Engine
-from loradar_cli.distributed import from_main
+from loradar_cli.distributed import spread
 from loradar_cli.evaluation import checks
 from loradar_cli.evaluation.rows import EvalRow
 from loradar_cli.evaluation.suite import stream_suite
@@ -21,7 +21,6 @@ from loradar_cli.metrics import Progress, mean_flag, predict_logits
 Source = Dataset[Batch]
 
 CHECK_POINTS = 64  # points used by the checks that run extra attacks
-CHECK_STEPS = 20  # iteration cap of the attack used for the eps and steps checks
 
 
 def evaluate_suite(
@@ -43,7 +42,7 @@ def evaluate_suite(
     The row holds clean accuracy, robust accuracy after each attack, the per-point worst case, saved-set
     accuracies, every attack's record, and the sanity flags; `meta` fills suite, norm, eps and seed. The data
     and the saved sets stream batch by batch (sharded over the processes of a torchrun job); the checks that
-    run extra attacks read only the first points, on rank 0, which passes their flags to the other ranks.
+    run extra attacks read only the first points, their attack runs shared out among the processes.
     """
     engine = engine or (Engine(data.x.device) if isinstance(data, ImageData) else Engine())
     source = TensorSource(data) if isinstance(data, ImageData) else data
@@ -53,7 +52,8 @@ def evaluate_suite(
     attacks, flags = checks.usable_attacks(attacks, num_classes)
     attacks, randomised = checks.eot_if_randomised(judge, attacks, x)  # attacked with EOT, flagged
     flags += randomised
-    flags += from_main(engine.world, lambda: _pre_checks(judge, targets, attacks, x, y))
+    world = engine.world
+    flags += checks.pre_checks(judge, targets, attacks, x, y, run=lambda ps: spread(world, ps, [p.cost for p in ps]))
     result = stream_suite(
         judge, source, attacks, targets=targets, early_stop=early_stop, batch_size=batch_size, progress=progress,
         engine=engine,
@@ -92,22 +92,6 @@ def _set_flags(judge: nn.Module, adv: AdvSet, batch_size: int, engine: Engine) -
     """Per-point correctness of the judge on a saved set, streamed and sharded like the data."""
     source = TensorSource(ImageData(adv.x, adv.y, 0, adv.label))
     return stream_suite(judge, source, {}, batch_size=batch_size, engine=engine).clean
-
-
-def _pre_checks(
-    judge: nn.Module, targets: Mapping[str, nn.Module], attacks: Mapping[str, Attack[Any]], x: Tensor, y: Tensor
-) -> list[checks.SanityFlag]:
-    """Gradients, eps = 0, and monotonicity in eps and steps on a few points (determinism is checked before)."""
-    flags = checks.check_gradients(targets, x, y)
-    target = next(iter(targets.values()))
-    flags += checks.check_eps_zero(judge, target, attacks, x, y)
-    gradient = [(lbl, a) for lbl, a in attacks.items() if a.name not in checks.BLACK_BOX and a.threat_model != "patch"]
-    if gradient:
-        label, attack = gradient[0]
-        capped = {k: min(getattr(attack.config, k), CHECK_STEPS) for k in ("steps",) if hasattr(attack.config, k)}
-        attack = type(attack)(attack.config.model_copy(update=capped))
-        flags += checks.check_monotone(judge, target, attack, label, x, y)
-    return flags
 
 
 def _black_box_hits(records: list[Any]) -> dict[str, int]:
