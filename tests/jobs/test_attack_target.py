@@ -101,16 +101,10 @@ def test_set_crafted_against_the_soft_vote_is_fgsm_through_both_surrogates_judge
 
 
 @pytest.fixture(scope="module")
-def ident(pool, tmp_path_factory):
+def ident(pool, adv_files):
     """An identifier 'ida' fitted on FGSM and PGD sets crafted against the base."""
-    folder = tmp_path_factory.mktemp("adaptive-sets")
-    paths = []
-    for attack, options in (("fgsm", {"eps": 0.3}), ("pgd", {"eps": 0.3, "steps": 3})):
-        path = folder / f"{attack}.safetensors"
-        craft_adv_set(pool, path, base="tiny", attack=attack, data="digits", attack_options=options, limit=24)
-        paths.append(path)
     fit_identifier_from_sets(
-        pool, ["a", "b"], name="ida", adv_sets=paths, data="digits", split="val", limit=24, epochs=150,
+        pool, ["a", "b"], name="ida", adv_sets=adv_files, data="digits", split="val", limit=24, epochs=150,
         features=["confidence", "residual"],
     )  # fmt: skip
     return load_identifier(pool, "ida")
