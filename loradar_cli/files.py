@@ -45,6 +45,20 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
+def cannot_write(path: Path) -> str | None:
+    """Why a new file could not be written at `path`, or None: checked before a command's work, not after it."""
+    if path.is_dir():
+        return f"{path} is a folder"
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent  # atomic_path creates the missing folders below the nearest existing one
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"no permission to write in {folder}"
+    return None
+
+
 def write_new_file(path: Path, data: bytes) -> None:
     """Create `path` (never following or replacing anything there) with the umask's mode and sync it to disk."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)

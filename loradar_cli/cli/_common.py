@@ -1,5 +1,6 @@
 """Shared CLI plumbing: stderr console, JSON on stdout, one-line errors, option parsers, progress bars."""
 
+import errno
 import functools
 import io
 import json
@@ -25,6 +26,7 @@ from loradar_cli.errors import (
     InvalidValueError,
     LoradarError,
     LoradarWarning,
+    NotFoundError,
     ProvenanceWarning,
 )
 
@@ -105,6 +107,7 @@ def run_command(func: F) -> F:
         try:
             with _warnings_on_stderr(debug):
                 check_finite_options(kwargs)
+                check_output_paths(kwargs)
                 return func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
@@ -174,6 +177,13 @@ def describe_exception(err: BaseException) -> str:
 _ALLOCATION_FAILURES = ("can't allocate memory", "Storage size calculation overflowed", "out of memory")
 
 
+_PATH_ERRNOS = {
+    errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC, errno.EROFS,
+    errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP,
+}  # fmt: skip
+"""Errors of a path the user gave (a folder that cannot be made, a full disk): one line naming it, not a bug."""
+
+
 def known_error(err: Exception) -> LoradarError | None:
     """Exceptions with a known user-level cause (memory, non-finite maths) as LoradarErrors; None otherwise."""
     names = {cls.__name__ for cls in type(err).__mro__}
@@ -182,6 +192,10 @@ def known_error(err: Exception) -> LoradarError | None:
         return LoradarError(
             f"out of memory ({describe_exception(err)})", hint="use a smaller --batch-size, --rank or --limit"
         )
+    if isinstance(err, OSError) and err.filename is not None and err.errno in _PATH_ERRNOS:
+        where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 is not None else "")
+        cls = NotFoundError if err.errno == errno.ENOENT else LoradarError
+        return cls(f"{where}: {err.strerror or os.strerror(err.errno)}")
     if "LinAlgError" in names or "_LinAlgError" in names:
         return IncompatibleError(
             f"a matrix decomposition failed ({describe_exception(err)})",
@@ -197,6 +211,21 @@ def check_finite_options(kwargs: Mapping[str, Any]) -> None:
         for item in values:
             if isinstance(item, float) and not math.isfinite(item):
                 raise InvalidValueError(f"{option_flag(name)} must be a finite number, got {item}")
+
+
+OUTPUT_PARAMETERS = ("out", "plot")
+"""Parameters that name a file a command writes: checked writable before the command runs."""
+
+
+def check_output_paths(kwargs: Mapping[str, Any]) -> None:
+    """Refuse an output file that could not be written before any work is done (a folder, no permission, ...)."""
+    from loradar_cli.files import cannot_write
+
+    for name in OUTPUT_PARAMETERS:
+        path = kwargs.get(name)
+        reason = cannot_write(path) if isinstance(path, Path) else None
+        if reason:
+            raise InvalidValueError(f"{option_flag(name)} {path}: cannot write there ({reason})")
 
 
 def option_flag(name: str) -> str:

@@ -131,6 +131,10 @@ def test_bad_json_names_are_one_line_errors(text):
         ),
         (RuntimeError("Storage size calculation overflowed with sizes=[4, 1, 9, 9]"), "LoradarError", "out of memory"),
         (ValueError("plain bug"), None, None),
+        (FileNotFoundError(2, "No such file or directory", "/x/y"), "NotFoundError", "/x/y: No such file"),
+        (PermissionError(13, "Permission denied", "/r/out.json"), "LoradarError", "/r/out.json: Permission denied"),
+        (OSError(28, "No space left on device", "/d/f"), "LoradarError", "/d/f: No space left"),
+        (OSError(5, "Input/output error"), None, None),  # no path: nothing the user gave
     ],
 )
 def test_known_failures_become_loradar_errors(error, kind, words):
@@ -151,3 +155,34 @@ def test_svd_of_nan_is_a_decomposition_error():
         torch.linalg.svd(torch.full((4, 3), float("nan"), dtype=torch.float64))
     known = known_error(err.value)
     assert isinstance(known, IncompatibleError) and "NaN" in known.one_line()
+
+
+def test_output_files_that_cannot_be_written_are_refused_before_any_work(tmp_path, store):
+    """--out into a file, onto a folder: exit 2 with one line naming the option, and the command never ran."""
+    from tests.cli._invoke import call
+    from tests.conftest import make_base
+
+    make_base(store)
+    (tmp_path / "a-file").write_text("")
+    common = ["attack", "--base", "tiny", "--attack", "fgsm", "--eps", "0.1", "--data", "digits", "--limit", "4"]
+    common += ["--store", str(store.root)]
+    for out, reason in ((tmp_path / "a-file" / "x.safetensors", "is not a folder"), (tmp_path, "is a folder")):
+        code, stdout, stderr = call([*common, "--out", str(out)])
+        assert (
+            code == 2
+            and stdout == ""
+            and stderr.strip().splitlines()
+            == [f"error: --out {out}: cannot write there ({out.parent if 'not' in reason else out} {reason})"]
+        )
+    code, _, _ = call([*common, "--out", str(tmp_path / "new" / "deeper" / "x.safetensors")])
+    assert code == 0 and (tmp_path / "new" / "deeper" / "x.safetensors").is_file()  # missing folders are made
+
+
+def test_cannot_write_names_the_reason(tmp_path, monkeypatch):
+    import os
+
+    from loradar_cli.files import cannot_write
+
+    assert cannot_write(tmp_path / "missing" / "out.json") is None
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # (tests may run as root, who may write anywhere)
+    assert cannot_write(tmp_path / "missing" / "out.json") == f"no permission to write in {tmp_path}"
