@@ -67,19 +67,24 @@ def leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def end_job() -> NoReturn:
-    """End a process whose part of a multi-process job succeeded: wait for every rank, then leave without finalisation.
+def end_job(code: int) -> NoReturn:
+    """End this process of a multi-process job with `code`, without interpreter finalisation.
 
     Gloo's C++ threads can still hold objects when the interpreter is torn down; destroying them then calls
     std::terminate ("terminate called without an active exception") now and then, which turned a run that had
-    printed its results into a SIGABRT and a failed torchrun (pytorch/pytorch#179291 discusses the teardown). Once
-    every rank has reached the barrier no collective is pending, so `os._exit` after flushing the standard streams
-    loses nothing: store writes are atomic and already closed.
+    printed its results into a SIGABRT and a failed torchrun (pytorch/pytorch#179291 discusses the teardown). A rank
+    whose part succeeded first waits for every rank at a barrier, so no collective is pending; if a peer failed
+    instead, the barrier fails and this rank exits 1 (the peer reports the error). The standard streams are flushed;
+    store writes are atomic and already closed.
     """
-    torch.distributed.barrier()
+    if code == 0:
+        try:
+            torch.distributed.barrier()
+        except Exception:  # a peer left without reaching the barrier: it failed and reports it
+            code = 1
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def wrap_ddp(model: nn.Module, world: World, device: torch.device) -> nn.Module:

@@ -110,7 +110,7 @@ def test_nproc_hands_the_launchers_stdin_to_every_process(monkeypatch, tmp_path)
 
     calls = []
 
-    def call(command, env):
+    def call(command, env, errors):
         saved = Path(env[engine_options.STDIN_ENV])
         calls.append((command, saved, saved.read_text()))
         monkeypatch.setenv(engine_options.STDIN_ENV, str(saved))  # as in a started process
@@ -120,7 +120,7 @@ def test_nproc_hands_the_launchers_stdin_to_every_process(monkeypatch, tmp_path)
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv(engine_options.NPROC_ENV, raising=False)
-    monkeypatch.setattr(engine_options.subprocess, "call", call)
+    monkeypatch.setattr(engine_options, "_run_torchrun", call)
     monkeypatch.setattr(sys, "argv", ["loradar", "eval", "--adapter", "-", "--nproc", "2"])
     monkeypatch.setattr(sys, "stdin", io.StringIO("ad\nbd\n"))
     assert read_names(["-"]) == ["ad", "bd"]  # the launcher reads stdin first (eval resolves names early)
@@ -129,7 +129,52 @@ def test_nproc_hands_the_launchers_stdin_to_every_process(monkeypatch, tmp_path)
     (command, saved, text), names = calls
     assert exit_.value.exit_code == 7 and text == "ad\nbd\n" and names == ["ad", "bd"]
     assert command[-4:] == ["loradar_cli", "eval", "--adapter", "-"] and "--nproc" not in command
+    assert command[:2] == ["--standalone", "--nproc-per-node=2"]
     assert not saved.exists()  # removed once torchrun returns
+
+
+def test_a_failed_run_reports_one_line_from_the_rank_that_failed_first(tmp_path, capsys):
+    """Rank 0 prints its own error; otherwise the line the first failed rank left, or the signal that stopped it."""
+    from types import SimpleNamespace
+
+    from loradar_cli.cli._engine_options import _failure_status
+
+    def failed(code: int, at: float, signal: str = "") -> SimpleNamespace:
+        return SimpleNamespace(exitcode=code, timestamp=at, signal_name=lambda: signal)
+
+    (tmp_path / "1").write_text("error: out of memory (use a smaller --batch-size)\n")
+    assert _failure_status({0: failed(3, 2.0), 1: failed(1, 1.0)}, tmp_path) == 3
+    assert capsys.readouterr().err == ""  # rank 0 printed its line itself
+    assert _failure_status({0: failed(-15, 2.0, "SIGTERM"), 1: failed(1, 1.0)}, tmp_path) == 1
+    assert capsys.readouterr().err == "error: out of memory (use a smaller --batch-size)\n"
+    assert _failure_status({1: failed(-9, 1.0, "SIGKILL"), 2: failed(-15, 2.0, "SIGTERM")}, tmp_path / "none") == 1
+    assert capsys.readouterr().err == "error: process 1 was stopped by SIGKILL\n"
+
+
+def test_ranks_other_than_0_leave_their_error_for_the_launcher(tmp_path, monkeypatch, capsys):
+    import typer
+
+    from loradar_cli.cli._common import RANK_ERRORS_ENV, _fail
+
+    monkeypatch.setenv(RANK_ERRORS_ENV, str(tmp_path))
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(typer.Exit):
+            _fail("no   adapter 'x'", 3)
+    assert (tmp_path / "1").read_text() == "error: no adapter 'x'\n" and not (tmp_path / "0").exists()
+    assert capsys.readouterr().err == "error: no adapter 'x'\n"  # rank 0 alone prints
+
+
+@pytest.mark.slow
+def test_a_failure_on_every_rank_is_one_line_and_its_exit_code(store, tmp_path):
+    make_base(store)
+    done = subprocess.run(
+        [sys.executable, "-m", "loradar_cli", "eval", "--base", "tiny", "--data", f"npz:{tmp_path / 'none.npz'}",
+         "--store", str(store.root), "--nproc", "2"],
+        capture_output=True, text=True, env=cli_env(),
+    )  # fmt: skip
+    assert done.returncode == 3 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [f"error: npz file {tmp_path / 'none.npz'} does not exist"]
 
 
 @pytest.mark.slow
@@ -184,12 +229,14 @@ with socket.socket() as sock:
 dist.init_process_group("gloo", rank=0, world_size=1)
 atexit.register(pathlib.Path({str(marker)!r}).touch)
 print("results", end="")
-end_job()
+end_job(int(os.environ["CODE"]))
 print("never")
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env())
-    assert (done.returncode, done.stdout) == (0, "results"), done.stderr[-2000:]
-    assert not marker.exists()
+    for code in (0, 3):
+        env = {**cli_env(), "CODE": str(code)}
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+        assert (done.returncode, done.stdout) == (code, "results"), done.stderr[-2000:]
+        assert not marker.exists()
 
 
 def test_the_cli_ends_through_end_job_only_inside_a_process_group(monkeypatch):
@@ -197,15 +244,13 @@ def test_the_cli_ends_through_end_job_only_inside_a_process_group(monkeypatch):
 
     ended = []
     monkeypatch.setattr(app, "run", lambda: 0)
-    monkeypatch.setattr("loradar_cli.distributed.end_job", lambda: ended.append(True))
+    monkeypatch.setattr("loradar_cli.distributed.end_job", ended.append)
     with pytest.raises(SystemExit) as outside:
         app.main()
     assert outside.value.code == 0 and ended == []
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    with pytest.raises(SystemExit):
-        app.main()
-    assert ended == [True]
-    monkeypatch.setattr(app, "run", lambda: 1)
-    with pytest.raises(SystemExit) as failed:
-        app.main()
-    assert failed.value.code == 1 and ended == [True]  # a failed rank exits normally (torchrun stops the others)
+    for code in (0, 3):
+        monkeypatch.setattr(app, "run", lambda code=code: code)
+        with pytest.raises(SystemExit):  # (the real end_job never returns)
+            app.main()
+    assert ended == [0, 3]  # a failing rank leaves the same way, with its code

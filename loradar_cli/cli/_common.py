@@ -161,9 +161,21 @@ def _quiet_stdout() -> None:
         os.close(devnull)
 
 
+RANK_ERRORS_ENV = "LORADAR_RANK_ERRORS"  # set by `--nproc`: the folder where ranks other than 0 leave their error
+
+
 def _fail(message: str, code: int, prefix: str = "error") -> NoReturn:
-    """Print `prefix: message` as one stderr line and exit with `code`."""
-    console.print(f"[bold red]{prefix}:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True, markup=True)
+    """Print `prefix: message` as one stderr line and exit with `code`.
+
+    Under `--nproc`, ranks other than 0 leave the line in a file instead: the launcher prints it if rank 0 did not
+    fail first, so a failure on every rank is still one line.
+    """
+    text = " ".join(message.split())
+    folder, rank = os.environ.get(RANK_ERRORS_ENV), os.environ.get("RANK", "0")
+    if folder and rank != "0":
+        Path(folder, rank).write_text(f"{prefix}: {text}\n")
+    else:
+        console.print(f"[bold red]{prefix}:[/] {text}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
 
 

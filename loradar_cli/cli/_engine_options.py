@@ -5,13 +5,15 @@ to the registries (`loradar_cli.device.PRECISIONS`, `loradar_cli.loader.AUGMENTS
 """
 
 import os
-import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from loradar_cli.cli._common import RANK_ERRORS_ENV, console
 
 PRECISION_NAMES = ("bf16", "fp16", "fp32")
 AUGMENT_NAMES = ("crop-flip", "none")
@@ -97,20 +99,59 @@ def launch_nproc(nproc: int) -> None:
     """With --nproc N > 1 outside torchrun, run this same command under torchrun and exit with its status.
 
     An argument '-' (names read from stdin) gets the launcher's stdin, saved to a temporary file for every process.
+    A failure ends in one stderr line, as in one process: rank 0 prints its own error, the other ranks leave theirs
+    in a file, which the launcher prints when rank 0 did not fail first; torchrun's failure report is not shown.
     """
     if nproc <= 1 or "WORLD_SIZE" in os.environ or os.environ.get(NPROC_ENV):
         return
     args = _without_nproc(sys.argv[1:])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    command += ["-m", "loradar_cli", *args]
-    env = {**os.environ, NPROC_ENV: "1"}
-    if not any(arg == "-" or arg.endswith("=-") for arg in args):
-        raise typer.Exit(subprocess.call(command, env=env))
-    with tempfile.TemporaryDirectory(prefix="loradar-stdin-") as folder:
-        saved = Path(folder) / "stdin"
-        saved.write_text(stdin_text())
-        status = subprocess.call(command, env={**env, STDIN_ENV: str(saved)})
+    torchrun = ["--standalone", f"--nproc-per-node={nproc}", "-m", "loradar_cli", *args]
+    with tempfile.TemporaryDirectory(prefix="loradar-nproc-") as folder:
+        env = {NPROC_ENV: "1", RANK_ERRORS_ENV: folder}
+        if any(arg == "-" or arg.endswith("=-") for arg in args):
+            saved = Path(folder) / "stdin"
+            saved.write_text(stdin_text())
+            env[STDIN_ENV] = str(saved)
+        status = _run_torchrun(torchrun, env, Path(folder))
     raise typer.Exit(status)
+
+
+def _run_torchrun(argv: list[str], env: dict[str, str], errors: Path) -> int:
+    """torchrun ARGV in this process with `env` added to the workers' environment; the first failure's exit code."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # the ranks report for themselves
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        run(get_args_parser().parse_args(argv))
+    except ChildFailedError as err:
+        return _failure_status(err.failures, errors)
+    except SignalException as err:  # Ctrl-C or a kill reached the launcher; torchrun stopped the ranks
+        return 128 + int(err.sigval)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return 0
+
+
+def _failure_status(failures: Mapping[int, Any], errors: Path) -> int:
+    """The exit code of a failed run, printing the error of a rank other than 0 when rank 0 did not print one."""
+    main = failures.get(0)
+    if main is not None and main.exitcode > 0:
+        return int(main.exitcode)  # rank 0 printed its own error line
+    rank = min(failures, key=lambda r: (failures[r].timestamp, r))
+    failure = failures[rank]
+    left = errors / str(rank)
+    if left.is_file():
+        console.print(left.read_text().strip(), highlight=False, soft_wrap=True, markup=False)
+    elif failure.exitcode < 0:
+        console.print(f"error: process {rank} was stopped by {failure.signal_name()}", highlight=False, markup=False)
+    return int(failure.exitcode) if failure.exitcode > 0 else 1
 
 
 def _without_nproc(args: list[str]) -> list[str]:

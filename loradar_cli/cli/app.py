@@ -108,10 +108,10 @@ def main() -> None:
         forget_interrupt()
         console.print("[bold red]interrupted:[/] no partial file was left behind", highlight=False)
         code = 130
-    if code == 0 and _in_process_group():
+    if _in_process_group():
         from loradar_cli.distributed import end_job
 
-        end_job()
+        end_job(code)
     sys.exit(code)
 
 
