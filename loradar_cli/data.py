@@ -20,6 +20,7 @@ from torch import Tensor
 
 from loradar_cli.errors import CorruptError, InvalidValueError, LoradarWarning, NotFoundError, ProvenanceWarning
 from loradar_cli.registry import Registry
+from loradar_cli.signals import import_held
 
 SPLITS = ("train", "val", "test")
 Reader = Callable[[Path | None], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
@@ -202,7 +203,7 @@ def channel_stats(x: Tensor) -> tuple[list[float], list[float]]:
 
 def _read_digits(_: Path | None) -> tuple[np.ndarray, ...]:
     """scikit-learn's bundled 8×8 digits (values 0..16): 20 % seeded-fixed test split, the rest train."""
-    from sklearn.datasets import load_digits
+    load_digits = import_held("sklearn.datasets").load_digits
 
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)

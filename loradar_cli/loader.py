@@ -28,6 +28,7 @@ from loradar_cli.device import Engine
 from loradar_cli.distributed import local_batches
 from loradar_cli.errors import CorruptError, InvalidValueError
 from loradar_cli.registry import Registry
+from loradar_cli.signals import import_held
 
 Batch = tuple[Tensor, Tensor, Tensor]  # point indices [b], images [b, C, H, W], labels [b]
 Augment = Callable[[Tensor, torch.Generator], Tensor]
@@ -162,7 +163,7 @@ def decode_image(path: Path, geometry: Geometry) -> Tensor:
 
 def crop_pct_of(timm_model: str) -> float:
     """The evaluation crop fraction of a timm model's pretrained config (timm's default when it has none)."""
-    import timm
+    timm = import_held("timm")
 
     try:
         cfg = timm.models.get_pretrained_cfg(timm_model)  # `name` or `name.tag`; None for unknown names

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from loradar_cli.errors import CorruptError, InvalidValueError, NotFoundError
+from loradar_cli.signals import import_held
 
 
 class Normalize(nn.Module):
@@ -79,7 +80,7 @@ def create_timm_model(
     name: str, *, num_classes: int, in_chans: int, pretrained: bool = False, kwargs: Mapping[str, Any] | None = None
 ) -> nn.Module:
     """timm.create_model with one-line errors: unknown names, rejected kwargs, pretrained weights out of reach."""
-    import timm
+    timm = import_held("timm")
 
     if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]

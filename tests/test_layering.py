@@ -13,6 +13,7 @@ LAYERS: dict[str, int] = {
     "registry": 0,
     "names": 0,
     "files": 0,
+    "signals": 0,
     "lora": 1,
     "models": 1,
     "data": 1,

@@ -29,6 +29,7 @@ from loradar_cli.errors import (
     NotFoundError,
     ProvenanceWarning,
 )
+from loradar_cli.signals import interrupt_received, interrupts_held
 
 try:  # Typer >= 0.26 vendors Click as typer._click; its exceptions are not the click package's
     from typer import _click as click
@@ -105,6 +106,8 @@ def run_command(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(os.environ.get("LORADAR_DEBUG"))
         try:
+            with interrupts_held():
+                import torch  # noqa: F401  (every command's C extensions, loaded with Ctrl-C held: see signals.py)
             with _warnings_on_stderr(debug):
                 check_finite_options(kwargs)
                 check_output_paths(kwargs)
@@ -130,6 +133,9 @@ def run_command(func: F) -> F:
         except Exception as err:
             if debug:
                 raise
+            if interrupt_received():  # a Ctrl-C that some library turned into another exception
+                forget_interrupt()
+                _fail("Ctrl-C; no partial file was left behind", INTERRUPTED_EXIT_CODE, prefix="interrupted")
             known = known_error(err)
             if known is not None:
                 _fail(known.one_line(), known.exit_code)

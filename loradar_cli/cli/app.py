@@ -22,6 +22,7 @@ from loradar_cli.cli.rm import rm_cli
 from loradar_cli.cli.train import train_cli
 from loradar_cli.cli.trim import trim_cli
 from loradar_cli.cli.verify import verify_cli
+from loradar_cli.signals import remember_interrupts
 
 app = typer.Typer(
     name="loradar",
@@ -102,6 +103,7 @@ def run(args: list[str] | None = None) -> int:
 
 def main() -> None:
     """The `loradar` script: exit with `run`'s code; a Ctrl-C outside any command is one line and 130 too."""
+    remember_interrupts()
     try:
         code = run()
     except KeyboardInterrupt:

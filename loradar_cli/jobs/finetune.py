@@ -16,6 +16,7 @@ from loradar_cli.metrics import Progress
 from loradar_cli.models import ImageClassifier, create_timm_model, load_checkpoint, load_weights, pretrained_stats
 from loradar_cli.recipes.checkpoint import Checkpoint, run_fingerprint
 from loradar_cli.recipes.loop import fit_classifier, validate
+from loradar_cli.signals import import_held
 from loradar_cli.store.meta import BaseMeta
 from loradar_cli.store.store import Store
 
@@ -136,7 +137,7 @@ def _geometry(
 
 def _timm_input_size(model: str) -> int:
     """The input size of a timm model's pretrained config (224 when it has none)."""
-    import timm
+    timm = import_held("timm")
 
     try:
         cfg = timm.models.get_pretrained_cfg(model)
