@@ -135,7 +135,10 @@ def _run_torchrun(argv: list[str], env: dict[str, str], errors: Path) -> int:
         return 128 + int(err.sigval)
     finally:
         for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return 0
 
 
