@@ -85,16 +85,15 @@ def _labelled_by_base(spec: str, store: Path, tmp: Path, n: int) -> str:
     trained model (PGD-10 at 8/255 leaves about 15 % of them, fooling the rest over the steps). The train labels cycle
     through the classes: training cost does not depend on them, and the class count stays the base's.
     """
-    import torch
-
     from loradar_cli.data import load_data
     from loradar_cli.loading import load_model
+    from loradar_cli.metrics import predict_logits
     from loradar_cli.store.store import Store
 
-    model, classes = load_model(Store(store), "r18").eval(), Store(store).base_meta("r18").num_classes
+    stored = Store(store)
     train, test = load_data(spec, "train", limit=n), load_data(spec, "test", limit=n)
-    with torch.no_grad():
-        predicted = model(test.x).argmax(1)
+    predicted = predict_logits(load_model(stored, "r18"), test.x).argmax(1)
+    classes = stored.base_meta("r18").num_classes
     arrays = {"y_train": np.arange(len(train.y)) % classes, "y_test": predicted.numpy()}
     for split, data in (("train", train), ("test", test)):
         arrays[f"x_{split}"] = (data.x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)

@@ -29,7 +29,7 @@ from loradar_cli.errors import (
     NotFoundError,
     ProvenanceWarning,
 )
-from loradar_cli.signals import interrupt_received, interrupts_held
+from loradar_cli.signals import import_held, interrupt_received
 
 try:  # Typer >= 0.26 vendors Click as typer._click; its exceptions are not the click package's
     from typer import _click as click
@@ -106,8 +106,7 @@ def run_command(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(os.environ.get("LORADAR_DEBUG"))
         try:
-            with interrupts_held():
-                import torch  # noqa: F401  (every command's C extensions, loaded with Ctrl-C held: see signals.py)
+            import_held("torch")  # every command's C extensions, loaded with Ctrl-C held (see signals.py)
             with _warnings_on_stderr(debug):
                 check_finite_options(kwargs)
                 check_output_paths(kwargs)
@@ -170,6 +169,11 @@ def _quiet_stdout() -> None:
 RANK_ERRORS_ENV = "LORADAR_RANK_ERRORS"  # set by `--nproc`: the folder where ranks other than 0 leave their error
 
 
+def rank_error_file(folder: str | Path, rank: int | str) -> Path:
+    """Where rank `rank` of an `--nproc` run leaves its error line for the launcher."""
+    return Path(folder, str(rank))
+
+
 def _fail(message: str, code: int, prefix: str = "error") -> NoReturn:
     """Print `prefix: message` as one stderr line and exit with `code`.
 
@@ -179,7 +183,7 @@ def _fail(message: str, code: int, prefix: str = "error") -> NoReturn:
     text = " ".join(message.split())
     folder, rank = os.environ.get(RANK_ERRORS_ENV), os.environ.get("RANK", "0")
     if folder and rank != "0":
-        Path(folder, rank).write_text(f"{prefix}: {text}\n")
+        rank_error_file(folder, rank).write_text(f"{prefix}: {text}\n")
     else:
         console.print(f"[bold red]{prefix}:[/] {text}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from loradar_cli.cli._common import RANK_ERRORS_ENV, console
+from loradar_cli.cli._common import RANK_ERRORS_ENV, console, rank_error_file
 
 PRECISION_NAMES = ("bf16", "fp16", "fp32")
 AUGMENT_NAMES = ("crop-flip", "none")
@@ -149,7 +149,7 @@ def _failure_status(failures: Mapping[int, Any], errors: Path) -> int:
         return int(main.exitcode)  # rank 0 printed its own error line
     rank = min(failures, key=lambda r: (failures[r].timestamp, r))
     failure = failures[rank]
-    left = errors / str(rank)
+    left = rank_error_file(errors, rank)
     if left.is_file():
         console.print(left.read_text().strip(), highlight=False, soft_wrap=True, markup=False)
     elif failure.exitcode < 0:

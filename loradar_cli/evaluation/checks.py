@@ -173,11 +173,9 @@ def eps_zero_probes(
 ) -> dict[str, Probe]:
     """Per attack (patches excluded), whether it changes a prediction at eps = 0 (it must not)."""
     clean = correct(judge, x, y)
-    judge_arg = None if judge is target else judge
 
     def changes(zero: Attack[Any]) -> bool:
-        _, fooled = zero.until_fooled(target, x, y, judge=judge_arg)
-        return not torch.equal(clean & ~fooled, clean)
+        return not torch.equal(_still_right(judge, target, zero, x, y, clean), clean)
 
     probes = {}
     for label, attack in attacks.items():
@@ -185,6 +183,15 @@ def eps_zero_probes(
             zero = capped(attack, eps=0.0)
             probes[label] = Probe(attack_cost(zero), partial(changes, zero))
     return probes
+
+
+def _still_right(
+    judge: nn.Module, target: nn.Module, attack: Attack[Any], x: Tensor, y: Tensor, clean: Tensor
+) -> Tensor:
+    """Per point: right on the clean input (`clean`) and not fooled by `attack`, which attacks `target` while the
+    judge decides."""
+    _, fooled = attack.until_fooled(target, x, y, judge=None if judge is target else judge)
+    return clean & ~fooled
 
 
 def eps_zero_flags(changed: Mapping[str, bool]) -> list[SanityFlag]:
@@ -195,14 +202,12 @@ def eps_zero_flags(changed: Mapping[str, bool]) -> list[SanityFlag]:
 
 def monotone_probes(judge: nn.Module, target: nn.Module, attack: Attack[Any], x: Tensor, y: Tensor) -> dict[str, Probe]:
     """Robust accuracy under the attack at eps/2 ("half"), as given ("full"), and with twice its steps ("more")."""
-    judge_arg = None if judge is target else judge
 
     def accuracy(variant: Attack[Any]) -> float:
-        _, fooled = variant.until_fooled(target, x, y, judge=judge_arg)
-        return mean_flag(correct(judge, x, y) & ~fooled)
+        return mean_flag(_still_right(judge, target, variant, x, y, correct(judge, x, y)))
 
     config = attack.config
-    variants = {"half": attack.config.model_copy(update={"eps": config.eps / 2}), "full": config}
+    variants = {"half": config.model_copy(update={"eps": config.eps / 2}), "full": config}
     steps_field = next((k for k in ("steps", "queries") if hasattr(config, k)), None)
     if steps_field:
         variants["more"] = config.model_copy(update={steps_field: 2 * getattr(config, steps_field)})

@@ -360,11 +360,7 @@ def accuracy(true: Sequence[str], pred: Sequence[str]) -> float:
 
 def balanced_accuracy(true: Sequence[str], pred: Sequence[str]) -> float:
     """Mean over the true classes of the fraction named correctly: a small class counts as much as a large one."""
-    _check_pairs(true, pred)
-    recalls = [
-        sum(p == name for t, p in zip(true, pred, strict=True) if t == name) / sum(t == name for t in true)
-        for name in sorted(set(true))
-    ]
+    recalls = [float(scores["recall"] or 0.0) for scores in per_class_scores(true, pred).values()]
     return sum(recalls) / len(recalls)
 
 
